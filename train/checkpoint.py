@@ -1,0 +1,185 @@
+"""Crash-safe checkpoints: safetensors weights, a weights-only state file, atomic folder rename.
+
+Layout of one checkpoint (``RUN/checkpoints/step-00001000/``):
+
+* ``model.safetensors``: the uncompiled, unwrapped model's weights (tied LM head stored once);
+* ``state.pt``: optimizer, RNG and sampler state, loadable with ``torch.load(weights_only=True)``,
+  so loading never executes code;
+* ``meta.json``: step, losses and the sha256 of both files, written last.
+
+Everything is written into a hidden temporary folder, fsynced, then renamed into place, so a
+crash or ``kill -9`` at any moment leaves either the old set of checkpoints or the new one,
+never half a folder. Loading checks the hashes and names a corrupt or truncated file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nextoken.errors import UserError
+
+TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
+                    meta: dict[str, Any]) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in TIED_KEYS}
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
+    torch.save(train_state, tmp / "state.pt")
+    for name in ("model.safetensors", "state.pt"):
+        _fsync_file(tmp / name)
+    meta = dict(meta, step=step, files={n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")})
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (a resumed run): swap, then drop the old one
+        old = ckpt_root / f".old-step-{step:08d}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints (meta.json present), oldest first."""
+    out = []
+    if not ckpt_root.is_dir():
+        return out
+    for d in ckpt_root.iterdir():
+        if not d.name.startswith("step-") or not (d / "meta.json").is_file():
+            continue
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            out.append(CheckpointInfo(d, int(meta["step"]), meta))
+        except (ValueError, KeyError):
+            continue
+    return sorted(out, key=lambda c: c.step)
+
+
+def best_checkpoint(ckpt_root: Path) -> CheckpointInfo | None:
+    scored = [c for c in list_checkpoints(ckpt_root) if c.meta.get("val_loss") is not None]
+    return min(scored, key=lambda c: c.meta["val_loss"]) if scored else None
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints and the best by val loss; remove the rest."""
+    ckpts = list_checkpoints(ckpt_root)
+    keep = {c.path for c in ckpts[-keep_last:]}
+    best = best_checkpoint(ckpt_root)
+    if best is not None:
+        keep.add(best.path)
+    for c in ckpts:
+        if c.path not in keep:
+            shutil.rmtree(c.path, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return meta.json after checking both files against their recorded hashes."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{path} is not a checkpoint (no meta.json)", flag="--resume")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        raise UserError(f"{meta_path} is corrupt (not JSON)", flag="--resume") from None
+    for name, digest in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"checkpoint {path} is missing {name}", flag="--resume")
+        if _sha256(f) != digest:
+            raise UserError(f"checkpoint file {f} is corrupt or truncated (sha256 mismatch)", flag="--resume")
+    return meta
+
+
+def load_weights(path: Path, model: torch.nn.Module, verify: bool = True) -> dict[str, Any]:
+    """Load ``model.safetensors`` of a checkpoint folder into ``model``; returns meta.json."""
+    meta = verify_checkpoint(path) if verify else json.loads((path / "meta.json").read_text())
+    try:
+        state = load_file(path / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path / 'model.safetensors'} cannot be read: {e}", flag="--resume") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in TIED_KEYS]
+    if missing or unexpected:
+        raise UserError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                        flag="--resume")
+    return meta
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path / 'state.pt'} cannot be read: {e}", flag="--resume") from None
+
+
+def find_resume_checkpoint(ckpt_root: Path, warn: Any = print) -> CheckpointInfo | None:
+    """The newest checkpoint whose files verify; corrupt newer ones are reported and skipped."""
+    for c in reversed(list_checkpoints(ckpt_root)):
+        try:
+            verify_checkpoint(c.path)
+            return c
+        except UserError as e:
+            warn(f"warning: skipping {c.path.name}: {e}")
+    return None

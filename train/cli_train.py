@@ -1,0 +1,63 @@
+"""`nextoken train`: flags mirror TrainConfig fields; a preset and a TOML/YAML file fill in the rest."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from nextoken.train.config import PRESETS, TrainConfig
+
+_HELP = {
+    "data": "text files, folders, globs or .jsonl files (default: the Python standard library's source)",
+    "text_field": "field holding the text in .jsonl inputs",
+    "max_corpus_chars": "read at most this many characters of the corpus (0 = all)",
+    "tokenizer": "char, word or bpe (byte-level BPE)",
+    "vocab_size": "vocabulary size for word and bpe tokenizers",
+    "tokens_per_step": "tokens per optimizer step; gradient accumulation makes up the difference",
+    "max_time": "stop after this many seconds of training (0 = no limit)",
+    "dtype": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16 (CUDA)",
+    "strategy": "ddp or fsdp under torchrun",
+    "resume": "never, auto (newest good checkpoint in --out-dir), or a checkpoint folder",
+    "out_dir": "the run folder (config, tokenizer, checkpoints, metrics, plots)",
+    "threads": "PyTorch CPU threads (0 = PyTorch's default)",
+}
+
+
+def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field; defaults are None so unset flags never override a preset or file."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_ = _HELP.get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else "[]"
+        help_ = f"{help_} (default: {default})".strip()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif f.name == "data":
+            parser.add_argument(flag, nargs="+", default=None, metavar="PATH", help=help_)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named starting point; flags override it")
+    parser.add_argument("--config", help="TOML or YAML file of settings; flags override it")
+    add_train_flags(parser)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, typing.Any]:
+    names = TrainConfig.field_names()
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from nextoken.train.config import resolve_train_config
+    from nextoken.train.loop import train
+
+    cfg = resolve_train_config(args.preset, args.config, overrides_from_args(args))
+    train(cfg)
+    return 0

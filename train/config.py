@@ -1,0 +1,240 @@
+"""Configuration dataclasses and named presets.
+
+``GPTConfig`` describes the architecture and is saved as ``config.json`` beside the
+weights; export and serving rebuild the model from it and never guess. ``TrainConfig``
+describes one training run; flags override a TOML/YAML file, which overrides a preset,
+which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nextoken.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 256  # the longest context the position table covers
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    # Rounded up so the embedding/LM-head matmuls hit friendly sizes; ids >= vocab_size never occur.
+    padded_vocab_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.padded_vocab_size < self.vocab_size:
+            # Small (character) vocabularies stay exact: padding 67 to 128 would double the LM head.
+            self.padded_vocab_size = self.vocab_size if self.vocab_size < 512 else math.ceil(self.vocab_size / 64) * 64
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count computed from the shape (the LM head is tied to the embedding)."""
+        d, L = self.n_embd, self.n_layer
+        per_block = 4 * d  # two LayerNorms
+        per_block += 3 * d * d + (3 * d if self.bias else 0) + d * d + (d if self.bias else 0)
+        per_block += 8 * d * d + (5 * d if self.bias else 0)
+        n = L * per_block + 2 * d + self.padded_vocab_size * d + self.block_size * d
+        if non_embedding:
+            n -= self.block_size * d
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix B."""
+        T = seq_len or self.block_size
+        return 6 * self.num_params() + 12 * self.n_layer * self.n_embd * T
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: list[str] = field(default_factory=list)  # files, folders, globs; empty = built-in stdlib corpus
+    text_field: str = "text"  # for .jsonl inputs
+    max_corpus_chars: int = 0  # 0 = the whole corpus
+    tokenizer: str = "bpe"  # char | word | bpe
+    vocab_size: int = 4096  # target size for word and bpe
+    val_fraction: float = 0.1
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = True
+    # optimisation
+    batch_size: int = 12
+    tokens_per_step: int = 0  # 0 = batch_size * block_size * world_size (no accumulation)
+    max_iters: int = 2000
+    max_time: float = 0.0  # seconds of training before stopping early; 0 = no limit
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0 = max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # systems
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (only used under torchrun)
+    threads: int = 0  # torch intra-op threads on CPU; 0 = leave PyTorch's default
+    seed: int = 1337
+    # bookkeeping
+    out_dir: str = "runs/default"
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_tokens: int = 120
+    keep_last: int = 3
+    overfit_patience: int = 3
+    resume: str = "never"  # never | auto | PATH to a checkpoint folder
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, flag: str, msg: str) -> None:
+            if not cond:
+                raise UserError(msg, flag=flag)
+
+        need(self.tokenizer in ("char", "word", "bpe"), "--tokenizer",
+             f"must be one of char, word, bpe, got {self.tokenizer!r}")
+        need(self.vocab_size >= 1, "--vocab-size", f"must be positive, got {self.vocab_size}")
+        if self.tokenizer == "bpe":
+            # 256 byte symbols and the end-of-text token must fit before any merge is learned.
+            need(self.vocab_size >= 257, "--vocab-size",
+                 f"byte-level BPE needs at least 257 entries (256 bytes + <|endoftext|>), got {self.vocab_size}")
+        if self.tokenizer == "word":
+            need(self.vocab_size >= 3, "--vocab-size", f"a word vocabulary needs at least 3 entries, got {self.vocab_size}")
+        need(0.0 < self.val_fraction < 0.5, "--val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        for flag, v in (("--n-layer", self.n_layer), ("--n-head", self.n_head), ("--n-embd", self.n_embd),
+                        ("--block-size", self.block_size), ("--batch-size", self.batch_size),
+                        ("--max-iters", self.max_iters), ("--eval-iters", self.eval_iters),
+                        ("--eval-interval", self.eval_interval), ("--log-interval", self.log_interval)):
+            need(isinstance(v, int) and v >= 1, flag, f"must be a positive integer, got {v!r}")
+        need(self.n_embd % self.n_head == 0, "--n-embd",
+             f"must be divisible by --n-head ({self.n_head}), got {self.n_embd}")
+        need(0.0 <= self.dropout < 1.0, "--dropout", f"must be in [0, 1), got {self.dropout}")
+        need(self.learning_rate > 0, "--learning-rate", f"must be positive, got {self.learning_rate}")
+        need(0 <= self.min_lr <= self.learning_rate, "--min-lr",
+             f"must be in [0, --learning-rate={self.learning_rate}], got {self.min_lr}")
+        need(self.warmup_iters >= 0, "--warmup-iters", f"must be >= 0, got {self.warmup_iters}")
+        need(self.tokens_per_step >= 0, "--tokens-per-step", f"must be >= 0, got {self.tokens_per_step}")
+        need(self.grad_clip >= 0, "--grad-clip", f"must be >= 0, got {self.grad_clip}")
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype",
+             f"must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
+        need(self.strategy in ("ddp", "fsdp"), "--strategy", f"must be ddp or fsdp, got {self.strategy!r}")
+        need(self.keep_last >= 1, "--keep-last", f"must be >= 1, got {self.keep_last}")
+        need(self.max_time >= 0, "--max-time", f"must be >= 0, got {self.max_time}")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+# Named presets: partial TrainConfig overrides.
+PRESETS: dict[str, dict[str, Any]] = {
+    # nanoGPT's README CPU recipe for shakespeare_char, same shape and schedule.
+    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
+                        lr_decay_iters=2000, dropout=0.0, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                        beta2=0.99, weight_decay=0.1, eval_interval=250, eval_iters=20, tokenizer="char"),
+    # The quickstart: a small BPE model on the built-in corpus, a couple of minutes on a laptop CPU.
+    "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=600,
+                       learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, tokenizer="bpe", vocab_size=2048,
+                       eval_interval=150, eval_iters=10, max_corpus_chars=3_000_000, max_time=150.0),
+    # A shape for a laptop run on tinyshakespeare at character level (tuned in benchmarks/).
+    "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
+                             learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, tokenizer="char",
+                             eval_interval=250, eval_iters=20),
+    # GPT-2 small (124M) shape, for GPU runs.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, tokens_per_step=524288,
+                      learning_rate=6e-4, min_lr=6e-5, warmup_iters=700, max_iters=19073, weight_decay=0.1,
+                      beta2=0.95, tokenizer="bpe", vocab_size=50257, dropout=0.0, eval_interval=250),
+}
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML or YAML file of TrainConfig fields (dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path!r} does not exist", flag="--config")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise UserError(f"{path!r}: use a .toml, .yaml or .json file", flag="--config")
+    except UserError:
+        raise
+    except Exception as e:  # the parsers' own errors name the line
+        raise UserError(f"{path!r} could not be parsed: {e}", flag="--config") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path!r} must hold a table of settings", flag="--config")
+    out = {}
+    names = TrainConfig.field_names()
+    for key, value in raw.items():
+        k = key.replace("-", "_")
+        if k not in names:
+            raise UserError(f"{path!r}: unknown setting {key!r}", flag="--config")
+        out[k] = value
+    return out
+
+
+def resolve_train_config(preset: str | None, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < preset < config file < flags."""
+    merged: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", flag="--preset")
+        merged.update(PRESETS[preset])
+    if config_file:
+        merged.update(load_config_file(config_file))
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**merged)

@@ -1,0 +1,292 @@
+"""A decoder-only GPT in plain PyTorch, with cached (incremental) decoding.
+
+Two call paths share one set of weights:
+
+* training: ``model(input_ids, targets)``: no mask tensor, ``is_causal=True`` attention,
+  mean cross-entropy of every position against the next token;
+* cached decoding: ``model(input_ids, attention_mask=..., position_ids=...,
+  past_key_values=..., use_cache=True)``: the mask is built explicitly in cache-slot space
+  (``is_causal=True`` aligns its triangle top-left, so a one-token query behind a cache would
+  see only key 0), rows may be left-padded, and presents come back for the next step. This is
+  the function the ONNX export traces: pure tensor code, no ``.item()``, no Python counters.
+
+Attention *weights* are never materialised here; ``attention_weights`` recomputes them on a
+separate path for plots, so training and serving keep the fused SDPA kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nextoken.train.config import GPTConfig
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value), each (B, nh, S, hs)
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, vocab_size)
+    loss: torch.Tensor | None  # scalar mean cross-entropy when targets were given
+    present_key_values: KVCache | None  # per layer (B, nh, past+T, hs) when use_cache
+
+
+def build_attention_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean attention mask in cache-slot space.
+
+    attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = past + q_len.
+    Returns (B, 1, q_len, S): query i (in slot S - q_len + i) may see key slot j when
+    j <= its own slot and slot j holds a real token. Every query may also see its own slot,
+    so a padded query row is never fully masked (a fully masked softmax row is NaN in
+    ONNX Runtime); its output is garbage that nobody reads.
+    """
+    S = attention_mask.shape[1]
+    k_slots = torch.arange(S, device=attention_mask.device)  # (S,)
+    q_slots = k_slots[S - q_len:]  # (T,)
+    causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+    own = k_slots[None, :] == q_slots[:, None]  # (T, S)
+    real = attention_mask[:, None, :].bool()  # (B, 1, S)
+    return ((causal[None] & real) | own[None])[:, None]  # (B, 1, T, S)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row positions for a left-padded batch: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, past+T, hs)
+            v = torch.cat([past[1], v], dim=2)  # (B, nh, past+T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        a, present = self.attn(self.ln_1(x), mask, past)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.activation_checkpointing = False
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> GPTOutput:
+        """Logits for every position, and the loss against ``targets`` when given.
+
+        input_ids: (B, T) token ids; targets: (B, T) next-token ids (-100 is ignored).
+        attention_mask: (B, past+T) 1 = real token, 0 = padding. position_ids: (B, T).
+        past_key_values: per layer (key, value), each (B, nh, past, hs).
+        """
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        cached = use_cache or past_key_values is not None or attention_mask is not None
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = position_ids_from_mask(attention_mask)[:, -T:]  # (B, T)
+            else:
+                if past_len + T > self.config.block_size:
+                    raise ValueError(
+                        f"sequence length {past_len + T} exceeds the model's block_size {self.config.block_size}"
+                    )
+                position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None]  # (1, T)
+        mask = None
+        if cached:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
+            mask = build_attention_mask(attention_mask, T)  # (B, 1, T, past+T)
+
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.drop(x)
+        presents: KVCache = []
+        for i, block in enumerate(self.transformer.h):
+            past = past_key_values[i] if past_key_values is not None else None
+            if self.activation_checkpointing and self.training and not cached:
+                x, present = checkpoint(block, x, mask, past, use_reentrant=False)
+            else:
+                x, present = block(x, mask, past)
+            presents.append(present)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return GPTOutput(logits, loss, presents if cached else None)
+
+    @torch.no_grad()
+    def attention_weights(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax attention weights per layer, each (B, nh, T, T), for plotting.
+
+        A separate path on purpose: the hot paths use fused SDPA, which never forms them.
+        """
+        B, T = input_ids.shape
+        pos = torch.arange(T, device=input_ids.device)[None]
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        maps = []
+        for block in self.transformer.h:
+            q, k, _ = block.attn.qkv(block.ln_1(x))
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, T)
+            maps.append(att.masked_fill(~causal, float("-inf")).softmax(-1))
+            x, _ = block(x)
+        return maps
+
+    def configure_optimizer(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices (and embeddings) only, never on biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after each row of ``input_ids`` (B, T) with the KV cache.
+
+        When the cache reaches ``block_size`` the context is cut to its last half and
+        re-encoded, since learned positions cannot go past the table.
+        """
+        from nextoken.train.sampling import sample_next
+
+        self.eval()
+        idx = input_ids
+        window = self.config.block_size
+        ctx = idx[:, -window:]
+        out = self(ctx, use_cache=True)
+        cache, logits = out.present_key_values, out.logits[:, -1, :]
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            if eos_token_id is not None:
+                finished |= nxt == eos_token_id
+                if bool(finished.all()):
+                    break
+            if cache[0][0].shape[2] + 1 > window:
+                ctx = idx[:, -(window // 2):]
+                out = self(ctx, use_cache=True)
+            else:
+                out = self(nxt[:, None], past_key_values=cache, use_cache=True)
+            cache, logits = out.present_key_values, out.logits[:, -1, :]
+        return idx
