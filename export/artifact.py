@@ -1,0 +1,157 @@
+"""The artifact folder: the one thing serving reads. Torch-free on purpose.
+
+::
+
+    ARTIFACT/
+      model.onnx              merged prefill + KV-cache decode graph (model.onnx.data beside it above 2 GB)
+      tokenizer.json          Hugging Face tokenizers format
+      config.json             architecture, in GPT-2 config.json field names where they exist
+      generation_config.json  default sampling settings
+      manifest.json           format version, sha256 of every other file, source checkpoint, export options
+
+``load_artifact`` refuses a folder whose files do not match their recorded hashes, so a
+half-copied or tampered artifact never serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "nextoken-artifact"
+FORMAT_VERSION = 1
+REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json", "generation_config.json")
+
+
+class ArtifactError(Exception):
+    """An artifact folder that is missing, incomplete, corrupt or of an unknown format."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id: int | None, name: str,
+                      version: str, tokenizer_kind: str, dtype: str = "float32") -> dict[str, Any]:
+    """config.json from a GPTConfig dict, with GPT-2's field names (n_positions, n_embd, ...)."""
+    return {
+        "model_type": "nextoken-gpt",
+        "name": name,
+        "version": version,
+        "vocab_size": model["vocab_size"],
+        "n_positions": model["block_size"],
+        "n_ctx": model["block_size"],
+        "n_embd": model["n_embd"],
+        "n_layer": model["n_layer"],
+        "n_head": model["n_head"],
+        "head_dim": model["n_embd"] // model["n_head"],
+        "n_inner": 4 * model["n_embd"],
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id,
+        "unk_token_id": unk_token_id,
+        "tokenizer_kind": tokenizer_kind,
+        "torch_dtype": dtype,
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, *, name: str, version: str, source: dict[str, Any], export: dict[str, Any],
+                   verification: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hash every file in the folder (except the manifest) and write manifest.json last."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."):
+            files[str(p.relative_to(folder))] = sha256_file(p)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
+                "files": files, "source": source, "export": export, "verification": verification or {}}
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+@dataclass
+class Artifact:
+    path: Path
+    config: dict[str, Any]
+    generation_config: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name") or self.config.get("name") or self.path.name
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version") or self.config.get("version") or "0")
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} must hold a JSON object")
+    return data
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Read an artifact folder; with ``verify``, check every file against manifest.json's sha256."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ArtifactError(f"artifact folder {folder} does not exist")
+    if not (folder / "manifest.json").is_file():
+        raise ArtifactError(f"{folder} is not an artifact (no manifest.json); create one with `nextoken export`")
+    manifest = _read_json(folder / "manifest.json")
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{folder}/manifest.json is not a {FORMAT} manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise ArtifactError(f"{folder} has format version {manifest.get('format_version')}; this nextoken reads "
+                            f"up to {FORMAT_VERSION}")
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise ArtifactError(f"{folder} is incomplete: {name} is missing")
+    if verify:
+        recorded = manifest.get("files", {})
+        for name in REQUIRED_FILES:
+            if name not in recorded:
+                raise ArtifactError(f"{folder}/manifest.json records no hash for {name}")
+        for name, digest in recorded.items():
+            f = folder / name
+            if not f.is_file():
+                raise ArtifactError(f"{folder} is incomplete: {name} is missing")
+            if sha256_file(f) != digest:
+                raise ArtifactError(f"{f} does not match its sha256 in manifest.json (corrupt or modified)")
+    config = _read_json(folder / "config.json")
+    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "head_dim", "eos_token_id"):
+        if key not in config:
+            raise ArtifactError(f"{folder}/config.json lacks {key!r}")
+    return Artifact(folder, config, _read_json(folder / "generation_config.json"), manifest)
