@@ -23,8 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attention": ("nextoken.train.cli_attention", "plot attention maps for a text"),
     "export": ("nextoken.export.cli", "export a run to an ONNX artifact with a KV-cache decode graph"),
     "serve": ("nextoken.serve.cli", "serve an artifact over an OpenAI-compatible HTTP API"),
-    "retrain": ("nextoken.serve.cli_retrain", "train, export, verify and publish a new model version"),
-    "models": ("nextoken.serve.cli_models", "list the published model versions"),
+    "retrain": ("nextoken.export.cli_retrain", "train, export, verify and publish a new model version"),
+    "models": ("nextoken.export.cli_models", "list the published model versions"),
 }
 
 
