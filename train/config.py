@@ -137,7 +137,8 @@ class TrainConfig:
             need(self.vocab_size >= 257, "--vocab-size",
                  f"byte-level BPE needs at least 257 entries (256 bytes + <|endoftext|>), got {self.vocab_size}")
         if self.tokenizer == "word":
-            need(self.vocab_size >= 3, "--vocab-size", f"a word vocabulary needs at least 3 entries, got {self.vocab_size}")
+            need(self.vocab_size >= 3, "--vocab-size",
+                 f"a word vocabulary needs at least 3 entries, got {self.vocab_size}")
         need(0.0 < self.val_fraction < 0.5, "--val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         for flag, v in (("--n-layer", self.n_layer), ("--n-head", self.n_head), ("--n-embd", self.n_embd),
                         ("--block-size", self.block_size), ("--batch-size", self.batch_size),

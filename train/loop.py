@@ -38,7 +38,14 @@ from nextoken.train.checkpoint import (
     verify_checkpoint,
 )
 from nextoken.train.config import GPTConfig, TrainConfig
-from nextoken.train.data import TokenData, WindowSampler, eval_starts, resolve_sources, tokenize_corpus, windows
+from nextoken.train.data import (
+    TokenData,
+    WindowSampler,
+    eval_starts,
+    resolve_sources,
+    tokenize_corpus,
+    windows,
+)
 from nextoken.train.model import GPT
 from nextoken.train.run import resolve_device
 from nextoken.train.tokenizer import EOT, load_tokenizer, special_token_ids, tokenizer_kind, train_tokenizer
@@ -91,7 +98,9 @@ class MetricsLog:
         if resume_step is not None and self.path.is_file():
             # Drop what was logged after the checkpoint we resume from: it is about to be redone.
             kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in kept if r.get("step", 0) < resume_step]
+            # A "train" record at step k reports the k-th update, which the checkpoint at k includes.
+            self.records = [r for r in kept if r.get("step", 0) < resume_step
+                            or (r.get("event") == "train" and r.get("step") == resume_step)]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         elif self.path.exists():
             self.path.unlink()
@@ -201,6 +210,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    dtype = resolve_dtype(cfg.dtype, device)  # before any work, so a bad --dtype fails at once
     run_dir = Path(cfg.out_dir)
     ckpt_root = run_dir / "checkpoints"
 
@@ -241,7 +251,6 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
     if cfg.compile:
         model = torch.compile(model)
 
-    dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 

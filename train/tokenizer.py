@@ -22,8 +22,9 @@ EOT = "<|endoftext|>"
 UNK = "<unk>"
 KINDS = ("char", "word", "bpe")
 
-# Words, single punctuation marks, and runs of whitespace are each one token; nothing is dropped.
-_WORD_PATTERN = r"\w+|[^\w\s]|\s+"
+# Words, single punctuation marks and single whitespace characters are each one token (runs of
+# whitespace would make unseen run lengths <unk>); nothing is dropped.
+_WORD_PATTERN = r"\w+|[^\w\s]|\s"
 _CHAR_PATTERN = r"[\s\S]"  # any one character, newlines included
 
 
