@@ -64,3 +64,19 @@ def tiny_bpe_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) ->
     out = tmp_path_factory.mktemp("runs") / "tiny-bpe"
     train_tiny(out, tiny_corpus, tokenizer="bpe")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    """``tiny_run`` exported (opset 23, fp32, verified) into an artifact folder, shared by the session."""
+    from nextoken.export.build import export_run
+
+    return export_run(tiny_run, tmp_path_factory.mktemp("artifacts") / "tiny", name="tiny", log=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_bpe_run: Path) -> Path:
+    """``tiny_bpe_run`` exported (opset 23, fp32, verified) into an artifact folder, shared by the session."""
+    from nextoken.export.build import export_run
+
+    return export_run(tiny_bpe_run, tmp_path_factory.mktemp("artifacts") / "tiny-bpe", name="tiny-bpe", log=None)

@@ -1,0 +1,163 @@
+"""Build an artifact folder from a training run: export, optional quantisation, parity check, manifest.
+
+Everything is written into a hidden temporary folder beside ``--out`` and renamed into place
+only when complete, so a failed or interrupted export leaves the previous artifact (or
+nothing) behind, never half a folder. An existing artifact at ``--out`` is replaced; any other
+non-empty folder there is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import onnxscript
+import torch
+
+from nextoken.errors import UserError
+from nextoken.export.artifact import FORMAT, gpt2_style_config, write_json, write_manifest
+from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, quantize_int8
+from nextoken.export.verify import verify_onnx
+from nextoken.train.checkpoint import load_weights
+from nextoken.train.config import GPTConfig
+from nextoken.train.model import GPT
+from nextoken.train.run import pick_checkpoint, read_run_config
+from nextoken.train.tokenizer import load_tokenizer, special_token_ids, tokenizer_kind
+
+QUANTIZE = ("none", "int8")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _is_artifact(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder", flag="--out")
+    if out.is_dir() and any(out.iterdir()) and not _is_artifact(out):
+        raise UserError(f"{out} exists and is not an artifact folder; refusing to replace it", flag="--out")
+
+
+def _rethrow(e: UserError, flag: str) -> UserError:
+    """Checkpoint helpers name ``--resume``; here the flag the user typed is ``--checkpoint``."""
+    msg = str(e)
+    if e.flag and msg.startswith(f"{e.flag}: "):
+        msg = msg[len(e.flag) + 2:]
+    return UserError(msg, flag=flag)
+
+
+def generation_config(model: GPTConfig, eos_token_id: int) -> dict[str, Any]:
+    """Default sampling, the same as ``nextoken generate``'s flags."""
+    return {"do_sample": True, "temperature": 0.8, "top_k": None, "top_p": 1.0,
+            "max_new_tokens": min(256, model.block_size), "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Swap the finished folder in: the old artifact survives until the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best", name: str | None = None,
+               version: str | None = None, opset: int = DEFAULT_OPSET, dtype: str = "fp32", quantize: str = "none",
+               verify: bool = True, log: Callable[[str], None] | None = _stderr) -> Path:
+    """Export ``run_dir``'s checkpoint to the artifact folder ``out_dir`` and return its path.
+
+    Raises ``UserError`` (naming the flag) for bad input and when an fp32 export fails the
+    parity check (max |delta logit| > 1e-4 or differing greedy tokens); nothing is written then.
+    """
+    run_dir, out = Path(run_dir), Path(out_dir)
+    say = log or (lambda _msg: None)
+    if opset < MIN_OPSET:
+        raise UserError(f"must be >= {MIN_OPSET}, got {opset}", flag="--opset")
+    if dtype not in DTYPES:
+        raise UserError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", flag="--dtype")
+    if quantize not in QUANTIZE:
+        raise UserError(f"must be one of {', '.join(QUANTIZE)}, got {quantize!r}", flag="--quantize")
+    if quantize != "none" and dtype != "fp32":
+        raise UserError(f"int8 quantisation starts from an fp32 graph; got --dtype {dtype}", flag="--quantize")
+    if dtype == "fp16" and not torch.cuda.is_available():
+        raise UserError("fp16 export targets CUDA and needs a GPU for the trace", flag="--dtype")
+    _check_out(out)
+
+    cfg = read_run_config(run_dir)
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    try:
+        ckpt = pick_checkpoint(run_dir, checkpoint)
+    except ValueError as e:  # a checkpoint folder whose meta.json is not JSON
+        raise UserError(f"{checkpoint} is not a readable checkpoint: {e}", flag="--checkpoint") from None
+    gpt_cfg = GPTConfig.from_dict(cfg["model"])
+    model = GPT(gpt_cfg)
+    try:
+        meta = load_weights(ckpt.path, model)
+    except UserError as e:
+        raise _rethrow(e, "--checkpoint") from None
+    model.eval()
+    special = special_token_ids(tok)
+    eos = special["eos_token_id"]
+    if eos is None:
+        raise UserError(f"{run_dir}/tokenizer.json has no <|endoftext|> token", flag="RUN")
+    name = name or run_dir.resolve().name
+    version = str(version) if version is not None else "1"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        say(f"exporting {run_dir} step {ckpt.step} (opset {opset}, {dtype}) ...")
+        onnx_path = tmp / "model.onnx"
+        device = "cuda" if dtype == "fp16" else "cpu"
+        graph = export_onnx(model.to(device), onnx_path if quantize == "none" else tmp / "fp32.onnx",
+                            opset=opset, dtype=dtype)
+        model.float().cpu()
+        if quantize == "int8":
+            say("quantising MatMul weights to int8 ...")
+            quantize_int8(tmp / "fp32.onnx", onnx_path)
+            for f in tmp.glob("fp32.onnx*"):
+                f.unlink()
+        verification: dict[str, Any] = {"skipped": True}
+        if verify:
+            say("verifying against PyTorch ...")
+            verification = verify_onnx(model, str(onnx_path), dtype=dtype, quantized=quantize != "none", pad_id=eos)
+            say(f"  prefill max|dlogit| {verification['prefill_max_abs_diff']:.2e}, decode "
+                f"{verification['decode_max_abs_diff']:.2e}, greedy identical "
+                f"{verification['greedy_identical_steps']}/{verification['greedy_steps']} steps")
+            if not verification["passed"] and quantize == "none":
+                raise UserError(f"the exported graph disagrees with PyTorch: {verification}; nothing was written "
+                                f"(--no-verify skips the check)", flag="--verify")
+        shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        write_json(tmp / "config.json", gpt2_style_config(
+            gpt_cfg.to_dict(), eos_token_id=eos, unk_token_id=special["unk_token_id"], name=name, version=version,
+            tokenizer_kind=tokenizer_kind(tok), dtype="float16" if dtype == "fp16" else "float32"))
+        write_json(tmp / "generation_config.json", generation_config(gpt_cfg, eos))
+        source = {"run": str(run_dir.resolve()), "checkpoint": ckpt.path.name, "step": ckpt.step,
+                  "val_loss": meta.get("val_loss"), "weights_sha256": meta.get("files", {}).get("model.safetensors")}
+        options = dict(graph, quantize=quantize, torch=torch.__version__, onnx=onnx.__version__,
+                       onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
+        write_manifest(tmp, name=name, version=version, source=source, export=options, verification=verification)
+        _place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return out

@@ -1,0 +1,171 @@
+"""Export a GPT to ONE merged ONNX graph that does both prefill and KV-cache decode.
+
+The graph contract (the serving engine and onnxruntime-genai rely on it; names follow
+Hugging Face Optimum)::
+
+    inputs
+      input_ids                 int64   (batch, sequence_length)
+      attention_mask            int64   (batch, total_sequence_length)   1 = real token, 0 = padding
+      position_ids              int64   (batch, sequence_length)
+      past_key_values.{i}.key   float   (batch, n_head, past_sequence_length, head_dim)   i = 0 .. n_layer-1
+      past_key_values.{i}.value float   (batch, n_head, past_sequence_length, head_dim)
+    outputs
+      logits                    float32 (batch, sequence_length, vocab_size)
+      present.{i}.key           float   (batch, n_head, total_sequence_length, head_dim)
+      present.{i}.value         float   (batch, n_head, total_sequence_length, head_dim)
+
+    total_sequence_length = past_sequence_length + sequence_length
+
+* batch, sequence_length and past_sequence_length are dynamic; past_sequence_length may be 0
+  (prefill: feed (batch, n_head, 0, head_dim) empty caches) and the same graph decodes.
+* "float" is float32, or float16 for ``dtype="fp16"`` (a CUDA export); ``logits`` are always
+  float32 so samplers never see half precision.
+* Rows are LEFT-padded: a batch of prompts of different lengths is right-aligned, so every
+  row's newest token sits in the last slot and one decode step appends one slot to all rows.
+* ``attention_mask`` covers every cache slot, past and new (length past + seq). Slot j is
+  visible to the query in slot s when j <= s and mask[j] == 1; each query also always sees
+  its own slot, so a padded query row is never fully masked (ONNX Runtime gives NaN there;
+  its output is garbage nobody reads). Padding slots stay in the cache and stay masked.
+* ``position_ids`` = cumsum(attention_mask) - 1, clamped at 0, taken over the last
+  ``sequence_length`` slots: each row counts positions from its own first real token.
+  Positions must stay below ``n_positions`` (config.json); the graph does not check.
+* ``present`` = past concatenated with the new keys/values along the slot axis; feed it back
+  as the next step's past.
+
+This module ignores tokenization, sampling and the artifact folder (see ``artifact.py``,
+``cli.py``); it turns a ``GPT`` into ``model.onnx`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+from nextoken.train.model import GPT
+
+DEFAULT_OPSET = 23  # native Attention op: fewest nodes and the fastest CPU decode measured here
+MIN_OPSET = 18
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOTAL_DIM = "total_sequence_length"
+
+
+def input_names(n_layer: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")
+    ]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def slot_mask(attention_mask: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor:
+    """(B, S) 0/1 mask -> (B, 1, T, S) boolean attention mask in cache-slot space, S = past + T.
+
+    Same rule as ``nextoken.train.model.build_attention_mask``, written with the query slots as
+    ``arange(T) + past`` instead of a slice ``[S - T:]``: torch.export cannot prove the slice's
+    length and gives up on a data-dependent size.
+    """
+    S = attention_mask.shape[1]
+    k_slots = torch.arange(S, device=attention_mask.device)  # (S,)
+    q_slots = torch.arange(q_len, device=attention_mask.device) + past_len  # (T,)
+    causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+    own = k_slots[None, :] == q_slots[:, None]  # (T, S)
+    real = attention_mask[:, None, :].bool()  # (B, 1, S)
+    return ((causal[None] & real) | own[None])[:, None]  # (B, 1, T, S)
+
+
+class MergedDecoder(nn.Module):
+    """The traced function: flat positional tensors in, flat tensors out (ONNX has no tuples).
+
+    It walks the GPT's own modules rather than calling ``GPT.forward`` only to build the mask
+    in an export-friendly way (``slot_mask``); the parity check compares the two every export.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tr = self.model.transformer
+        T = input_ids.shape[1]
+        past_len = past_key_values[0].shape[2]
+        mask = slot_mask(attention_mask, T, past_len)  # (B, 1, T, past+T)
+        x = tr.wte(input_ids) + tr.wpe(position_ids)  # (B, T, C)
+        presents: list[torch.Tensor] = []
+        for i, block in enumerate(tr.h):
+            x, (k, v) = block(x, mask, (past_key_values[2 * i], past_key_values[2 * i + 1]))  # (B, nh, past+T, hs)
+            presents += [k, v]
+        logits = self.model.lm_head(tr.ln_f(x))  # (B, T, padded_vocab)
+        vocab = self.model.config.vocab_size
+        if logits.shape[-1] != vocab:
+            logits = logits[..., :vocab]  # (B, T, vocab)
+        return (logits.float(), *presents)
+
+
+def example_inputs(model: GPT, batch: int = 2, seq: int = 3, past: int = 4,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+    """Inputs for tracing. Sizes of 0 or 1 would be specialised by torch.export, so all are >= 2."""
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (batch, seq), device=device)  # (B, T)
+    mask = torch.ones(batch, past + seq, dtype=torch.long, device=device)  # (B, past+T)
+    pos = torch.arange(past, past + seq, device=device)[None].expand(batch, seq).contiguous()  # (B, T)
+    kv = [torch.zeros(batch, c.n_head, past, c.head_size, dtype=dtype, device=device) for _ in range(2 * c.n_layer)]
+    return (ids, mask, pos, *kv)
+
+
+def _rename_total_dim(path: Path, n_layer: int) -> None:
+    """Name attention_mask's length (exported as Dim.AUTO, so anonymous) and the presents' slot axis."""
+    proto = onnx.load(str(path), load_external_data=False)
+    values = {v.name: v for v in list(proto.graph.input) + list(proto.graph.output)}
+    targets = [("attention_mask", 1)] + [(f"present.{i}.{kv}", 2) for i in range(n_layer) for kv in ("key", "value")]
+    for name, axis in targets:
+        dim = values[name].type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_param = TOTAL_DIM
+    onnx.save(proto, str(path))  # external tensors keep their locations; only the graph file is rewritten
+
+
+def export_onnx(model: GPT, path: str | Path, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32") -> dict[str, Any]:
+    """Write ``model`` as the merged graph to ``path`` (``path.data`` beside it above 2 GB).
+
+    Returns facts about the graph for the manifest: opset, dtype, node count, op types.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    path = Path(path)
+    n_layer = model.config.n_layer
+    torch_dtype = DTYPES[dtype]
+    wrapper = MergedDecoder(model).eval().to(torch_dtype)
+    device = next(model.parameters()).device
+    args = example_inputs(model, dtype=torch_dtype, device=device)
+    batch, seq = Dim("batch"), Dim("sequence_length")
+    past = Dim("past_sequence_length", min=0)
+    cache_shape = {0: batch, 2: past}
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq},
+                      tuple(cache_shape for _ in range(2 * n_layer)))
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, args, None, input_names=input_names(n_layer),
+                                    output_names=output_names(n_layer), opset_version=opset, dynamo=True,
+                                    dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+    program.save(str(path))  # switches to external data by itself above 2 GB
+    _rename_total_dim(path, n_layer)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {"opset": opset, "dtype": dtype, "nodes": len(graph.node),
+            "op_types": sorted({n.op_type for n in graph.node}),
+            "external_data": path.with_name(path.name + ".data").exists()}
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> None:
+    """Dynamic int8 quantisation of the MatMul weights (activations stay float, scaled per batch)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
