@@ -1,0 +1,162 @@
+"""SDK behaviour against a scripted real HTTP server: bodies sent, retries and their timing,
+streams cut or stalled. Scripts make each assertion exact: the server counts every request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from nextoken_client import (
+    APIConnectionError,
+    APITimeoutError,
+    AsyncClient,
+    Client,
+    OverloadedError,
+    ServerError,
+    StreamError,
+    ValidationError,
+)
+from tests.clients.fakeserver import Reply, Script, completion
+from tests.conftest import free_port
+
+ERR = {"error": {"message": "max_tokens must be >= 1, got 0", "type": "invalid_request_error",
+                 "param": "max_tokens", "code": None}}
+
+
+def gaps(script: Script) -> list[float]:
+    times = [t for t, _, _ in script.requests]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def test_complete_parses_result_and_sends_only_given_fields(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies.append(Reply(body=completion("hello")))
+    with Client(url + "/v1", api_key="sk-test") as client:
+        out = client.complete("hi", max_tokens=2, temperature=0.0, seed=0, stop="\n", extra_body={"x": 1})
+    assert (out.text, out.finish_reason, out.token_ids) == ("hello", "length", (1, 2))
+    assert out.usage is not None and out.usage.total_tokens == 4
+    _, body, headers = script.requests[0]
+    # 0 is a value, not "unset": greedy temperature and seed 0 must reach the server.
+    assert body == {"prompt": "hi", "max_tokens": 2, "temperature": 0.0, "seed": 0, "stop": ["\n"], "x": 1}
+    assert headers["authorization"] == "Bearer sk-test"
+
+
+def test_logprobs_arguments_follow_each_api_shape(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    with Client(url) as client:
+        client.complete("a", top_logprobs=3)
+        client.chat([{"role": "user", "content": "a"}], logprobs=True, top_logprobs=2)
+        with pytest.raises(TypeError, match="temprature"):
+            client.complete("a", temprature=1.0)  # type: ignore[call-arg]
+    assert script.requests[0][1]["logprobs"] == 3
+    assert script.requests[1][1]["logprobs"] is True and script.requests[1][1]["top_logprobs"] == 2
+
+
+def test_503_then_success_is_retried_after_retry_after(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    busy = Reply(status=503, headers={"retry-after": "0.3"}, body={"error": {"message": "draining"}})
+    script.replies += [busy, busy, Reply(body=completion("ok"))]
+    with Client(url, max_retries=2) as client:
+        assert client.complete("x").text == "ok"
+    assert len(script.requests) == 3
+    assert all(0.3 <= g < 1.0 for g in gaps(script))  # waited what the server asked, not our 0.5s backoff
+
+
+def test_429_exhausting_retries_raises_overloaded(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies += [Reply(status=429, headers={"retry-after": "0.1"}, body={"error": {"message": "queue full"}})] * 2
+    with Client(url, max_retries=1) as client, pytest.raises(OverloadedError) as info:
+        client.complete("x")
+    assert info.value.retry_after == 0.1 and info.value.status_code == 429
+    assert len(script.requests) == 2
+
+
+@pytest.mark.parametrize(("status", "cls"), [(422, ValidationError), (500, ServerError)])
+def test_non_retryable_errors_are_raised_at_once(fake: tuple[str, Script], status: int, cls: type) -> None:
+    url, script = fake
+    script.replies.append(Reply(status=status, body=ERR))
+    with Client(url, max_retries=3) as client, pytest.raises(cls) as info:
+        client.complete("x")
+    assert info.value.param == "max_tokens" and len(script.requests) == 1
+
+
+def test_stream_delivers_events_and_final(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies.append(Reply(pieces=["a", "b", "c"]))
+    with Client(url) as client, client.stream("x", max_tokens=3) as stream:
+        events = list(stream)
+    assert "".join(e.text for e in events) == "abc" and [e.token_ids for e in events[:3]] == [(0,), (1,), (2,)]
+    assert events[-1].final and events[-1].finish_reason == "length"
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == 3
+    assert script.requests[0][1]["stream_options"] == {"include_usage": True}
+
+
+def test_stream_is_retried_only_before_it_starts(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies += [Reply(status=429, headers={"retry-after": "0"}, body={"error": {"message": "busy"}}),
+                       Reply(pieces=["a", "b", "c", "d"], cut_after=2)]
+    with Client(url, max_retries=3) as client:
+        stream = client.stream("x")
+        got = []
+        with pytest.raises(StreamError) as info, stream:
+            for event in stream:
+                got.append(event.text)
+    assert got == ["a", "b"] and info.value.text == "ab" and info.value.events == 2
+    assert len(script.requests) == 2  # the 429 was retried; the cut stream was not
+    assert stream.response.is_closed
+
+
+def test_token_gap_longer_than_read_timeout_is_a_timeout(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies.append(Reply(pieces=["a", "b"], stall=1.0))
+    with Client(url, read_timeout=0.2) as client, client.stream("x") as stream:
+        assert next(stream).text == "a"
+        with pytest.raises(APITimeoutError):
+            next(stream)
+
+
+def test_connection_refused_retries_with_backoff_then_raises() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with Client(url, max_retries=2) as client, pytest.raises(APIConnectionError) as info:
+        client.health()
+    # Two backoffs: 0.5*(0.75..1) + 1.0*(0.75..1) seconds.
+    assert 1.1 <= time.monotonic() - start < 3.0
+    assert isinstance(info.value, ConnectionError) and not isinstance(info.value, APITimeoutError)
+
+
+def test_models_and_health(fake: tuple[str, Script]) -> None:
+    url, _ = fake
+    with Client(url) as client:
+        assert [m.id for m in client.models()] == ["fake"]
+        assert client.health() == {"status": "ok"}
+
+
+def test_async_client_mirrors_sync(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies += [Reply(status=503, headers={"retry-after": "0"}, body={"error": {"message": "x"}}),
+                       Reply(body=completion("done", "stop")), Reply(pieces=["x", "y"]),
+                       Reply(pieces=["p", "q", "r"], cut_after=1), Reply(status=422, body=ERR)]
+
+    async def main() -> None:
+        async with AsyncClient(url, max_retries=1) as client:
+            out = await client.chat([{"role": "user", "content": "hi"}])
+            assert (out.text, out.finish_reason) == ("done", "stop")
+            stream = await client.stream("x")
+            async with stream:
+                events = [e async for e in stream]
+            assert [e.text for e in events] == ["x", "y", ""] and events[-1].final
+            stream = await client.stream("x")
+            with pytest.raises(StreamError) as info:
+                async with stream:
+                    async for _ in stream:
+                        pass
+            assert info.value.text == "p" and stream.response.is_closed
+            with pytest.raises(ValidationError):
+                await client.complete("x")
+            assert [m.id for m in await client.models()] == ["fake"]
+
+    asyncio.run(main())
+    assert len(script.requests) == 5
