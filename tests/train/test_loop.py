@@ -166,3 +166,14 @@ def test_quickstart_help_is_fast_and_torch_free() -> None:
     r = subprocess.run([sys.executable, "-c", code + "\nprint('torch' in sys.modules)"], capture_output=True,
                        text=True, env={**os.environ}, timeout=60)
     assert "quickstart" in r.stdout
+
+
+def test_tensorboard_events_are_readable_without_our_code(tmp_path, tiny_corpus) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_tiny(tmp_path / "r", tiny_corpus, max_iters=10, eval_interval=5, tensorboard=True)
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/val_loss", "eval/train_loss"} <= tags
+    assert [e.step for e in acc.Scalars("eval/val_loss")] == [0, 5, 10]
