@@ -117,6 +117,7 @@ class TrainConfig:
     sample_tokens: int = 120
     keep_last: int = 3
     overfit_patience: int = 3
+    plot_log_scale: bool = False  # loss.png with a logarithmic loss axis
     resume: str = "never"  # never | auto | PATH to a checkpoint folder
     tensorboard: bool = True
     progress: bool = True

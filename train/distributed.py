@@ -45,11 +45,15 @@ def init_distributed(device: str) -> DistInfo:
     return info
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, clean: bool = True) -> None:
+    """Leave the process group; ``clean=False`` on an error path, where peers may be mid-collective."""
     if info.enabled and dist.is_initialized():
-        # Without this barrier a rank may tear down while a peer still talks to it
-        # (SIGABRT "terminate called without an active exception"; see docs/field-notes.md).
-        dist.barrier()
+        if clean:
+            # Without this barrier a rank may tear down while a peer still talks to it
+            # (SIGABRT "terminate called without an active exception"; see docs/field-notes.md).
+            # On an error path a barrier could pair with a peer's all-reduce and hang, so skip it
+            # and let torchrun stop the other ranks.
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -109,29 +113,48 @@ def full_model_state(model: nn.Module, info: DistInfo, strategy: str) -> dict[st
     if info.enabled and strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def _optim_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
                          strategy: str) -> dict[str, Any]:
-    if info.enabled and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """The full optimizer state keyed by parameter name (collective under FSDP).
 
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
+    One format for every strategy and world size: ``optimizer.state_dict()`` keys state by
+    position while FSDP's full state is keyed by name, so a checkpoint written by one could
+    not be resumed by the other. Names work everywhere (DDP, FSDP, one process).
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=_optim_options(cpu_offload=True))
+
+
+def _name_keyed(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """Convert a positional ``optimizer.state_dict()`` (older checkpoints) to the name-keyed form."""
+    if all(isinstance(k, str) for k in state.get("state", {})) and all(
+            isinstance(p, str) for g in state.get("param_groups", []) for p in g["params"]):
+        return state
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    # position -> name, in the order the optimizer numbers its parameters
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [dict(g, params=[order[i] for i in g["params"]]) for g in state["param_groups"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                          info: DistInfo, strategy: str) -> None:
-    if info.enabled and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Load a full optimizer state (every rank holds all of it); FSDP keeps only its shard."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-    else:
-        optimizer.load_state_dict(state)
+    set_optimizer_state_dict(unwrap(model), optimizer, _name_keyed(model, optimizer, state),
+                             options=_optim_options(broadcast_from_rank0=False))
 
 
 def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
@@ -147,6 +170,18 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= info.world_size
     return t
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any: ranks must agree on when to stop, because a
+    rank that leaves the loop alone leaves its peers waiting in the next all-reduce."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

@@ -196,9 +196,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     info = D.init_distributed(device.type)
     try:
-        return _train(cfg, device, info, quiet)
-    finally:
-        D.shutdown(info)
+        summary = _train(cfg, device, info, quiet)
+    except BaseException:
+        D.shutdown(info, clean=False)
+        raise
+    D.shutdown(info)
+    return summary
 
 
 def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool) -> dict[str, Any]:
@@ -236,8 +239,12 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2))
 
     # --- model, optimizer, state -------------------------------------------------------------
-    torch.manual_seed(cfg.seed + info.rank)
+    # The same initial weights on every rank: DDP would broadcast rank 0's anyway, but FSDP2
+    # shards each rank's own copy, so per-rank seeds here would stitch two inits together.
+    torch.manual_seed(cfg.seed)
     raw = GPT(mcfg)
+    if info.rank:  # dropout differs between ranks (rank 0, and one process, keep the seed's stream)
+        torch.manual_seed(cfg.seed + info.rank)
     raw.activation_checkpointing = cfg.activation_checkpointing
     state: dict[str, Any] = {}
     if resume_path is not None:
@@ -315,7 +322,11 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
     last_losses: dict[str, float] | None = None
     t_step = time.perf_counter()
     while True:
-        out_of_time = cfg.max_time and train_time >= cfg.max_time
+        out_of_time = bool(cfg.max_time) and train_time >= cfg.max_time
+        if cfg.max_time and info.enabled:
+            # Clocks differ between ranks; a rank that stopped alone would leave the others
+            # waiting in the next all-reduce, so all stop when any is out of time.
+            out_of_time = D.any_rank(out_of_time, info)
         final = it >= cfg.max_iters or out_of_time
         if it % cfg.eval_interval == 0 or final:
             now = time.perf_counter()  # steps since the last log count as training time; evaluation does not
@@ -343,7 +354,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
                               f"{overfitting_since} while train loss fell: the model is overfitting")
                 from nextoken.train.plots import plot_loss
 
-                plot_loss(log.records, run_dir / "loss.png", mcfg.vocab_size)
+                plot_loss(log.records, run_dir / "loss.png", mcfg.vocab_size, log_scale=cfg.plot_log_scale)
             if not (state and it == start_iter):  # the checkpoint we resumed from is this one
                 checkpoint(it, losses)
             t_step = time.perf_counter()
