@@ -42,10 +42,12 @@ def plot_loss(records: list[dict[str, Any]], path: Path, vocab_size: int, log_sc
     _save(fig, path)
 
 
-def plot_attention(maps: list[Any], labels: list[str], path: Path, grid: bool = True) -> None:
+def plot_attention(maps: list[Any], labels: list[str], path: Path, grid: bool = True,
+                   layers: list[int] | None = None) -> None:
     """One row per layer: the head-averaged map, then (with ``grid``) every head.
 
     maps: per layer an array (n_head, T, T); rows are queries, columns keys.
+    layers: the model's layer number of each map, for the titles (default 0, 1, ...).
     """
     n_layer = len(maps)
     n_head = maps[0].shape[0]
@@ -53,12 +55,13 @@ def plot_attention(maps: list[Any], labels: list[str], path: Path, grid: bool = 
     T = len(labels)
     cell = max(2.2, 0.28 * T)
     fig, axes = plt.subplots(n_layer, cols, figsize=(cell * cols, cell * n_layer), squeeze=False)
-    for layer, m in enumerate(maps):
+    names = layers if layers is not None else list(range(n_layer))
+    for row, (layer, m) in enumerate(zip(names, maps, strict=True)):
         panels = [(m.mean(0), f"layer {layer}: heads averaged")]
         if grid:
             panels += [(m[h], f"layer {layer} head {h}") for h in range(n_head)]
         for col, (mat, title) in enumerate(panels):
-            ax = axes[layer][col]
+            ax = axes[row][col]
             ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(title, fontsize=8)
             ax.set_xticks(range(T))
