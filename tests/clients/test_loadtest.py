@@ -1,0 +1,135 @@
+"""Load-tester arithmetic on known timings, workload parsing, and a short CLI run against the
+scripted server (JSON and PNGs produced). numpy, when present, cross-checks the percentiles."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nextoken_client.loadtest import RequestRecord, percentile, summarize
+from nextoken_client.loadtest.cli import main
+from nextoken_client.loadtest.workload import LengthSpec, file_workload, synthetic_workload
+from tests.clients.fakeserver import Reply, Script
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [random.Random(s).uniform(0, 100) for s in range(37)]
+    np = pytest.importorskip("numpy")
+    for q in (0, 1, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summary_of_known_timings() -> None:
+    """Hand-computed: two successes of 5 and 3 tokens, one 429, over 2 s."""
+    a = RequestRecord(ok=True, latency=1.0, ttft=0.2, itl=[0.2, 0.2, 0.2, 0.2], prompt_tokens=10, output_tokens=5)
+    b = RequestRecord(ok=True, latency=0.5, ttft=0.1, itl=[0.1, 0.3], prompt_tokens=6, output_tokens=3)
+    c = RequestRecord(ok=False, latency=0.01, error="OverloadedError(429)")
+    s = summarize([a, b, c], 2.0, concurrency=2, slo_ms={"ttft": 150, "tpot": 250})
+    assert (s.completed, s.failed, s.failures) == (2, 1, {"OverloadedError(429)": 1})
+    assert (s.total_input_tokens, s.total_output_tokens) == (16, 8)
+    assert (s.request_throughput, s.output_throughput, s.total_token_throughput) == (1.0, 4.0, 12.0)
+    assert s.ttft_ms is not None and s.ttft_ms["mean"] == pytest.approx(150.0)
+    # TPOT: a = (1.0 - 0.2) / 4 = 0.2 s, b = (0.5 - 0.1) / 2 = 0.2 s.
+    assert s.tpot_ms is not None and s.tpot_ms["p50"] == pytest.approx(200.0)
+    # ITL pools all six gaps: median 0.2 s, max 0.3 s.
+    assert s.itl_ms is not None and s.itl_ms["p50"] == pytest.approx(200.0) and s.itl_ms["p99"] > 290
+    assert s.e2el_ms is not None and s.e2el_ms["mean"] == pytest.approx(750.0)
+    # Only b meets TTFT <= 150 ms (a's is 200 ms); both meet TPOT; c failed: goodput 1 / 2 s.
+    assert s.goodput == 0.5 and s.level == "concurrency=2"
+
+
+def test_single_token_requests_have_no_tpot_and_errors_are_named() -> None:
+    s = summarize([RequestRecord(ok=True, latency=0.3, ttft=0.3, output_tokens=1)], 1.0, request_rate=4.0)
+    assert s.tpot_ms is None and s.itl_ms is None and s.level == "rate=4"
+    with pytest.raises(ValueError, match="unknown SLO"):
+        summarize([], 1.0, slo_ms={"latency": 1.0})
+
+
+def test_length_specs() -> None:
+    rng = random.Random(0)
+    assert LengthSpec.parse("16", "--x").draw(rng) == 16
+    assert {LengthSpec.parse("uniform:3:5", "--x").draw(rng) for _ in range(200)} == {3, 4, 5}
+    normal = [LengthSpec.parse("normal:50:5", "--x").draw(rng) for _ in range(2000)]
+    assert 49 < sum(normal) / len(normal) < 51 and min(normal) >= 1
+    for bad in ("0", "uniform:5:3", "gauss:1:2", "x"):
+        with pytest.raises(ValueError, match="--x"):
+            LengthSpec.parse(bad, "--x")
+
+
+def test_workloads_are_seeded_and_files_cycle(tmp_path: Path) -> None:
+    spec, out = LengthSpec.parse("uniform:4:8", "-"), LengthSpec.parse("7", "-")
+    first = synthetic_workload(5, spec, out, seed=1)
+    assert first == synthetic_workload(5, spec, out, seed=1) != synthetic_workload(5, spec, out, seed=2)
+    assert all(4 <= len(w.prompt.split()) <= 8 and w.max_tokens == 7 for w in first)
+    f = tmp_path / "p.txt"
+    f.write_text('plain prompt\n\n{"prompt": "json prompt", "max_tokens": 3}\n', encoding="utf-8")
+    items = file_workload(f, 5, out, seed=0)
+    assert [(w.prompt, w.max_tokens) for w in items[:3]] == [("plain prompt", 7), ("json prompt", 3),
+                                                              ("plain prompt", 7)]
+    f.write_text('{"no_prompt": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="p.txt:1"):
+        file_workload(f, 1, out, seed=0)
+
+
+class Busy(Script):
+    """Streams 6 tokens per request, but every 5th request is refused with a 429."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def next(self) -> Reply:
+        with self.lock:
+            self.count += 1
+            if self.count % 5 == 0:
+                return Reply(status=429, headers={"retry-after": "1"}, body={"error": {"message": "queue full"}})
+        return Reply(pieces=["t"] * 6)
+
+
+@pytest.fixture
+def busy_server() -> Iterator[str]:
+    from tests.clients.fakeserver import serve
+    from tests.conftest import free_port
+
+    gen = serve(Busy(), free_port())
+    yield next(gen)
+    gen.close()
+
+
+def test_cli_sweep_writes_json_and_plots(busy_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    rc = main(["--base-url", busy_server, "--concurrency", "1,3", "--num-requests", "10", "--warmup", "0",
+               "--slo", "ttft=5000", "--json-out", str(tmp_path / "r.json"), "--plot-dir", str(tmp_path / "plots"),
+               "--no-progress"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    levels = doc["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 3]
+    # 20 requests in all, every 5th refused: 4 failures counted (not retried away), 16 completions.
+    assert sum(lv["failed"] for lv in levels) == 4 and sum(lv["completed"] for lv in levels) == 16
+    assert all(set(lv["failures"]) <= {"OverloadedError(429)"} for lv in levels)
+    assert all(lv["total_output_tokens"] == 6 * lv["completed"] for lv in levels)
+    assert all(lv["tpot_ms"] is not None and lv["goodput"] == pytest.approx(lv["request_throughput"]) for lv in levels)
+    for name in ("throughput.png", "ttft_p99.png", "latency_distribution.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "TTFT p99 (ms)" in table and "concurrency=3" in table and "OverloadedError(429)" in table
+
+
+def test_cli_open_loop_and_unreachable_url(busy_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--base-url", busy_server, "--request-rate", "200", "--max-concurrency", "2",
+                 "--num-requests", "6", "--warmup", "1", "--no-progress"]) == 0
+    assert "rate=200" in capsys.readouterr().out
+    from tests.conftest import free_port
+
+    assert main(["--base-url", f"http://127.0.0.1:{free_port()}", "--num-requests", "1"]) == 2
+    assert "APIConnectionError" in capsys.readouterr().err
