@@ -1,0 +1,168 @@
+"""The SDK and the load tester against the real ``nextoken serve`` process on loopback.
+
+Skipped, with the reason printed, until ``nextoken.serve`` can start. Each exception path is
+produced by the real server: a validation error from its boundary checks, a 401 from
+``--api-key-env``, a 429 from a server saturated with ``--max-batch-size 1 --max-queue 1``, a
+``StreamError`` from SIGKILLing it mid-stream, and connection refused once it is dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nextoken_client import (
+    APIConnectionError,
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    NextokenError,
+    OverloadedError,
+    StreamError,
+    ValidationError,
+)
+from nextoken_client.loadtest.cli import main as loadtest_main
+from tests.clients.conftest import RealServer
+
+pytestmark = pytest.mark.slow
+PROMPT = "the cat sat"
+
+
+def test_complete_and_stream_agree_under_greedy_decoding(real_server: RealServer) -> None:
+    with Client(real_server.url) as client:
+        done = client.complete(PROMPT, max_tokens=12, temperature=0.0)
+        with client.stream(PROMPT, max_tokens=12, temperature=0.0) as stream:
+            events = list(stream)
+    assert done.finish_reason in ("stop", "length") and done.usage is not None
+    assert 1 <= done.usage.completion_tokens <= 12 and done.usage.prompt_tokens > 0
+    final = events[-1]
+    assert final.final and final.finish_reason == done.finish_reason
+    assert final.usage is not None and final.usage.completion_tokens == done.usage.completion_tokens
+    # Greedy decoding is deterministic, so the streamed pieces must rebuild the same text.
+    assert "".join(e.text for e in events) == done.text
+    ids = [i for e in events for i in e.token_ids]
+    if ids:  # the token_ids extension, when the server sends it, covers every generated token
+        assert len(ids) == final.usage.completion_tokens
+
+
+def test_logprobs_when_asked(real_server: RealServer) -> None:
+    with Client(real_server.url) as client:
+        out = client.complete(PROMPT, max_tokens=4, temperature=0.0, top_logprobs=2)
+        plain = client.complete(PROMPT, max_tokens=4, temperature=0.0)
+    assert out.logprobs and plain.logprobs is None
+    for entry in out.logprobs:
+        assert entry.logprob is not None and entry.logprob <= 0.0
+        assert 1 <= len(entry.top) <= 3 and max(t.logprob for t in entry.top) >= entry.logprob - 1e-4
+
+
+def test_chat_models_health(real_server: RealServer) -> None:
+    with Client(real_server.url) as client:
+        reply = client.chat([{"role": "user", "content": "hello"}], max_tokens=6, temperature=0.0)
+        with client.chat_stream([{"role": "user", "content": "hello"}], max_tokens=6, temperature=0.0) as s:
+            streamed = "".join(e.text for e in s)
+        models = client.models()
+        client.health()
+    assert reply.text == streamed and reply.finish_reason in ("stop", "length")
+    assert models and all(m.id for m in models)
+
+
+def test_async_client_complete_and_concurrent_streams(real_server: RealServer) -> None:
+    async def main() -> tuple[str, list[str]]:
+        async with AsyncClient(real_server.url) as client:
+            done = await client.complete(PROMPT, max_tokens=8, temperature=0.0)
+
+            async def one() -> str:
+                async with await client.stream(PROMPT, max_tokens=8, temperature=0.0) as stream:
+                    return "".join([e.text async for e in stream])
+
+            return done.text, await asyncio.gather(*(one() for _ in range(4)))
+
+    text, streamed = asyncio.run(main())
+    # Four requests batched together must each still get the single-request greedy answer.
+    assert streamed == [text] * 4
+
+
+@pytest.mark.parametrize("bad", [{"top_p": 2.0}, {"max_tokens": 0}, {"temperature": -1.0}])
+def test_invalid_sampling_is_a_validation_error(real_server: RealServer, bad: dict[str, float]) -> None:
+    with Client(real_server.url) as client, pytest.raises(ValidationError) as info:
+        client.complete(PROMPT, **bad)  # type: ignore[arg-type]
+    assert info.value.status_code in (400, 422) and info.value.message
+    if info.value.param is not None:
+        assert info.value.param == next(iter(bad))
+
+
+@pytest.fixture(scope="module")
+def locked_server(serve_artifact: Path) -> Iterator[RealServer]:
+    """API key required; one slot and a one-request queue, so a handful of requests saturate it."""
+    server = RealServer(serve_artifact, "--api-key-env", "NEXTOKEN_TEST_KEY", "--max-batch-size", "1",
+                        "--max-queue", "1", env={"NEXTOKEN_TEST_KEY": "sk-right"})
+    yield server
+    server.stop()
+
+
+def test_wrong_or_missing_key_is_401(locked_server: RealServer) -> None:
+    for key in ("sk-wrong", ""):
+        with Client(locked_server.url, api_key=key) as client, pytest.raises(AuthenticationError) as info:
+            client.complete(PROMPT, max_tokens=2)
+        assert info.value.status_code == 401
+    with Client(locked_server.url, api_key="sk-right") as client:
+        assert client.complete(PROMPT, max_tokens=2).usage is not None
+
+
+def test_saturated_server_answers_429_with_retry_after(locked_server: RealServer) -> None:
+    async def main() -> list[BaseException | str]:
+        async with AsyncClient(locked_server.url, api_key="sk-right", max_retries=0) as client:
+            async def one() -> str:
+                async with await client.stream(PROMPT, max_tokens=24, temperature=1.0) as stream:
+                    return "".join([e.text async for e in stream])
+
+            return await asyncio.gather(*(one() for _ in range(12)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, OverloadedError)]
+    assert refused, f"12 concurrent requests never saturated a 1-slot, 1-queue server: {results}"
+    assert all(r.status_code == 429 and r.retry_after is not None for r in refused)
+    assert any(isinstance(r, str) for r in results)  # and the admitted ones completed
+    # With retries on, the SDK waits out Retry-After and gets through.
+    with Client(locked_server.url, api_key="sk-right", max_retries=4) as client:
+        assert client.complete(PROMPT, max_tokens=2).finish_reason in ("stop", "length")
+
+
+def test_loadtest_sweep_against_the_server(locked_server: RealServer, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rc = loadtest_main(["--base-url", locked_server.url, "--api-key", "sk-right", "--concurrency", "1,4",
+                        "--num-requests", "8", "--warmup", "1", "--input-len", "3", "--output-len", "8",
+                        "--slo", "ttft=10000,tpot=1000", "--json-out", str(tmp_path / "r.json"),
+                        "--plot-dir", str(tmp_path / "plots"), "--no-progress"])
+    assert rc == 0
+    levels = json.loads((tmp_path / "r.json").read_text())["levels"]
+    assert levels[0]["completed"] == 8 and levels[0]["failed"] == 0  # one at a time always fits
+    assert levels[0]["ttft_ms"]["p50"] > 0 and levels[0]["total_input_tokens"] > 0
+    # At concurrency 4 against one slot and a one-deep queue, refusals are counted, not hidden.
+    assert levels[1]["completed"] + levels[1]["failed"] == 8
+    assert set(levels[1]["failures"]) <= {"OverloadedError(429)"}
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "latency_distribution.png", "throughput.png", "ttft_p99.png"]
+
+
+def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
+    server = RealServer(serve_artifact)
+    try:
+        with Client(server.url, max_retries=0) as client:
+            stream = client.stream(PROMPT, max_tokens=24, temperature=1.0)
+            with pytest.raises(NextokenError) as info, stream:
+                first = next(stream)
+                server.kill()
+                for _ in stream:
+                    pass
+            # A kill after the first token leaves the answer cut short: StreamError, never a retry.
+            assert isinstance(info.value, StreamError), f"got {info.value!r}"
+            assert info.value.text.startswith(first.text)
+            with pytest.raises(APIConnectionError):
+                client.complete(PROMPT, max_tokens=2)
+    finally:
+        server.stop()
