@@ -166,6 +166,16 @@ def export_onnx(model: GPT, path: str | Path, *, opset: int = DEFAULT_OPSET, dty
 
 def quantize_int8(src: str | Path, dst: str | Path) -> None:
     """Dynamic int8 quantisation of the MatMul weights (activations stay float, scaled per batch)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    # It logs a "consider pre-processing" hint on the root logger; shape inference is not needed
+    # for MatMul weights, and the hint would reach every CLI user as noise.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)

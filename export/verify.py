@@ -127,8 +127,9 @@ def verify_onnx(model: GPT, onnx_path: str, *, dtype: str = "fp32", quantized: b
     prompts = prompts or default_prompts(c.vocab_size, c.block_size)
     ids, mask = left_pad(prompts, pad_id)
     steps = max(0, min(steps, c.block_size - ids.shape[1]))
-    if providers is None:
-        providers = ["CUDAExecutionProvider"] if dtype == "fp16" else ["CPUExecutionProvider"]
+    if providers is None:  # fp16 targets CUDA; without onnxruntime-gpu, ORT's CPU kernels still run it
+        cuda = dtype == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = make_session(onnx_path, providers=providers)
     cache_dtype = np.float16 if dtype == "fp16" else np.float32
     dec = OrtDecoder(session, c.n_layer, c.n_head, c.head_size, cache_dtype)

@@ -135,3 +135,15 @@ def test_opset_18_fallback(tiny_run: Path, tmp_path: Path) -> None:
     art = load_artifact(export_run(tiny_run, tmp_path / "o18", opset=18, log=None))
     assert art.manifest["export"]["opset"] == 18 and art.manifest["verification"]["passed"]
     assert "Attention" not in art.manifest["export"]["op_types"]
+
+
+def test_fp16_export(tiny_run: Path, tmp_path: Path) -> None:
+    """Half-precision graph (for CUDA): fp16 cache tensors, fp32 logits, close to the fp32 model."""
+    art = load_artifact(export_run(tiny_run, tmp_path / "h", dtype="fp16", log=None))
+    graph = onnx.load(str(art.onnx_path)).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)}
+    assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
+    assert types["present.0.value"] == onnx.TensorProto.FLOAT16 and types["logits"] == onnx.TensorProto.FLOAT
+    assert art.config["torch_dtype"] == "float16"
+    ver = art.manifest["verification"]
+    assert ver["passed"] and 0 < ver["prefill_max_abs_diff"] <= 5e-2
