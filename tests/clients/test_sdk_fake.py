@@ -13,6 +13,7 @@ from nextoken_client import (
     APITimeoutError,
     AsyncClient,
     Client,
+    NextokenError,
     OverloadedError,
     ServerError,
     StreamError,
@@ -160,3 +161,10 @@ def test_async_client_mirrors_sync(fake: tuple[str, Script]) -> None:
 
     asyncio.run(main())
     assert len(script.requests) == 5
+
+
+def test_a_200_that_is_not_a_json_object_is_an_error_not_an_empty_result(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies.append(Reply(body="<html>captive portal</html>"))
+    with Client(url) as client, pytest.raises(NextokenError, match="captive portal"):
+        client.complete("x")

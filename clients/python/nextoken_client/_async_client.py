@@ -23,6 +23,7 @@ from ._base_client import (
     status_error,
     transport_error,
 )
+from ._exceptions import NextokenError
 from ._retry import DEFAULT_MAX_RETRIES, retry_delay, should_retry_exception, should_retry_status
 from ._streaming import AsyncStream
 from ._types import ChatMessage, Completion, Model, parse_completion, parse_model
@@ -106,7 +107,10 @@ class AsyncClient:
     # -- plumbing ---------------------------------------------------------------------------------
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
-        return self._json(await self._send("POST", path, body))
+        data = self._json(await self._send("POST", path, body))
+        if not isinstance(data, Mapping):  # a 200 that is not JSON: a proxy page, or not our server
+            raise NextokenError(f"expected a JSON object from {path}, got {str(data)[:200]!r}")
+        return data
 
     @staticmethod
     def _json(response: httpx.Response) -> Any:
