@@ -67,8 +67,13 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, device: torch.de
     if not info.enabled:
         return model
     if strategy == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import fully_shard
 
+        # A Block returns its (key, value) views beside its output; FSDP2 warns that an in-place
+        # op on a returned view would skip its backward hook. Nothing modifies them in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
@@ -109,7 +114,10 @@ def no_grad_sync(model: nn.Module, info: DistInfo, skip: bool) -> Iterator[None]
 
 
 def full_model_state(model: nn.Module, info: DistInfo, strategy: str) -> dict[str, torch.Tensor]:
-    """A full, unsharded CPU state dict (collective under FSDP: every rank must call it)."""
+    """A full, unsharded CPU state dict (collective under FSDP: every rank must call it).
+
+    Under FSDP only rank 0 receives the tensors (the others get ``{}``): rank 0 writes checkpoints.
+    """
     if info.enabled and strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -133,6 +141,12 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, inf
     """
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    if not optimizer.state:
+        # Before the first step: torch's helper would create the state with a zero-gradient
+        # step() at lr 0, which leaves the weights alone but advances Adam's step count, and so
+        # changes the bias correction of every later update. There is no state to gather anyway
+        # (and no rank has any, so skipping the collective is safe).
+        return _name_keyed(model, optimizer, optimizer.state_dict())
     return get_optimizer_state_dict(unwrap(model), optimizer, options=_optim_options(cpu_offload=True))
 
 
@@ -153,6 +167,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     """Load a full optimizer state (every rank holds all of it); FSDP keeps only its shard."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    if not state.get("state"):
+        return  # saved before the first step: a fresh optimizer is that state (see full_optimizer_state)
     set_optimizer_state_dict(unwrap(model), optimizer, _name_keyed(model, optimizer, state),
                              options=_optim_options(broadcast_from_rank0=False))
 
