@@ -140,7 +140,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
                 f"{verification['decode_max_abs_diff']:.2e}, greedy identical "
                 f"{verification['greedy_identical_steps']}/{verification['greedy_steps']} steps")
             if not verification["passed"] and quantize == "none":
-                raise UserError(f"the exported graph disagrees with PyTorch: {verification}; nothing was written "
+                v = verification
+                raise UserError(f"the exported graph disagrees with PyTorch: max |dlogit| prefill "
+                                f"{v['prefill_max_abs_diff']:.2e} / decode {v['decode_max_abs_diff']:.2e} "
+                                f"(tolerance {v.get('tolerance')}), greedy tokens identical for "
+                                f"{v['greedy_identical_steps']}/{v['greedy_steps']} steps; nothing was written "
                                 f"(--no-verify skips the check)", flag="--verify")
         shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
         write_json(tmp / "config.json", gpt2_style_config(

@@ -176,6 +176,7 @@ def quantize_int8(src: str | Path, dst: str | Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         use_external_data_format=Path(f"{src}.data").exists())
     finally:
         root.setLevel(level)
