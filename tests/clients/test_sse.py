@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -132,3 +133,23 @@ def test_closing_early_closes_the_response() -> None:
     with s:
         next(s)
     assert s.response.is_closed
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                        st.sampled_from(["choices", "text", "delta", "message", "content", "logprobs", "tokens",
+                                         "token_logprobs", "top_logprobs", "token", "logprob", "usage", "index",
+                                         "finish_reason", "token_ids", "id", "error", "prompt_tokens"]),
+                        inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON)
+def test_parsers_never_raise_on_odd_shapes(data: object) -> None:
+    """The server and the SDK are versioned apart: odd shapes must degrade, not crash."""
+    from nextoken_client._types import parse_completion
+
+    parse_completion(data)
+    # {"error": ...} chunks are reported as StreamError; nothing else may escape.
+    with contextlib.suppress(StreamError):
+        list(stream_of(f"data: {json.dumps(data)}\n\n".encode(), chunk(finish="stop")))

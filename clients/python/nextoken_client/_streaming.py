@@ -142,13 +142,13 @@ class _EventBuilder:
             err = chunk["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
             raise self.error(f"the server reported an error mid-stream: {message}")
-        self.id = str(chunk.get("id") or self.id)
-        if chunk.get("usage") is not None:
-            self.usage = parse_usage(chunk["usage"])
+        self.id = str(chunk["id"]) if isinstance(chunk.get("id"), str) and chunk["id"] else self.id
+        self.usage = parse_usage(chunk.get("usage")) or self.usage
         out: list[StreamEvent] = []
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
             # Only the first choice is surfaced: the SDK never asks for n > 1.
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
                 continue
             text, ids = choice_text(choice), choice_token_ids(choice)
             logprobs = parse_logprobs(choice.get("logprobs"))

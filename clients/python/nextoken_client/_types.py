@@ -118,6 +118,13 @@ def _int(value: Any) -> int:
         return 0
 
 
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def parse_usage(data: Any) -> Usage | None:
     if not isinstance(data, Mapping):
         return None
@@ -129,12 +136,12 @@ def parse_usage(data: Any) -> Usage | None:
 def _top_from_mapping(top: Any) -> tuple[TopLogprob, ...]:
     # completions shape: {token: logprob, ...}; chat shape: [{"token", "logprob"}, ...]
     if isinstance(top, Mapping):
-        return tuple(TopLogprob(str(t), float(lp)) for t, lp in top.items())
+        return tuple(TopLogprob(str(t), lp) for t, v in top.items() if (lp := _float(v)) is not None)
     if isinstance(top, Sequence) and not isinstance(top, str):
         return tuple(
-            TopLogprob(str(e.get("token", "")), float(e.get("logprob", 0.0)))
+            TopLogprob(str(e.get("token", "")), lp)
             for e in top
-            if isinstance(e, Mapping)
+            if isinstance(e, Mapping) and (lp := _float(e.get("logprob"))) is not None
         )
     return ()
 
@@ -148,24 +155,26 @@ def parse_logprobs(data: Any) -> tuple[TokenLogprob, ...]:
         return tuple(
             TokenLogprob(
                 token=str(e.get("token", "")),
-                logprob=None if e.get("logprob") is None else float(e["logprob"]),
+                logprob=_float(e.get("logprob")),
                 top=_top_from_mapping(e.get("top_logprobs")),
             )
             for e in content
             if isinstance(e, Mapping)
         )
-    tokens = data.get("tokens") or []
-    values = data.get("token_logprobs") or []
-    tops = data.get("top_logprobs") or []
+    tokens, values, tops = (_list(data.get(k)) for k in ("tokens", "token_logprobs", "top_logprobs"))
     out = []
     for i, tok in enumerate(tokens):
         lp = values[i] if i < len(values) else None
         out.append(TokenLogprob(
             token=str(tok),
-            logprob=None if lp is None else float(lp),
+            logprob=_float(lp),
             top=_top_from_mapping(tops[i]) if i < len(tops) else (),
         ))
     return tuple(out)
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else []
 
 
 def choice_text(choice: Mapping[str, Any]) -> str:
@@ -190,14 +199,15 @@ def parse_completion(data: Any) -> Completion:
     """Build a ``Completion`` from a /v1/completions or /v1/chat/completions response body."""
     body: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
     choices = body.get("choices")
-    choice: Mapping[str, Any] = choices[0] if isinstance(choices, list) and choices else {}
+    first = choices[0] if isinstance(choices, list) and choices else None
+    choice: Mapping[str, Any] = first if isinstance(first, Mapping) else {}
     logprobs = choice.get("logprobs")
     ids = choice_token_ids(choice)
     return Completion(
         id=str(body.get("id", "")),
         model=str(body.get("model", "")),
         text=choice_text(choice),
-        finish_reason=choice.get("finish_reason"),
+        finish_reason=None if choice.get("finish_reason") is None else str(choice["finish_reason"]),
         usage=parse_usage(body.get("usage")),
         logprobs=parse_logprobs(logprobs) if logprobs is not None else None,
         token_ids=ids or None,
