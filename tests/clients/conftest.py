@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.clients.fakeserver import Script, serve
-from tests.conftest import free_port
+from tests.conftest import free_port, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +97,19 @@ class RealServer:
 
 
 @pytest.fixture(scope="session")
-def serve_artifact(request: pytest.FixtureRequest) -> Path:
+def serve_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
+    """A tiny model (2 layers, 32 wide, char-level) like ``tiny_artifact`` but with a 256-token
+    context: long enough that a stream outlives the moment a test kills its server, and that
+    prompts plus ``max_tokens`` never hit the context limit by accident. ~6 s to build."""
     reason = _serve_cli_available()
     if reason:
         pytest.skip(reason)
-    try:
-        return request.getfixturevalue("tiny_artifact")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_artifact fixture yet")
+    pytest.importorskip("torch", reason="building an artifact needs the [train] extra")
+    from nextoken.export.build import export_run
+
+    root = tmp_path_factory.mktemp("client-artifact")
+    train_tiny(root / "run", tiny_corpus, block_size=256, max_iters=10, eval_interval=10)
+    return export_run(root / "run", root / "artifact", name="client-tiny", log=None)
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_saturated_server_answers_429_with_retry_after(locked_server: RealServer
     async def main() -> list[BaseException | str]:
         async with AsyncClient(locked_server.url, api_key="sk-right", max_retries=0) as client:
             async def one() -> str:
-                async with await client.stream(PROMPT, max_tokens=24, temperature=1.0) as stream:
+                async with await client.stream(PROMPT, max_tokens=100, temperature=1.0) as stream:
                     return "".join([e.text async for e in stream])
 
             return await asyncio.gather(*(one() for _ in range(12)), return_exceptions=True)
@@ -153,7 +153,7 @@ def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
     server = RealServer(serve_artifact)
     try:
         with Client(server.url, max_retries=0) as client:
-            stream = client.stream(PROMPT, max_tokens=24, temperature=1.0)
+            stream = client.stream(PROMPT, max_tokens=200, temperature=1.0)
             with pytest.raises(NextokenError) as info, stream:
                 first = next(stream)
                 server.kill()
