@@ -25,7 +25,8 @@ Hugging Face Optimum)::
 * ``attention_mask`` covers every cache slot, past and new (length past + seq). Slot j is
   visible to the query in slot s when j <= s and mask[j] == 1; each query also always sees
   its own slot, so a padded query row is never fully masked (ONNX Runtime gives NaN there;
-  its output is garbage nobody reads). Padding slots stay in the cache and stay masked.
+  its output is garbage nobody reads). Padding slots stay in the cache and stay masked; the
+  token id under a padding slot may be any valid id (nextoken uses ``pad_token_id`` = eos).
 * ``position_ids`` = cumsum(attention_mask) - 1, clamped at 0, taken over the last
   ``sequence_length`` slots: each row counts positions from its own first real token.
   Positions must stay below ``n_positions`` (config.json); the graph does not check.
