@@ -39,6 +39,8 @@ This module ignores tokenization, sampling and the artifact folder (see ``artifa
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +155,20 @@ def export_onnx(model: GPT, path: str | Path, *, opset: int = DEFAULT_OPSET, dty
     cache_shape = {0: batch, 2: past}
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq},
                       tuple(cache_shape for _ in range(2 * n_layer)))
-    with torch.no_grad():
-        program = torch.onnx.export(wrapper, args, None, input_names=input_names(n_layer),
-                                    output_names=output_names(n_layer), opset_version=opset, dynamo=True,
-                                    dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+    # Known-harmless exporter chatter, silenced by message so anything new still shows: shared
+    # Dim objects are reported as "will not be used", a pytree deprecation, absent torchvision ops.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    log_level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            program = torch.onnx.export(wrapper, args, None, input_names=input_names(n_layer),
+                                        output_names=output_names(n_layer), opset_version=opset, dynamo=True,
+                                        dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+    finally:
+        registration_log.setLevel(log_level)
     program.save(str(path))  # switches to external data by itself above 2 GB
     _rename_total_dim(path, n_layer)
     graph = onnx.load(str(path), load_external_data=False).graph
