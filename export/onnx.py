@@ -67,28 +67,8 @@ def output_names(n_layer: int) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
-def slot_mask(attention_mask: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor:
-    """(B, S) 0/1 mask -> (B, 1, T, S) boolean attention mask in cache-slot space, S = past + T.
-
-    Same rule as ``nextoken.train.model.build_attention_mask``, written with the query slots as
-    ``arange(T) + past`` instead of a slice ``[S - T:]``: torch.export cannot prove the slice's
-    length and gives up on a data-dependent size.
-    """
-    S = attention_mask.shape[1]
-    k_slots = torch.arange(S, device=attention_mask.device)  # (S,)
-    q_slots = torch.arange(q_len, device=attention_mask.device) + past_len  # (T,)
-    causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
-    own = k_slots[None, :] == q_slots[:, None]  # (T, S)
-    real = attention_mask[:, None, :].bool()  # (B, 1, S)
-    return ((causal[None] & real) | own[None])[:, None]  # (B, 1, T, S)
-
-
 class MergedDecoder(nn.Module):
-    """The traced function: flat positional tensors in, flat tensors out (ONNX has no tuples).
-
-    It walks the GPT's own modules rather than calling ``GPT.forward`` only to build the mask
-    in an export-friendly way (``slot_mask``); the parity check compares the two every export.
-    """
+    """The traced function: flat positional tensors in, flat tensors out (ONNX has no tuples)."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
@@ -96,20 +76,11 @@ class MergedDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tr = self.model.transformer
-        T = input_ids.shape[1]
-        past_len = past_key_values[0].shape[2]
-        mask = slot_mask(attention_mask, T, past_len)  # (B, 1, T, past+T)
-        x = tr.wte(input_ids) + tr.wpe(position_ids)  # (B, T, C)
-        presents: list[torch.Tensor] = []
-        for i, block in enumerate(tr.h):
-            x, (k, v) = block(x, mask, (past_key_values[2 * i], past_key_values[2 * i + 1]))  # (B, nh, past+T, hs)
-            presents += [k, v]
-        logits = self.model.lm_head(tr.ln_f(x))  # (B, T, padded_vocab)
-        vocab = self.model.config.vocab_size
-        if logits.shape[-1] != vocab:
-            logits = logits[..., :vocab]  # (B, T, vocab)
-        return (logits.float(), *presents)
+        past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(len(past_key_values) // 2)]
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past, use_cache=True)
+        presents = [t for kv in out.present_key_values for t in kv]  # each (B, nh, past+T, hs)
+        return (out.logits.float(), *presents)  # logits (B, T, vocab)
 
 
 def example_inputs(model: GPT, batch: int = 2, seq: int = 3, past: int = 4,

@@ -35,18 +35,19 @@ class GPTOutput(NamedTuple):
     present_key_values: KVCache | None  # per layer (B, nh, past+T, hs) when use_cache
 
 
-def build_attention_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor:
     """Boolean attention mask in cache-slot space.
 
-    attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = past + q_len.
-    Returns (B, 1, q_len, S): query i (in slot S - q_len + i) may see key slot j when
+    attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = past_len + q_len.
+    Returns (B, 1, q_len, S): query i (in slot past_len + i) may see key slot j when
     j <= its own slot and slot j holds a real token. Every query may also see its own slot,
     so a padded query row is never fully masked (a fully masked softmax row is NaN in
     ONNX Runtime); its output is garbage that nobody reads.
     """
     S = attention_mask.shape[1]
     k_slots = torch.arange(S, device=attention_mask.device)  # (S,)
-    q_slots = k_slots[S - q_len:]  # (T,)
+    # arange + offset rather than k_slots[S - q_len:]: torch.export cannot size that slice
+    q_slots = torch.arange(q_len, device=attention_mask.device) + past_len  # (T,)
     causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
     own = k_slots[None, :] == q_slots[:, None]  # (T, S)
     real = attention_mask[:, None, :].bool()  # (B, 1, S)
@@ -199,7 +200,7 @@ class GPT(nn.Module):
         if cached:
             if attention_mask is None:
                 attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
-            mask = build_attention_mask(attention_mask, T)  # (B, 1, T, past+T)
+            mask = build_attention_mask(attention_mask, T, past_len)  # (B, 1, T, past+T)
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)

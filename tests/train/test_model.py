@@ -65,9 +65,9 @@ def test_left_padded_batch_matches_each_row_alone(model: GPT) -> None:
 
 def test_mask_is_built_in_cache_slot_space() -> None:
     mask = torch.tensor([[0, 1, 1, 1]])
-    m = build_attention_mask(mask, q_len=1)[0, 0]  # one query behind a cache of 3
+    m = build_attention_mask(mask, q_len=1, past_len=3)[0, 0]  # one query behind a cache of 3
     assert m.tolist() == [[False, True, True, True]]
-    prefill = build_attention_mask(mask, q_len=4)[0, 0]
+    prefill = build_attention_mask(mask, q_len=4, past_len=0)[0, 0]
     assert prefill[0].tolist() == [True, False, False, False]  # the pad row sees only itself
     assert prefill[2].tolist() == [False, True, True, False]
 
