@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
         result = I.text_loss(loaded.model, loaded.tokenizer, args.text)
         sys.stdout.write(json.dumps(asdict(result), indent=2) + "\n" if args.json else I.format_text_loss(result))
         return 0
+    _, n_unknown = I.encode_document(loaded.tokenizer, args.prompt)
+    if n_unknown:
+        print(f"note: {n_unknown} piece(s) of the prompt were never seen in training (<unk>); the model's "
+              "predictions after them mean little", file=sys.stderr)
     steps = I.next_token_steps(loaded.model, loaded.tokenizer, args.prompt, top_k=args.top_k, steps=args.steps,
                                temperature=args.temperature, seed=args.seed)
     if args.json:

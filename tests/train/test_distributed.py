@@ -123,3 +123,19 @@ def test_two_rank_checkpoint_loads_in_one_process(two_rank_runs: dict[str, Path]
     assert main(["generate", str(two_rank_runs[strategy]), "--prompt", "the ", "--max-new-tokens", "12",
                  "--seed", "1", "--checkpoint", "latest"]) == 0
     assert capsys.readouterr().out.startswith("the ")
+
+
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(tiny_run: Path, tmp_path: Path, tiny_corpus: Path) -> None:
+    """The other direction: a 1-process run (checkpoint at step 30) continues as 2 FSDP ranks."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    torchrun("-m", "nextoken", "train", "--data", str(tiny_corpus), "--out-dir", str(run), *TINY_FLAGS,
+             "--strategy", "fsdp", "--max-iters", "33", "--resume", "auto")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 33
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    assert ckpt.step == 33 and ckpt.meta["world_size"] == 2
+    adam = torch.load(ckpt.path / "state.pt", weights_only=True)["optimizer"]["state"]["transformer.wte.weight"]
+    # The 1-process optimizer state was sharded into FSDP, stepped 3 times and gathered back whole.
+    assert float(adam["step"]) == 33
+    assert adam["exp_avg"].shape == load_file(ckpt.path / "model.safetensors")["transformer.wte.weight"].shape

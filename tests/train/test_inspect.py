@@ -197,3 +197,8 @@ def test_plot_log_scale_reaches_the_plot(tmp_path: Path, tiny_corpus: Path, monk
     records = [{"event": "train", "step": 1, "loss": 3.0}, {"event": "eval", "step": 2, "val_loss": 2.0}]
     real(records, tmp_path / "log.png", 40, log_scale=True)
     assert (tmp_path / "log.png").stat().st_size > 0
+
+
+def test_inspect_notes_unknown_characters(tiny_run: Path, capsys) -> None:
+    assert main(["inspect", str(tiny_run), "--prompt", "the \u20ac", "--top-k", "2"]) == 0
+    assert "never seen in training" in capsys.readouterr().err
