@@ -133,3 +133,34 @@ def test_cli_open_loop_and_unreachable_url(busy_server: str, capsys: pytest.Capt
 
     assert main(["--base-url", f"http://127.0.0.1:{free_port()}", "--num-requests", "1"]) == 2
     assert "APIConnectionError" in capsys.readouterr().err
+
+
+def test_send_one_times_a_known_stall(fake: tuple[str, Script]) -> None:
+    """The server stalls 0.3 s after the first of 4 tokens: exactly one ITL gap holds the stall,
+    TTFT does not, and TPOT spreads it over the 3 later tokens."""
+    import asyncio
+
+    from nextoken_client import AsyncClient
+    from nextoken_client.loadtest.runner import send_one
+    from nextoken_client.loadtest.workload import WorkItem
+
+    url, script = fake
+    script.replies.append(Reply(pieces=["a", "b", "c", "d"], stall=0.3))
+
+    async def run() -> RequestRecord:
+        async with AsyncClient(url) as client:
+            return await send_one(client, WorkItem("p", 4), {})
+
+    r = asyncio.run(run())
+    assert r.ok and r.output_tokens == 4 and r.prompt_tokens == 1 and len(r.itl) == 3
+    assert r.ttft is not None and r.ttft < 0.25
+    assert sorted(r.itl)[-1] >= 0.3 and sorted(r.itl)[1] < 0.1
+    assert r.tpot is not None and 0.1 <= r.tpot <= (r.latency - r.ttft) / 3 + 1e-9
+
+
+@pytest.mark.parametrize("argv", [["--slo", "latency=5"], ["--concurrency", "0"], ["--output-len", "uniform:9:2"],
+                                  ["--concurrency", "2", "--request-rate", "1"]])
+def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--base-url", "http://127.0.0.1:9", *argv])
+    assert info.value.code == 2 and capsys.readouterr().err
