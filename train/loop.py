@@ -388,6 +388,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
             train_time += now - t_step
             t_step = now
             steps_in_window = cfg.log_interval if it % cfg.log_interval == 0 else (it % cfg.log_interval or 1)
+            D.all_reduce_mean(loss_acc, info)  # every rank's windows, not just rank 0's
             step_loss = loss_acc.item() / steps_in_window
             loss_acc.zero_()
             tps = window_tokens / max(window_time, 1e-9)
