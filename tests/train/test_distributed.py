@@ -139,3 +139,14 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(tiny_run: Path, tmp_pa
     # The 1-process optimizer state was sharded into FSDP, stepped 3 times and gathered back whole.
     assert float(adam["step"]) == 33
     assert adam["exp_avg"].shape == load_file(ckpt.path / "model.safetensors")["transformer.wte.weight"].shape
+
+
+def test_ranks_stop_together_on_max_time(tmp_path: Path, tiny_corpus: Path) -> None:
+    """--max-time under torchrun: the ranks agree on the stopping step and exit cleanly (no hang)."""
+    run = tmp_path / "run"
+    torchrun("-m", "nextoken", "train", "--data", str(tiny_corpus), "--out-dir", str(run), *TINY_FLAGS,
+             "--max-iters", "100000", "--eval-interval", "100000", "--log-interval", "1", "--max-time", "1.5",
+             timeout=120)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "max_time" and 0 < summary["steps"] < 100000
+    assert list_checkpoints(run / "checkpoints")[-1].step == summary["steps"]  # the final, collective save
