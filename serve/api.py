@@ -1,0 +1,542 @@
+"""LitServe glue: the worker-side LitAPI and loop, and the HTTP-side OpenAI spec.
+
+Worker process (spawned by LitServe): ``GenerationAPI`` implements LitServe's
+continuous-batching hooks (``add_request``, ``has_capacity``, ``has_active_requests``,
+``step``) over ``GenerationCore``; ``BatchingLoop`` drives them.
+
+API process (uvicorn, forked by LitServe): ``OpenAISpec`` owns ``/v1/completions`` and
+``/v1/chat/completions``: validation, tokenization, admission control, SSE encoding.
+
+NOTE on LitServe 0.2.19 (measured, see issue 5); what this module does about each:
+
+* ``ContinuousBatchingLoop`` busy-spins while idle and reads new requests only after a 1 s
+  blocking read: ``BatchingLoop`` blocks on a local queue fed by a reader thread, so an idle
+  worker sleeps and a new request joins at the next step.
+* It keeps generating after a client disconnects: the spec sends a cancel message through the
+  request queue; the scheduler drops the row between steps.
+* An exception in ``add_request`` stops admission for good: ``add_request`` failures become
+  an error output for that request only.
+* A ``FINISH_STREAMING`` output's payload is dropped: our spec reads the final payload itself.
+* ``OpenAISpec`` drops ``top_k``/``seed``, says ``stop`` on length, gives every chunk its own
+  id and leaks a buffer entry per request: this spec is ours (one id, true finish reasons,
+  every sampling field, buffer entries removed in ``finally``).
+* No queue limit: admission here counts requests in flight and answers 429 with Retry-After.
+* One message per token tops out near 3-4k messages/s: outputs are coalesced per request,
+  never delaying a first or last token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import pickle
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import litserve as ls
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+
+from nextoken.serve.core import GenerationCore, StepStats, TokenEvent
+from nextoken.serve.protocol import SSE_DONE, RequestError, ResponseBuilder, parse_request, sse
+from nextoken.serve.sampling import SamplingParams
+
+logger = logging.getLogger("nextoken.serve")
+
+CANCEL = "__cancel__"
+MSG_RATE = 2000.0  # messages per second the worker -> API transport sustains comfortably here
+MAX_BODY_BYTES = 1 << 20
+
+
+# ============================================================================================
+# Worker side
+# ============================================================================================
+class GenerationAPI(ls.LitAPI):
+    """LitServe's continuous-batching hooks over ``GenerationCore``."""
+
+    def __init__(self, artifact_dir: str, *, max_batch_size: int, device: str, threads: int, spec: LitSpec,
+                 loop: ls.loops.LitLoop) -> None:
+        super().__init__(max_batch_size=max_batch_size, stream=True, spec=spec, loop=loop,
+                         api_path="/v1/completions")
+        self.artifact_dir = artifact_dir
+        self.device_name = device
+        self.threads = threads
+        self.core: GenerationCore | None = None
+        self.metrics = None
+        self.model_id = ""
+        self._pending_errors: list[Output] = []
+
+    def setup(self, device: str) -> None:
+        from nextoken.export.artifact import load_artifact
+
+        artifact = load_artifact(self.artifact_dir)
+        self.model_id = artifact.model_id
+        self.core = GenerationCore(artifact, max_batch_size=self.max_batch_size, device=self.device_name,
+                                   threads=self.threads, on_step=self._on_step)
+        try:
+            from nextoken.serve.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics()
+            self.metrics.info.labels(self.model_id, artifact.version, "onnxruntime",
+                                     self.core.engine.provider).set(1)
+        except RuntimeError:
+            self.metrics = None  # in-process use without a metrics directory
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny generation before reporting ready, so the first real request is not the slow one."""
+        self.core.add("__warmup__", [self.core.eos_id], SamplingParams(temperature=0, max_tokens=2))
+        while self.core.has_work():
+            self.core.step()
+
+    def _on_step(self, s: StepStats) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_step(self.model_id, duration_s=s.duration_s, batch_size=s.batch_size,
+                                      running=s.running, waiting=s.waiting, slots_in_use=s.slots_in_use,
+                                      slots_total=s.slots_total)
+
+    # --- LitServe's continuous-batching hooks ------------------------------------------------
+    def add_request(self, uid: str, request: dict[str, Any]) -> None:
+        try:
+            self.core.add(uid, request["prompt_ids"], SamplingParams(**request["params"]), request["arrival"])
+        except Exception as e:  # one bad request must not stop admission for everyone
+            logger.exception("add_request failed for %s", uid)
+            self._pending_errors.append(Output(uid, e, LitAPIStatus.ERROR))
+
+    def cancel(self, uid: str) -> None:
+        self.core.cancel(uid)
+
+    def has_capacity(self) -> bool:
+        return self.core.has_capacity()
+
+    def has_active_requests(self) -> bool:
+        return self.core.has_work() or bool(self._pending_errors)
+
+    def step(self, prev_outputs: list[Output] | None) -> list[Output]:
+        outputs, self._pending_errors = self._pending_errors, []
+        for ev in self.core.step():
+            status = LitAPIStatus.FINISH_STREAMING if ev.finish_reason else LitAPIStatus.OK
+            outputs.append(Output(ev.rid, ev, status))
+        return outputs
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:  # LitServe requires it; the loop never calls it
+        raise NotImplementedError("GenerationAPI is driven by BatchingLoop.step")
+
+    def decode_request(self, request: Any) -> Any:
+        return request
+
+    def encode_response(self, output: Any) -> Any:
+        return output
+
+
+class BatchingLoop(ContinuousBatchingLoop):
+    """A blocking, non-spinning continuous-batching loop (see the module note)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Created in the worker on first run(): the loop is pickled into the spawned worker.
+        self._inbox: queue.SimpleQueue | None = None
+        self._reader: threading.Thread | None = None
+        self._outbox: dict[str, TokenEvent] = {}  # uid -> tokens not yet sent
+        self._last_sent: dict[str, float] = {}  # uid -> perf_counter of its last message
+
+    def _read_requests(self, request_queue: Any) -> None:
+        while True:
+            try:
+                item = request_queue.get()
+            except (EOFError, OSError, BrokenPipeError):
+                item = None
+            self._inbox.put(item)
+            if item is None:
+                return
+
+    def _accept(self, item: Any, lit_api: GenerationAPI) -> None:
+        response_queue_id, uid, _, payload = item
+        if isinstance(payload, dict) and payload.get(CANCEL):
+            lit_api.cancel(uid)
+            return
+        self.response_queue_ids[uid] = response_queue_id
+        lit_api.add_request(uid, payload)
+
+    def run(self, lit_api: GenerationAPI, device: str, worker_id: int, request_queue: Any, transport: Any,
+            workers_setup_status: dict[int, str], callback_runner: Any) -> None:  # type: ignore[override]
+        if self._reader is None:
+            self._inbox = queue.SimpleQueue()
+            self._reader = threading.Thread(target=self._read_requests, args=(request_queue,), daemon=True,
+                                            name="request-reader")
+            self._reader.start()
+        if not lit_api.has_active_requests():
+            item = self._inbox.get()  # idle: sleep until a request arrives
+            if item is None:
+                raise SystemExit(0)
+            self._accept(item, lit_api)
+        while True:  # take everything that arrived during the last step
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                raise SystemExit(0)
+            self._accept(item, lit_api)
+        if not lit_api.has_active_requests():
+            return
+        outputs = lit_api.step(None)
+        self._send(outputs, transport, lit_api)
+
+    def _send(self, outputs: list[Output], transport: Any, lit_api: GenerationAPI) -> None:
+        now = time.perf_counter()
+        active = max(1, len(self.response_queue_ids))
+        interval = active / MSG_RATE  # per-request gap that keeps the total under MSG_RATE
+        for out in outputs:
+            uid = out.uid
+            qid = self.response_queue_ids.get(uid)
+            if qid is None:
+                continue
+            if out.status == LitAPIStatus.ERROR:
+                self._outbox.pop(uid, None)
+                self.put_response(transport, qid, uid, pickle.dumps(out.output), LitAPIStatus.ERROR,
+                                  LoopResponseType.STREAMING)
+                self._forget(uid)
+                continue
+            ev: TokenEvent = out.output
+            held = self._outbox.pop(uid, None)
+            if held is not None:
+                held.merge(ev)
+                ev = held
+            first = ev.queue_time is not None
+            if out.status == LitAPIStatus.FINISH_STREAMING or first or now - self._last_sent.get(uid, 0) >= interval:
+                self.put_response(transport, qid, uid, ev.to_wire(), out.status, LoopResponseType.STREAMING)
+                self._last_sent[uid] = now
+                if out.status == LitAPIStatus.FINISH_STREAMING:
+                    self._forget(uid)
+            else:
+                self._outbox[uid] = ev
+        # Idle flush: tokens held back must not wait for a step that may never come.
+        if self._outbox and not lit_api.has_active_requests():
+            for uid, ev in list(self._outbox.items()):
+                self.put_response(transport, self.response_queue_ids[uid], uid, ev.to_wire(), LitAPIStatus.OK,
+                                  LoopResponseType.STREAMING)
+            self._outbox.clear()
+
+    def _forget(self, uid: str) -> None:
+        self.response_queue_ids.pop(uid, None)
+        self._last_sent.pop(uid, None)
+
+
+# ============================================================================================
+# API (HTTP) side
+# ============================================================================================
+class ServerState:
+    """Shared between the main process and the API process (created before the fork)."""
+
+    def __init__(self, max_batch_size: int, max_queue: int, api_key: str | None) -> None:
+        import multiprocessing as mp
+
+        self.inflight = mp.Value("i", 0)
+        self.draining = mp.Event()
+        self.max_inflight = max_batch_size + max_queue
+        self.api_key = api_key
+
+
+class OpenAISpec(LitSpec):
+    def __init__(self, *, artifact_dir: str, model_id: str, model_name: str, context: int, eos_id: int,
+                 state: ServerState, generation_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.artifact_dir = artifact_dir
+        self.model_id = model_id
+        self.model_name = model_name
+        self.context = context
+        self.eos_id = eos_id
+        self.state = state
+        self.generation_config = generation_config
+        self._tokenizer = None
+        self._metrics = None
+        self.api_path = "/v1/completions"  # LitServe keys the request queue by this path
+        self.add_endpoint("/v1/completions", self.completions, ["POST"])
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The worker gets a pickled copy: it needs none of the HTTP-side state.
+        state = super().__getstate__()
+        state["_tokenizer"] = None
+        state["_metrics"] = None
+        state["state"] = None
+        return state
+
+    @property
+    def stream(self) -> bool:
+        return True
+
+    def decode_request(self, request: Any, context_kwargs: Any = None) -> Any:
+        return request
+
+    def encode_response(self, output: Any, context_kwargs: Any = None) -> Any:
+        return output
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(f"{self.artifact_dir}/tokenizer.json")
+        return self._tokenizer
+
+    @property
+    def metrics(self) -> Any:
+        if self._metrics is None:
+            from nextoken.serve.metrics import ServerMetrics
+
+            try:
+                self._metrics = ServerMetrics()
+            except RuntimeError:
+                self._metrics = False
+        return self._metrics or None
+
+    # --- boundary checks ---------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        key = self.state.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {key}":
+            raise RequestError("missing or invalid API key (send Authorization: Bearer <key>)", status=401,
+                               type="authentication_error", code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> Any:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}", status=415,
+                               code="unsupported_media_type")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise RequestError(f"request body of {declared} bytes exceeds the limit of {MAX_BODY_BYTES}",
+                               status=413, code="request_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", status=413,
+                                   code="request_too_large")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+    def prompt_ids(self, req: Any) -> list[int]:
+        if req.prompt_ids is not None:
+            vocab = self.tokenizer.get_vocab_size()
+            bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}", param="prompt")
+            ids = list(req.prompt_ids)
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=False).ids
+        ids = [self.eos_id] + ids  # a document starts after end-of-text, as in training
+        p = req.params
+        if p.max_tokens == 0:
+            p.max_tokens = self.context - len(ids)
+        if len(ids) + p.max_tokens > self.context:
+            if len(ids) >= self.context:
+                raise RequestError(f"the prompt is {len(ids)} tokens long; this model's context is {self.context} "
+                                   "tokens", param="prompt" if req.endpoint != "chat" else "messages",
+                                   code="context_length_exceeded")
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) = "
+                               f"{len(ids) + p.max_tokens} exceeds this model's context of {self.context} tokens",
+                               param="max_tokens", code="context_length_exceeded")
+        return ids
+
+    def error(self, e: RequestError) -> JSONResponse:
+        kind = {401: "unauthorised", 429: "overloaded", 503: "unavailable"}.get(e.status, "validation")
+        if self.metrics is not None:
+            self.metrics.error(self.model_id, kind)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    # --- endpoints ---------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        return await self.handle(request, "completions")
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.handle(request, "chat")
+
+    async def handle(self, request: Request, endpoint: str) -> Response:
+        arrival = time.time()
+        admitted = False
+        try:
+            self.check_auth(request)
+            if self.state.draining.is_set():
+                raise RequestError("the server is shutting down", status=503, type="server_error",
+                                   code="unavailable", headers={"Retry-After": "1"})
+            body = await self.read_json(request)
+            req = parse_request(body, endpoint, default_max_tokens=None if endpoint == "completions" else 0)
+            if req.model is not None and req.model not in (self.model_id, self.model_name):
+                raise RequestError(f"model {req.model!r} is not served here; this server serves {self.model_id!r}",
+                                   param="model", status=404, code="model_not_found")
+            ids = self.prompt_ids(req)
+            with self.state.inflight.get_lock():
+                if self.state.inflight.value >= self.state.max_inflight:
+                    raise RequestError(f"the server is at capacity ({self.state.max_inflight} requests running or "
+                                       "queued); retry later", status=429, type="rate_limit_error",
+                                       code="overloaded", headers={"Retry-After": "1"})
+                self.state.inflight.value += 1
+                admitted = True
+        except RequestError as e:
+            return self.error(e)
+
+        uid = f"{endpoint}-{time.monotonic_ns()}-{id(request)}"
+        items: deque = deque()
+        event = asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=items)
+        payload = {"prompt_ids": ids, "params": req.params.__dict__, "arrival": arrival}
+        try:
+            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
+        except Exception:
+            self._release(uid, admitted)
+            raise
+        events = self._events(uid, items, event)
+        builder = ResponseBuilder(endpoint, self.model_id)
+        ctx = _RequestCtx(endpoint, arrival, len(ids))
+        if req.stream:
+            return StreamingResponse(self._stream(req, builder, events, uid, ctx, admitted),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._complete(req, builder, events, uid, ctx, admitted, request)
+
+    async def _events(self, uid: str, items: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            await event.wait()
+            event.clear()
+            while items:
+                data, status = items.popleft()
+                if status == LitAPIStatus.ERROR:
+                    err = pickle.loads(data) if isinstance(data, bytes) else data
+                    raise RuntimeError(f"generation failed: {err}")
+                yield data
+                if status == LitAPIStatus.FINISH_STREAMING:
+                    return
+
+    def _release(self, uid: str, admitted: bool) -> None:
+        self.response_buffer.pop(uid, None)
+        if admitted:
+            with self.state.inflight.get_lock():
+                self.state.inflight.value -= 1
+
+    def _cancel(self, uid: str) -> None:
+        with contextlib.suppress(Exception):  # the worker is gone (shutdown): nothing left to cancel
+            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {CANCEL: True}))
+
+    def _record(self, ctx: _RequestCtx, outcome: str) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_request(self.model_id, ctx.endpoint, outcome, arrival=ctx.arrival,
+                                     first_token=ctx.times[0] if ctx.times else None, token_times=ctx.times,
+                                     prompt_tokens=ctx.prompt_tokens, generated_tokens=ctx.completion_tokens,
+                                     queue_time_s=ctx.queue_time)
+
+    async def _stream(self, req: Any, builder: ResponseBuilder, events: AsyncIterator[dict[str, Any]], uid: str,
+                      ctx: _RequestCtx, admitted: bool) -> AsyncIterator[bytes]:
+        outcome = "cancelled"
+        first = True
+        try:
+            async for ev in events:
+                ctx.update(ev)
+                finish = ev.get("finish_reason")
+                if ev.get("token_ids") or finish or first:
+                    yield sse(builder.chunk(ev.get("text", ""), ev.get("token_ids", []), ev.get("logprobs"),
+                                            finish, first=first))
+                    first = False
+                if finish:
+                    outcome = finish
+                    if req.include_usage:
+                        yield sse(builder.usage_chunk(ctx.prompt_tokens, ctx.completion_tokens))
+                    yield SSE_DONE
+                    return
+        except RuntimeError as e:
+            outcome = "error"
+            logger.error("%s: %s", uid, e)
+            yield sse({"error": {"message": "internal error during generation", "type": "server_error",
+                                 "param": None, "code": "internal_error"}})
+        finally:
+            if outcome == "cancelled":
+                self._cancel(uid)
+            self._record(ctx, outcome)
+            self._release(uid, admitted)
+
+    async def _complete(self, req: Any, builder: ResponseBuilder, events: AsyncIterator[dict[str, Any]], uid: str,
+                        ctx: _RequestCtx, admitted: bool, request: Request) -> Response:
+        outcome = "cancelled"
+        text, ids, lps = [], [], [] if req.logprobs else None
+        watcher = asyncio.create_task(_watch_disconnect(request))
+        try:
+            async for ev in _until_disconnect(events, watcher):
+                ctx.update(ev)
+                text.append(ev.get("text", ""))
+                ids += ev.get("token_ids", [])
+                if lps is not None:
+                    lps += ev.get("logprobs", [])
+                if ev.get("finish_reason"):
+                    outcome = ev["finish_reason"]
+                    return JSONResponse(builder.final("".join(text), ids, lps, outcome, ctx.prompt_tokens,
+                                                      ctx.completion_tokens))
+            return Response(status_code=499)  # the client went away; nobody reads this
+        except RuntimeError as e:
+            outcome = "error"
+            logger.error("%s: %s", uid, e)
+            if self.metrics is not None:
+                self.metrics.error(self.model_id, "internal")
+            return JSONResponse({"error": {"message": "internal error during generation", "type": "server_error",
+                                           "param": None, "code": "internal_error"}}, status_code=500)
+        finally:
+            watcher.cancel()
+            if outcome == "cancelled":
+                self._cancel(uid)
+            self._record(ctx, outcome)
+            self._release(uid, admitted)
+
+
+class _RequestCtx:
+    """Per-request timing and counts, for usage and metrics."""
+
+    def __init__(self, endpoint: str, arrival: float, prompt_tokens: int) -> None:
+        self.endpoint = endpoint
+        self.arrival = arrival
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.times: list[float] = []
+        self.queue_time: float | None = None
+
+    def update(self, ev: dict[str, Any]) -> None:
+        self.times += ev.get("times", [])
+        self.completion_tokens = ev.get("completion_tokens", self.completion_tokens)
+        if ev.get("queue_time") is not None and self.queue_time is None:
+            self.queue_time = max(0.0, ev["queue_time"])
+
+
+async def _watch_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+
+
+async def _until_disconnect(events: AsyncIterator[dict[str, Any]], watcher: asyncio.Task) -> AsyncIterator[Any]:
+    """Yield events until they end or the client disconnects, whichever comes first."""
+    it = events.__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(it.__anext__())
+        done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if nxt in done:
+            try:
+                yield nxt.result()
+            except StopAsyncIteration:
+                return
+        else:
+            nxt.cancel()
+            return
+

@@ -1,0 +1,130 @@
+"""Process lifecycle: build the LitServe server, add the operational routes, drain on signals.
+
+Processes: this main process (signals, drain), one LitServe API process (uvicorn: HTTP,
+tokenization, admission) and one inference worker (the engine). On SIGTERM or SIGINT the
+server stops admitting (new requests get 503, ``/health`` turns 503), lets in-flight streams
+finish up to ``drain_timeout`` seconds, then shuts LitServe down, which terminates and joins
+every process it started; the metrics directory is removed last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nextoken import __version__
+from nextoken.export.artifact import Artifact, load_artifact
+
+logger = logging.getLogger("nextoken.serve")
+
+
+@dataclass
+class ServeOptions:
+    artifact_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    max_queue: int = 256
+    api_key_env: str | None = None
+    device: str = "cpu"
+    threads: int = 0
+    drain_timeout: float = 30.0
+    log_level: str = "warning"
+
+
+def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
+    import litserve as ls
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    from nextoken.serve.api import BatchingLoop, GenerationAPI, OpenAISpec, ServerState
+    from nextoken.serve.metrics import render_latest
+
+    api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
+    state = ServerState(opts.max_batch_size, opts.max_queue, api_key)
+    spec = OpenAISpec(artifact_dir=str(artifact.path), model_id=artifact.model_id, model_name=artifact.name,
+                      context=int(artifact.config["n_positions"]), eos_id=int(artifact.config["eos_token_id"]),
+                      state=state, generation_config=artifact.generation_config)
+    api = GenerationAPI(str(artifact.path), max_batch_size=opts.max_batch_size, device=opts.device,
+                        threads=opts.threads, spec=spec, loop=BatchingLoop())
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=False,
+                          healthcheck_path="/litserve/health", info_path="/litserve/info",
+                          model_metadata={"model": artifact.model_id}, disable_openapi_url=False)
+    app = server.app
+
+    def authorized(request: Request) -> JSONResponse | None:
+        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "missing or invalid API key (send Authorization: Bearer "
+                                           "<key>)", "type": "authentication_error", "param": None,
+                                           "code": "invalid_api_key"}}, status_code=401)
+        return None
+
+    @app.get("/health")
+    async def health() -> Response:
+        ready = bool(server.workers_setup_status) and all(
+            str(v) in ("ready", "WorkerSetupStatus.READY") or getattr(v, "value", v) == "ready"
+            for v in server.workers_setup_status.values())
+        if state.draining.is_set():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok" if ready else "loading", "model": artifact.model_id},
+                            status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        if (denied := authorized(request)) is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": [{
+            "id": artifact.model_id, "object": "model", "created": int(artifact.onnx_path.stat().st_mtime),
+            "owned_by": "nextoken", "name": artifact.name, "version": artifact.version,
+            "context_length": int(artifact.config["n_positions"]), "max_model_len": int(artifact.config["n_positions"]),
+        }]})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if (denied := authorized(request)) is not None:
+            return denied
+        body, ctype = render_latest()
+        return Response(body, media_type=ctype)
+
+    return server, state
+
+
+def serve(opts: ServeOptions) -> int:
+    from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
+
+    artifact = load_artifact(opts.artifact_dir)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the API process is forked
+    metrics_dir = prepare_multiproc_dir()
+    server, state = build_server(opts, artifact)
+
+    def drain(signum: int, _frame: Any) -> None:
+        if state.draining.is_set():
+            return
+        logger.warning("signal %s: draining (no new requests; up to %.0fs for %d in flight)",
+                       signal.Signals(signum).name, opts.drain_timeout, state.inflight.value)
+        state.draining.set()
+
+        def wait_then_stop() -> None:
+            deadline = time.monotonic() + opts.drain_timeout
+            while state.inflight.value > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            server._shutdown_event.set()
+
+        threading.Thread(target=wait_then_stop, daemon=True, name="drain").start()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    print(f"nextoken {__version__} serving {artifact.model_id} on http://{opts.host}:{opts.port} "
+          f"(max batch {opts.max_batch_size}, queue {opts.max_queue}, {opts.device})", flush=True)
+    try:
+        server.run(host=opts.host, port=opts.port, num_api_servers=1, log_level=opts.log_level,
+                   generate_client_file=False, pretty_logs=False)
+    finally:
+        remove_multiproc_dir(Path(metrics_dir))
+    return 0
