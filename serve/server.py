@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
 from nextoken import __version__
 from nextoken.export.artifact import Artifact, load_artifact
 
@@ -40,8 +43,6 @@ class ServeOptions:
 
 def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
     import litserve as ls
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
 
     from nextoken.serve.api import BatchingLoop, GenerationAPI, OpenAISpec, ServerState
     from nextoken.serve.metrics import render_latest

@@ -1,0 +1,327 @@
+"""The real server process: OpenAI endpoints, streaming, batching, validation, limits, auth, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.serve.conftest import ServerProcess
+
+
+def post(url: str, body: dict, path: str = "/v1/completions", **kw) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60, **kw)
+
+
+def stream_chunks(url: str, body: dict, path: str = "/v1/completions") -> list:
+    chunks = []
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                chunks.append(data if data == "[DONE]" else json.loads(data))
+    return chunks
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            lab = line[len(name):line.rfind(" ")]
+            if all(f'{k}="{v}"' in lab for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- happy paths -------------------------------------------------------------------------------
+def test_health_and_models(server: ServerProcess) -> None:
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    data = httpx.get(server.url + "/v1/models").json()["data"]
+    assert data[0]["id"] == "tiny-serve:1" and data[0]["version"] == "1" and data[0]["context_length"] == 512
+
+
+def test_completion_non_streaming(server: ServerProcess) -> None:
+    r = post(server.url, {"prompt": "the cat", "max_tokens": 7, "temperature": 0, "ignore_eos": True})
+    body = r.json()
+    assert r.status_code == 200, body
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 7
+    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 7, "total_tokens": 15}
+
+
+def test_streaming_matches_non_streaming_and_shares_one_id(server: ServerProcess) -> None:
+    req = {"prompt": "the dog", "max_tokens": 20, "temperature": 0, "ignore_eos": True,
+           "stream_options": {"include_usage": True}}
+    chunks = stream_chunks(server.url, req)
+    assert chunks[-1] == "[DONE]"
+    usage_chunk, body_chunks = chunks[-2], chunks[:-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 20
+    assert len({c["id"] for c in chunks[:-1]}) == 1
+    assert [c["choices"][0]["finish_reason"] for c in body_chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in body_chunks[:-1])
+    streamed = "".join(c["choices"][0]["text"] for c in body_chunks)
+    whole = post(server.url, {k: v for k, v in req.items() if k != "stream_options"}).json()
+    assert streamed == whole["choices"][0]["text"]
+
+
+def test_stop_string_is_never_emitted(server: ServerProcess) -> None:
+    base = {"prompt": "the cat", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    full = post(server.url, base).json()["choices"][0]["text"]
+    stop = full[5:8]
+    assert len(stop) == 3
+    r = post(server.url, {**base, "stop": [stop]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["text"] == full[: full.index(stop)]
+    chunks = stream_chunks(server.url, {**base, "stop": stop})
+    text = "".join(c["choices"][0]["text"] for c in chunks if c != "[DONE]")
+    assert text == full[: full.index(stop)] and stop not in text
+
+
+def test_chat_completion_and_stream(server: ServerProcess) -> None:
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    r = post(server.url, {"messages": msgs, "max_tokens": 5, "temperature": 0}, "/v1/chat/completions").json()
+    assert r["object"] == "chat.completion" and r["choices"][0]["message"]["role"] == "assistant"
+    chunks = stream_chunks(server.url, {"messages": msgs, "max_tokens": 5, "temperature": 0}, "/v1/chat/completions")
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c != "[DONE]")
+    assert text == r["choices"][0]["message"]["content"]
+
+
+def test_logprobs(server: ServerProcess) -> None:
+    r = post(server.url, {"prompt": "the", "max_tokens": 3, "temperature": 0, "logprobs": 2}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 3 and all(len(t) == 2 for t in lp["top_logprobs"])
+    # greedy: the chosen token is the most likely one
+    assert all(abs(max(t.values()) - c) < 1e-6 for t, c in zip(lp["top_logprobs"], lp["token_logprobs"],
+                                                                strict=True))
+
+
+def test_seed_gives_the_same_text_alone_and_in_a_busy_batch(server: ServerProcess) -> None:
+    req = {"prompt": "hello", "max_tokens": 30, "temperature": 1.0, "seed": 42, "ignore_eos": True}
+    alone = post(server.url, req).json()["choices"][0]["text"]
+    results: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        body = req if i == 3 else {**req, "seed": 1000 + i, "max_tokens": 60}
+        results[i] = post(server.url, body).json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[3] == alone
+    assert len({results[i] for i in range(6)}) > 1  # the others really sampled something else
+
+
+def test_concurrent_requests_share_engine_steps(server: ServerProcess) -> None:
+    before = metric(server.url, "nextoken_batch_size_sum")
+    steps_before = metric(server.url, "nextoken_batch_size_count")
+    threads = [threading.Thread(target=post, args=(server.url, {"prompt": "the", "max_tokens": 200,
+                                                                "ignore_eos": True})) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = metric(server.url, "nextoken_batch_size_sum") - before
+    steps = metric(server.url, "nextoken_batch_size_count") - steps_before
+    # 6 x 200 tokens; a joining row gets its first token from the prefill and its second from the same
+    # step's decode, so rows advanced = 1200 - 6. One request at a time would need ~1200 steps.
+    assert rows == 1200 - 6 and steps < 0.6 * rows
+
+
+# --- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "temperature": 3}, "temperature"),
+    ({"prompt": "x", "temperature": -0.1}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": 5}, "stop"),
+    ({"prompt": "x", "top_k": -5}, "top_k"),
+    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "seed": "abc"}, "seed"),
+    ({"prompt": "x", "logprobs": 50}, "logprobs"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": 12}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "x", "max_tokens": 600}, "max_tokens"),
+    ({"prompt": "x" * 600}, "prompt"),
+])
+def test_validation_errors_name_the_field(server: ServerProcess, body: dict, param: str) -> None:
+    r = post(server.url, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_context_error_gives_both_numbers(server: ServerProcess) -> None:
+    err = post(server.url, {"prompt": "x" * 600}).json()["error"]
+    assert "601 tokens" in err["message"] and "512" in err["message"] and err["code"] == "context_length_exceeded"
+
+
+def test_chat_validation(server: ServerProcess) -> None:
+    for msgs, param in [([], "messages"), ([{"role": "robot", "content": "x"}], "messages[0].role"),
+                        ([{"role": "user", "content": 5}], "messages[0].content")]:
+        r = post(server.url, {"messages": msgs}, "/v1/chat/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_malformed_json_wrong_type_and_oversized_body(server: ServerProcess) -> None:
+    url = server.url + "/v1/completions"
+    r = httpx.post(url, content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url, content=b"prompt=x", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "Content-Type" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b'{"prompt": "x"}')  # no content type at all
+    assert r.status_code == 415
+    big = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+    r = httpx.post(url, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_model_is_404(server: ServerProcess) -> None:
+    r = post(server.url, {"prompt": "x", "model": "gpt-9"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_the_server_still_works_after_bad_requests(server: ServerProcess) -> None:
+    assert post(server.url, {"prompt": "the", "max_tokens": 2}).status_code == 200
+
+
+def test_openai_client_both_endpoints(server: ServerProcess) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    c = client.completions.create(model="tiny-serve:1", prompt="the cat", max_tokens=5, temperature=0)
+    assert c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens >= 1
+    text = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="tiny-serve:1", prompt="the cat", max_tokens=5, temperature=0, stream=True))
+    assert text == c.choices[0].text
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="tiny-serve:1", messages=msgs, max_tokens=4, temperature=0)
+    parts = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="tiny-serve:1", messages=msgs, max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True}) if ch.choices]
+    assert "".join(parts) == chat.choices[0].message.content
+    assert [m.id for m in client.models.list()] == ["tiny-serve:1"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-serve:1", prompt="x", temperature=5)
+
+
+# --- limits, cancellation, auth, signals ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def narrow(serve_artifact):
+    s = ServerProcess(serve_artifact, "--max-batch-size", "1", "--max-queue", "0")
+    yield s
+    s.stop()
+
+
+def test_overload_gets_429_with_retry_after_at_once(narrow: ServerProcess) -> None:
+    results: list[tuple[int, float, str | None]] = []
+
+    def one() -> None:
+        t0 = time.perf_counter()
+        r = post(narrow.url, {"prompt": "the", "max_tokens": 500, "ignore_eos": True})
+        results.append((r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [r for r in results if r[0] == 200]
+    rejected = [r for r in results if r[0] == 429]
+    assert ok and rejected and len(ok) + len(rejected) == 8
+    assert all(r[2] == "1" for r in rejected)
+    assert max(r[1] for r in rejected) < min(r[1] for r in ok)  # refused at once, never queued
+
+
+def test_disconnect_frees_the_slot(narrow: ServerProcess) -> None:
+    generated = metric(narrow.url, "nextoken_generation_tokens_total")
+    cancelled = metric(narrow.url, "nextoken_requests_total", outcome="cancelled")
+    with httpx.stream("POST", narrow.url + "/v1/completions", timeout=60,
+                      json={"prompt": "the", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
+        next(r.iter_lines())
+    # the only slot is free again almost at once (the engine drops the row between steps)
+    deadline = time.monotonic() + 5
+    while True:
+        r = post(narrow.url, {"prompt": "the", "max_tokens": 3})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert r.status_code == 200
+    assert metric(narrow.url, "nextoken_requests_total", outcome="cancelled") == cancelled + 1
+    # the abandoned stream stopped early: far fewer than its 500 tokens were generated
+    assert metric(narrow.url, "nextoken_generation_tokens_total") - generated < 3 + 500
+
+
+def test_api_key(serve_artifact) -> None:
+    s = ServerProcess(serve_artifact, "--api-key-env", "NT_TEST_KEY", env={"NT_TEST_KEY": "sekret"})
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200  # open, for load balancers
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(s.url + path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = post(s.url, {"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        ok = post(s.url, {"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_in_flight_streams_then_exits(serve_artifact) -> None:
+    s = ServerProcess(serve_artifact)
+    try:
+        chunks: list = []
+
+        def consume() -> None:
+            chunks.extend(stream_chunks(s.url, {"prompt": "the", "max_tokens": 480, "ignore_eos": True}))
+
+        t = threading.Thread(target=consume)
+        t.start()
+        time.sleep(0.15)
+        pids = s.group_pids()
+        assert len(pids) >= 3  # main, API server, inference worker (+ LitServe's manager)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        if t.is_alive():  # still streaming: new requests are refused while it drains
+            assert httpx.get(s.url + "/health").status_code == 503
+            r = post(s.url, {"prompt": "x", "max_tokens": 1})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        t.join(30)
+        assert chunks[-1] == "[DONE]"
+        assert sum(len(c["choices"][0]["token_ids"]) for c in chunks[:-1]) == 480  # the stream finished whole
+        assert s.proc.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while s.group_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.group_pids() == []  # every process the server started is gone
+    finally:
+        s.stop()
+
+
+def test_idle_server_uses_almost_no_cpu(server: ServerProcess) -> None:
+    import psutil
+
+    procs = [psutil.Process(p) for p in server.group_pids()]
+    before = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    time.sleep(2.0)
+    after = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    assert (after - before) / 2.0 < 0.05  # under 5% of one core (LitServe's stock loop spins a whole core)
+    t0 = time.perf_counter()
+    assert post(server.url, {"prompt": "the", "max_tokens": 1}).status_code == 200
+    assert time.perf_counter() - t0 < 0.5
