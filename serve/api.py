@@ -47,12 +47,15 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
 from nextoken.serve.core import GenerationCore, StepStats, TokenEvent
+from nextoken.serve.models import ModelSet
 from nextoken.serve.protocol import SSE_DONE, RequestError, ResponseBuilder, parse_request, sse
-from nextoken.serve.sampling import SamplingParams
 
 logger = logging.getLogger("nextoken.serve")
 
 CANCEL = "__cancel__"
+RELOAD = "__reload__"
+MODEL_KEY = "nextoken_model"  # key in LitServe's shared manager dict: the version taking new requests
+RELOAD_POLL_S = 1.0
 MSG_RATE = 2000.0  # messages per second the worker -> API transport sustains comfortably here
 MAX_BODY_BYTES = 1 << 20
 
@@ -61,7 +64,7 @@ MAX_BODY_BYTES = 1 << 20
 # Worker side
 # ============================================================================================
 class GenerationAPI(ls.LitAPI):
-    """LitServe's continuous-batching hooks over ``GenerationCore``."""
+    """LitServe's continuous-batching hooks over the worker's model versions (``ModelSet``)."""
 
     def __init__(self, artifact_dir: str, *, max_batch_size: int, device: str, threads: int, spec: LitSpec,
                  loop: ls.loops.LitLoop) -> None:
@@ -70,60 +73,78 @@ class GenerationAPI(ls.LitAPI):
         self.artifact_dir = artifact_dir
         self.device_name = device
         self.threads = threads
-        self.core: GenerationCore | None = None
+        self.models: ModelSet | None = None
         self.metrics = None
-        self.model_id = ""
-        self._pending_errors: list[Output] = []
+        self.shared: Any = None  # LitServe's manager dict, also read by the HTTP side
+        self._pending: list[Output] = []
 
     def setup(self, device: str) -> None:
-        from nextoken.export.artifact import load_artifact
-
-        artifact = load_artifact(self.artifact_dir)
-        self.model_id = artifact.model_id
-        self.core = GenerationCore(artifact, max_batch_size=self.max_batch_size, device=self.device_name,
-                                   threads=self.threads, on_step=self._on_step)
         try:
             from nextoken.serve.metrics import ServerMetrics
 
             self.metrics = ServerMetrics()
-            self.metrics.info.labels(self.model_id, artifact.version, "onnxruntime",
-                                     self.core.engine.provider).set(1)
         except RuntimeError:
             self.metrics = None  # in-process use without a metrics directory
-        self._warm_up()
+        self.models = ModelSet(self.artifact_dir, self._make_core, self._on_change)
+        self.models.load_initial()
 
-    def _warm_up(self) -> None:
-        """One tiny generation before reporting ready, so the first real request is not the slow one."""
-        self.core.add("__warmup__", [self.core.eos_id], SamplingParams(temperature=0, max_tokens=2))
-        while self.core.has_work():
-            self.core.step()
+    def _make_core(self, artifact: Any) -> GenerationCore:
+        model_id = artifact.model_id
 
-    def _on_step(self, s: StepStats) -> None:
-        if self.metrics is not None:
-            self.metrics.observe_step(self.model_id, duration_s=s.duration_s, batch_size=s.batch_size,
-                                      running=s.running, waiting=s.waiting, slots_in_use=s.slots_in_use,
-                                      slots_total=s.slots_total)
+        def on_step(s: StepStats) -> None:
+            if self.metrics is not None:
+                self.metrics.observe_step(model_id, duration_s=s.duration_s, batch_size=s.batch_size,
+                                          running=s.running, waiting=s.waiting, slots_in_use=s.slots_in_use,
+                                          slots_total=s.slots_total)
+
+        return GenerationCore(artifact, max_batch_size=self.max_batch_size, device=self.device_name,
+                              threads=self.threads, on_step=on_step)
+
+    def _on_change(self, kind: str, info: dict[str, Any]) -> None:
+        m = self.metrics
+        if kind in ("loaded", "switched"):
+            if m is not None:
+                core = self.models.current
+                m.info.labels(info["id"], info["version"], "onnxruntime", core.engine.provider).set(1)
+                if kind == "switched":
+                    m.reloads.labels(info["id"]).inc()
+            self.publish()
+        elif kind == "failed" and m is not None:
+            m.reload_failures.labels(info["id"], info["reason"]).inc()
+        if m is not None and self.models is not None:
+            m.models_loaded.set(self.models.models_loaded)
+        if kind == "failed":
+            self.publish(last_error=info["error"])
+
+    def publish(self, last_error: str | None = None) -> None:
+        """Tell the HTTP side which version now takes new requests."""
+        if self.shared is not None and self.models is not None and self.models.current is not None:
+            self.shared[MODEL_KEY] = {**self.models.info().__dict__, "last_error": last_error}
 
     # --- LitServe's continuous-batching hooks ------------------------------------------------
     def add_request(self, uid: str, request: dict[str, Any]) -> None:
         try:
-            self.core.add(uid, request["prompt_ids"], SamplingParams(**request["params"]), request["arrival"])
+            self.models.add(uid, request)
+        except ValueError as e:  # the prompt no longer fits the version that will run it
+            self._pending.append(Output(uid, {"error": RequestError(str(e), param="max_tokens",
+                                                                     code="context_length_exceeded").body(),
+                                              "status": 400}, LitAPIStatus.FINISH_STREAMING))
         except Exception as e:  # one bad request must not stop admission for everyone
             logger.exception("add_request failed for %s", uid)
-            self._pending_errors.append(Output(uid, e, LitAPIStatus.ERROR))
+            self._pending.append(Output(uid, e, LitAPIStatus.ERROR))
 
     def cancel(self, uid: str) -> None:
-        self.core.cancel(uid)
+        self.models.cancel(uid)
 
     def has_capacity(self) -> bool:
-        return self.core.has_capacity()
+        return self.models.has_capacity()
 
     def has_active_requests(self) -> bool:
-        return self.core.has_work() or bool(self._pending_errors)
+        return self.models.has_work() or bool(self._pending)
 
     def step(self, prev_outputs: list[Output] | None) -> list[Output]:
-        outputs, self._pending_errors = self._pending_errors, []
-        for ev in self.core.step():
+        outputs, self._pending = self._pending, []
+        for ev in self.models.step():
             status = LitAPIStatus.FINISH_STREAMING if ev.finish_reason else LitAPIStatus.OK
             outputs.append(Output(ev.rid, ev, status))
         return outputs
@@ -146,6 +167,7 @@ class BatchingLoop(ContinuousBatchingLoop):
         # Created in the worker on first run(): the loop is pickled into the spawned worker.
         self._inbox: queue.SimpleQueue | None = None
         self._reader: threading.Thread | None = None
+        self._last_poll = 0.0
         self._outbox: dict[str, TokenEvent] = {}  # uid -> tokens not yet sent
         self._last_sent: dict[str, float] = {}  # uid -> perf_counter of its last message
 
@@ -164,18 +186,30 @@ class BatchingLoop(ContinuousBatchingLoop):
         if isinstance(payload, dict) and payload.get(CANCEL):
             lit_api.cancel(uid)
             return
+        if isinstance(payload, dict) and payload.get(RELOAD):
+            lit_api.models.poll(force=True)
+            return
         self.response_queue_ids[uid] = response_queue_id
         lit_api.add_request(uid, payload)
 
     def run(self, lit_api: GenerationAPI, device: str, worker_id: int, request_queue: Any, transport: Any,
             workers_setup_status: dict[int, str], callback_runner: Any) -> None:  # type: ignore[override]
         if self._reader is None:
+            lit_api.shared = workers_setup_status
+            lit_api.publish()
             self._inbox = queue.SimpleQueue()
             self._reader = threading.Thread(target=self._read_requests, args=(request_queue,), daemon=True,
                                             name="request-reader")
             self._reader.start()
+        now = time.monotonic()
+        if now - self._last_poll >= RELOAD_POLL_S:
+            self._last_poll = now
+            lit_api.models.poll()
         if not lit_api.has_active_requests():
-            item = self._inbox.get()  # idle: sleep until a request arrives
+            try:  # idle: sleep until a request arrives (waking once in a while to look for new versions)
+                item = self._inbox.get(timeout=RELOAD_POLL_S)
+            except queue.Empty:
+                return
             if item is None:
                 raise SystemExit(0)
             self._accept(item, lit_api)
@@ -207,7 +241,11 @@ class BatchingLoop(ContinuousBatchingLoop):
                                   LoopResponseType.STREAMING)
                 self._forget(uid)
                 continue
-            ev: TokenEvent = out.output
+            ev = out.output
+            if isinstance(ev, dict):  # an error answer for this request alone
+                self.put_response(transport, qid, uid, ev, out.status, LoopResponseType.STREAMING)
+                self._forget(uid)
+                continue
             held = self._outbox.pop(uid, None)
             if held is not None:
                 held.merge(ev)
@@ -247,29 +285,46 @@ class ServerState:
         self.api_key = api_key
 
 
+class ServedModel:
+    """The HTTP side's view of the version taking new requests: tokenizer and limits."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer
+
+        from nextoken.export.artifact import load_artifact
+
+        artifact = load_artifact(path, verify=False)  # the worker verified it before switching
+        self.path = path
+        self.id = artifact.model_id
+        self.name = artifact.name
+        self.version = artifact.version
+        self.context = int(artifact.config["n_positions"])
+        self.eos_id = int(artifact.config["eos_token_id"])
+        self.tokenizer = Tokenizer.from_file(str(artifact.tokenizer_path))
+        self.created = int(artifact.onnx_path.stat().st_mtime)
+
+
 class OpenAISpec(LitSpec):
-    def __init__(self, *, artifact_dir: str, model_id: str, model_name: str, context: int, eos_id: int,
-                 state: ServerState, generation_config: dict[str, Any]) -> None:
+    def __init__(self, *, artifact_dir: str, state: ServerState) -> None:
         super().__init__()
         self.artifact_dir = artifact_dir
-        self.model_id = model_id
-        self.model_name = model_name
-        self.context = context
-        self.eos_id = eos_id
         self.state = state
-        self.generation_config = generation_config
-        self._tokenizer = None
+        self.shared: Any = None
+        self._model: ServedModel | None = None
+        self._model_checked = 0.0
         self._metrics = None
         self.api_path = "/v1/completions"  # LitServe keys the request queue by this path
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
 
+    def setup(self, server: Any) -> None:
+        super().setup(server)
+        self.shared = server.workers_setup_status
+
     def __getstate__(self) -> dict[str, Any]:
         # The worker gets a pickled copy: it needs none of the HTTP-side state.
         state = super().__getstate__()
-        state["_tokenizer"] = None
-        state["_metrics"] = None
-        state["state"] = None
+        state.update(_model=None, _metrics=None, state=None, shared=None)
         return state
 
     @property
@@ -282,13 +337,19 @@ class OpenAISpec(LitSpec):
     def encode_response(self, output: Any, context_kwargs: Any = None) -> Any:
         return output
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(f"{self.artifact_dir}/tokenizer.json")
-        return self._tokenizer
+    def model(self) -> ServedModel:
+        """The version the worker serves now (re-read at most every 0.2 s)."""
+        now = time.monotonic()
+        if self._model is None or now - self._model_checked > 0.2:
+            self._model_checked = now
+            path = self.artifact_dir
+            with contextlib.suppress(Exception):  # before the worker reports, serve the start-up path
+                info = self.shared.get(MODEL_KEY) if self.shared is not None else None
+                if info:
+                    path = info["path"]
+            if self._model is None or self._model.path != path:
+                self._model = ServedModel(path)
+        return self._model
 
     @property
     def metrics(self) -> Any:
@@ -331,33 +392,34 @@ class OpenAISpec(LitSpec):
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
 
-    def prompt_ids(self, req: Any) -> list[int]:
+    def prompt_ids(self, req: Any, model: ServedModel) -> list[int]:
         if req.prompt_ids is not None:
-            vocab = self.tokenizer.get_vocab_size()
+            vocab = model.tokenizer.get_vocab_size()
             bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
             if bad:
                 raise RequestError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}", param="prompt")
             ids = list(req.prompt_ids)
         else:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=False).ids
-        ids = [self.eos_id] + ids  # a document starts after end-of-text, as in training
+            ids = model.tokenizer.encode(req.prompt, add_special_tokens=False).ids
+        ids = [model.eos_id] + ids  # a document starts after end-of-text, as in training
         p = req.params
+        context = model.context
         if p.max_tokens == 0:
-            p.max_tokens = self.context - len(ids)
-        if len(ids) + p.max_tokens > self.context:
-            if len(ids) >= self.context:
-                raise RequestError(f"the prompt is {len(ids)} tokens long; this model's context is {self.context} "
+            p.max_tokens = context - len(ids)
+        if len(ids) + p.max_tokens > context:
+            if len(ids) >= context:
+                raise RequestError(f"the prompt is {len(ids)} tokens long; this model's context is {context} "
                                    "tokens", param="prompt" if req.endpoint != "chat" else "messages",
                                    code="context_length_exceeded")
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) = "
-                               f"{len(ids) + p.max_tokens} exceeds this model's context of {self.context} tokens",
+                               f"{len(ids) + p.max_tokens} exceeds this model's context of {context} tokens",
                                param="max_tokens", code="context_length_exceeded")
         return ids
 
     def error(self, e: RequestError) -> JSONResponse:
         kind = {401: "unauthorised", 429: "overloaded", 503: "unavailable"}.get(e.status, "validation")
         if self.metrics is not None:
-            self.metrics.error(self.model_id, kind)
+            self.metrics.error(self.model().id, kind)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     # --- endpoints ---------------------------------------------------------------------------
@@ -377,10 +439,11 @@ class OpenAISpec(LitSpec):
                                    code="unavailable", headers={"Retry-After": "1"})
             body = await self.read_json(request)
             req = parse_request(body, endpoint, default_max_tokens=None if endpoint == "completions" else 0)
-            if req.model is not None and req.model not in (self.model_id, self.model_name):
-                raise RequestError(f"model {req.model!r} is not served here; this server serves {self.model_id!r}",
+            model = self.model()
+            if req.model is not None and req.model not in (model.id, model.name):
+                raise RequestError(f"model {req.model!r} is not served here; this server serves {model.id!r}",
                                    param="model", status=404, code="model_not_found")
-            ids = self.prompt_ids(req)
+            ids = self.prompt_ids(req, model)
             with self.state.inflight.get_lock():
                 if self.state.inflight.value >= self.state.max_inflight:
                     raise RequestError(f"the server is at capacity ({self.state.max_inflight} requests running or "
@@ -395,20 +458,33 @@ class OpenAISpec(LitSpec):
         items: deque = deque()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=items)
-        payload = {"prompt_ids": ids, "params": req.params.__dict__, "arrival": arrival}
+        payload = {"prompt_ids": ids, "text": req.prompt, "params": req.params.__dict__, "arrival": arrival,
+                   "model": model.id}
         try:
             self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
         except Exception:
             self._release(uid, admitted)
             raise
         events = self._events(uid, items, event)
-        builder = ResponseBuilder(endpoint, self.model_id)
-        ctx = _RequestCtx(endpoint, arrival, len(ids))
+        ctx = _RequestCtx(endpoint, arrival, len(ids), model.id)
         if req.stream:
-            return StreamingResponse(self._stream(req, builder, events, uid, ctx, admitted),
+            # Wait for the first event before answering, so a late refusal can still be a 4xx.
+            try:
+                first = await events.__anext__()
+            except BaseException:
+                self._cancel(uid)
+                self._release(uid, admitted)
+                raise
+            if "error" in first:
+                self._release(uid, admitted)
+                return self.error(RequestError(first["error"]["error"]["message"],
+                                               param=first["error"]["error"]["param"],
+                                               code=first["error"]["error"]["code"], status=first["status"]))
+            builder = ResponseBuilder(endpoint, first.get("model") or model.id)
+            return StreamingResponse(self._stream(req, builder, _prepend(first, events), uid, ctx, admitted),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._complete(req, builder, events, uid, ctx, admitted, request)
+        return await self._complete(req, endpoint, events, uid, ctx, admitted, request)
 
     async def _events(self, uid: str, items: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
         while True:
@@ -436,7 +512,7 @@ class OpenAISpec(LitSpec):
     def _record(self, ctx: _RequestCtx, outcome: str) -> None:
         if self.metrics is None:
             return
-        self.metrics.observe_request(self.model_id, ctx.endpoint, outcome, arrival=ctx.arrival,
+        self.metrics.observe_request(ctx.model, ctx.endpoint, outcome, arrival=ctx.arrival,
                                      first_token=ctx.times[0] if ctx.times else None, token_times=ctx.times,
                                      prompt_tokens=ctx.prompt_tokens, generated_tokens=ctx.completion_tokens,
                                      queue_time_s=ctx.queue_time)
@@ -470,14 +546,21 @@ class OpenAISpec(LitSpec):
             self._record(ctx, outcome)
             self._release(uid, admitted)
 
-    async def _complete(self, req: Any, builder: ResponseBuilder, events: AsyncIterator[dict[str, Any]], uid: str,
+    async def _complete(self, req: Any, endpoint: str, events: AsyncIterator[dict[str, Any]], uid: str,
                         ctx: _RequestCtx, admitted: bool, request: Request) -> Response:
         outcome = "cancelled"
         text, ids, lps = [], [], [] if req.logprobs else None
+        builder = ResponseBuilder(endpoint, ctx.model)
         watcher = asyncio.create_task(_watch_disconnect(request))
         try:
             async for ev in _until_disconnect(events, watcher):
+                if "error" in ev:
+                    outcome = "error"
+                    e = ev["error"]["error"]
+                    return self.error(RequestError(e["message"], param=e["param"], code=e["code"],
+                                                   status=ev["status"]))
                 ctx.update(ev)
+                builder.model = ctx.model
                 text.append(ev.get("text", ""))
                 ids += ev.get("token_ids", [])
                 if lps is not None:
@@ -491,7 +574,7 @@ class OpenAISpec(LitSpec):
             outcome = "error"
             logger.error("%s: %s", uid, e)
             if self.metrics is not None:
-                self.metrics.error(self.model_id, "internal")
+                self.metrics.error(ctx.model, "internal")
             return JSONResponse({"error": {"message": "internal error during generation", "type": "server_error",
                                            "param": None, "code": "internal_error"}}, status_code=500)
         finally:
@@ -505,8 +588,9 @@ class OpenAISpec(LitSpec):
 class _RequestCtx:
     """Per-request timing and counts, for usage and metrics."""
 
-    def __init__(self, endpoint: str, arrival: float, prompt_tokens: int) -> None:
+    def __init__(self, endpoint: str, arrival: float, prompt_tokens: int, model: str) -> None:
         self.endpoint = endpoint
+        self.model = model  # the version that served it, as the worker reports
         self.arrival = arrival
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
@@ -514,10 +598,18 @@ class _RequestCtx:
         self.queue_time: float | None = None
 
     def update(self, ev: dict[str, Any]) -> None:
+        self.model = ev.get("model") or self.model
+        self.prompt_tokens = ev.get("prompt_tokens") or self.prompt_tokens  # re-tokenized on a version switch
         self.times += ev.get("times", [])
         self.completion_tokens = ev.get("completion_tokens", self.completion_tokens)
         if ev.get("queue_time") is not None and self.queue_time is None:
             self.queue_time = max(0.0, ev["queue_time"])
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def _watch_disconnect(request: Request) -> None:

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("artifact", metavar="ARTIFACT_DIR", help="artifact folder written by `nextoken export`")
+    parser.add_argument("artifact", metavar="ARTIFACT_DIR",
+                        help="artifact folder written by `nextoken export`, or a models folder's `current` pointer "
+                             "(new versions published there are loaded without dropping requests)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
@@ -25,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nextoken.errors import UserError
     from nextoken.export.artifact import ArtifactError, load_artifact
+    from nextoken.serve.models import resolve_artifact_dir
     from nextoken.serve.server import ServeOptions, serve
 
     if not 1 <= args.port <= 65535:
@@ -38,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key_env and not os.environ.get(args.api_key_env):
         raise UserError(f"environment variable {args.api_key_env} is not set or empty", flag="--api-key-env")
     try:
-        load_artifact(args.artifact)
-    except ArtifactError as e:
+        load_artifact(resolve_artifact_dir(args.artifact))
+    except (ArtifactError, OSError) as e:
         raise UserError(str(e), flag="ARTIFACT_DIR") from None
     return serve(ServeOptions(args.artifact, args.host, args.port, args.max_batch_size, args.max_queue,
                               args.api_key_env, args.device, args.threads, args.drain_timeout, args.log_level))

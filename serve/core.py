@@ -39,6 +39,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to joining the batch (first event only)
+    model: str | None = None  # the model version that served it (first and last events)
 
     def merge(self, later: TokenEvent) -> None:
         """Fold a later event of the same request into this one (to send fewer messages)."""
@@ -51,6 +52,7 @@ class TokenEvent:
         self.completion_tokens = later.completion_tokens
         if self.queue_time is None:
             self.queue_time = later.queue_time
+        self.model = later.model or self.model
 
     def to_wire(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, [], "") or k in ("rid", "text")}
@@ -123,7 +125,7 @@ class GenerationCore:
             for s in sched.cancelled:
                 a = self.active.pop(s.rid)
                 events.append(TokenEvent(s.rid, finish_reason="cancelled", prompt_tokens=s.num_prompt_tokens,
-                                         completion_tokens=a.seq.num_generated))
+                                         completion_tokens=a.seq.num_generated, model=self.artifact.model_id))
         finished: list[str] = []
         batch = 0
         if sched.prefill:
@@ -167,6 +169,7 @@ class GenerationCore:
                             completion_tokens=a.seq.num_generated)
             if not a.first_sent:
                 ev.queue_time = (a.seq.admitted or now) - a.seq.arrival
+                ev.model = self.artifact.model_id
                 a.first_sent = True
             if a.params.logprobs is not None:
                 top = [] if res.top_ids[b] is None else [
@@ -184,6 +187,7 @@ class GenerationCore:
                 elif a.seq.num_generated >= a.params.max_tokens:
                     ev.finish_reason = "length"
             if ev.finish_reason is not None:
+                ev.model = self.artifact.model_id
                 if ev.finish_reason != "stop" or tok == self.eos_id:
                     ev.text += a.text.finish()  # release a held-back tail that never became a stop string
                 finished.append(a.seq.rid)

@@ -93,6 +93,8 @@ class ServerMetrics:
                              multiprocess_mode="livemostrecent")
         self.kv_usage = Gauge("nextoken_kv_cache_usage_ratio", "Fraction of KV-cache slots in use.", m,
                               multiprocess_mode="livemostrecent")
+        self.models_loaded = Gauge("nextoken_models_loaded", "Model versions held in memory (2 while one drains).",
+                                   multiprocess_mode="livemostrecent")
         self.info = Gauge("nextoken_build_info", "Build and backend of the serving model (value 1).",
                           ("model", "version", "backend", "provider"), multiprocess_mode="livemax")
 

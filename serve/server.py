@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from nextoken import __version__
 from nextoken.export.artifact import Artifact, load_artifact
+from nextoken.serve.models import resolve_artifact_dir
 
 logger = logging.getLogger("nextoken.serve")
 
@@ -44,15 +45,14 @@ class ServeOptions:
 def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
     import litserve as ls
 
-    from nextoken.serve.api import BatchingLoop, GenerationAPI, OpenAISpec, ServerState
+    from nextoken.serve.api import MODEL_KEY, RELOAD, BatchingLoop, GenerationAPI, OpenAISpec, ServerState
     from nextoken.serve.metrics import render_latest
 
     api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
     state = ServerState(opts.max_batch_size, opts.max_queue, api_key)
-    spec = OpenAISpec(artifact_dir=str(artifact.path), model_id=artifact.model_id, model_name=artifact.name,
-                      context=int(artifact.config["n_positions"]), eos_id=int(artifact.config["eos_token_id"]),
-                      state=state, generation_config=artifact.generation_config)
-    api = GenerationAPI(str(artifact.path), max_batch_size=opts.max_batch_size, device=opts.device,
+    spec = OpenAISpec(artifact_dir=str(artifact.path), state=state)
+    # The worker watches the path as given (e.g. models/current), so a newly published version is picked up.
+    api = GenerationAPI(opts.artifact_dir, max_batch_size=opts.max_batch_size, device=opts.device,
                         threads=opts.threads, spec=spec, loop=BatchingLoop())
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=False,
                           healthcheck_path="/litserve/health", info_path="/litserve/info",
@@ -66,25 +66,36 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
                                            "code": "invalid_api_key"}}, status_code=401)
         return None
 
+    def workers_ready() -> bool:
+        status = {k: v for k, v in server.workers_setup_status.items() if not str(k).startswith("nextoken")}
+        return bool(status) and all(getattr(v, "value", v) == "ready" for v in status.values())
+
     @app.get("/health")
     async def health() -> Response:
-        ready = bool(server.workers_setup_status) and all(
-            str(v) in ("ready", "WorkerSetupStatus.READY") or getattr(v, "value", v) == "ready"
-            for v in server.workers_setup_status.values())
         if state.draining.is_set():
             return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ok" if ready else "loading", "model": artifact.model_id},
+        ready = workers_ready()
+        return JSONResponse({"status": "ok" if ready else "loading", "model": spec.model().id if ready else None},
                             status_code=200 if ready else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
             return denied
+        m = spec.model()
         return JSONResponse({"object": "list", "data": [{
-            "id": artifact.model_id, "object": "model", "created": int(artifact.onnx_path.stat().st_mtime),
-            "owned_by": "nextoken", "name": artifact.name, "version": artifact.version,
-            "context_length": int(artifact.config["n_positions"]), "max_model_len": int(artifact.config["n_positions"]),
-        }]})
+            "id": m.id, "object": "model", "created": m.created, "owned_by": "nextoken", "name": m.name,
+            "version": m.version, "context_length": m.context, "max_model_len": m.context}]})
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> Response:
+        """Look for a new model version now (the worker also looks about once a second)."""
+        if (denied := authorized(request)) is not None:
+            return denied
+        spec.request_queue.put((spec.response_queue_id, "reload", time.monotonic(), {RELOAD: True}))
+        info = dict(server.workers_setup_status.get(MODEL_KEY) or {})
+        return JSONResponse({"status": "reload requested", "serving": info.get("id"),
+                             "last_error": info.get("last_error")}, status_code=202)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -99,7 +110,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
 def serve(opts: ServeOptions) -> int:
     from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
 
-    artifact = load_artifact(opts.artifact_dir)
+    artifact = load_artifact(resolve_artifact_dir(opts.artifact_dir))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the API process is forked
     metrics_dir = prepare_multiproc_dir()
     server, state = build_server(opts, artifact)
