@@ -91,9 +91,9 @@ def ort_cache(sess: ort.InferenceSession, prompt: np.ndarray, n: int) -> np.ndar
     return toks
 
 
-def genai_folder(onnx_path: Path, folder: Path, max_length: int, threads: int) -> Path:
+def genai_folder(onnx_path: Path, folder: Path, max_length: int, threads: int, config: GPTConfig | None = None) -> Path:
     """genai_config.json beside a link to the graph: type llama, separate past and present buffers."""
-    c = CONFIG
+    c = config or CONFIG
     folder.mkdir(exist_ok=True)
     if not (folder / "model.onnx").exists():
         os.symlink(onnx_path, folder / "model.onnx")
