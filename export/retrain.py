@@ -92,7 +92,11 @@ def _continue_config(base_run: Path, config_file: str | None, overrides: dict[st
     shutil.copytree(ckpt, local)
     work_run.mkdir(parents=True)
     shutil.copy2(base_run / "tokenizer.json", work_run / "tokenizer.json")  # same ids as the checkpoint
-    merged.update(out_dir=str(work_run), resume=str(local), max_iters=start + extra)
+    # The loop's step and time limits count from the run's start, and the checkpoint carries both:
+    # this job's budget goes on top (else a run that stopped on --max-time would stop again at once).
+    job_time = float(merged.get("max_time") or 0.0)
+    merged.update(out_dir=str(work_run), resume=str(local), max_iters=start + extra,
+                  max_time=float(meta.get("train_time", 0.0)) + job_time if job_time > 0 else 0.0)
     return TrainConfig(**merged), local
 
 
@@ -129,7 +133,11 @@ def retrain(models_dir: str | Path, *, mode: str = "auto", preset: str | None = 
                         flag="--from-current")
     continuing = mode == "current" or (mode == "auto" and base_run is not None and base_run.is_dir())
     if continuing and preset:
-        raise UserError("a preset sets the architecture; it applies to --from-scratch only", flag="--preset")
+        if mode == "current":
+            raise UserError("a preset sets the architecture; it applies to --from-scratch only", flag="--preset")
+        # auto: the same job command serves the first run (preset used) and later ones (ignored).
+        say(f"note: continuing version {base_version}; --preset {preset} applies only when training from scratch")
+        preset = None
 
     own_work = work_dir is None
     if own_work:
