@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import pickle
 import queue
@@ -46,9 +45,9 @@ from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Outp
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
-from nextoken.serve.core import GenerationCore, StepStats, TokenEvent
+from nextoken.serve.core import ContextLengthError, GenerationCore, StepStats, TokenEvent
 from nextoken.serve.models import ModelSet
-from nextoken.serve.protocol import SSE_DONE, RequestError, ResponseBuilder, parse_request, sse
+from nextoken.serve.protocol import SSE_DONE, RequestError, ResponseBuilder, loads_json, parse_request, sse
 
 logger = logging.getLogger("nextoken.serve")
 
@@ -56,8 +55,11 @@ CANCEL = "__cancel__"
 RELOAD = "__reload__"
 MODEL_KEY = "nextoken_model"  # key in LitServe's shared manager dict: the version taking new requests
 RELOAD_POLL_S = 1.0
-MSG_RATE = 2000.0  # messages per second the worker -> API transport sustains comfortably here
+MSG_RATE = 1000.0  # batch messages per second from the worker at most (first and last tokens never wait)
+BATCH_UID = "__batch__"  # the response-buffer entry that receives the worker's per-step batches
 MAX_BODY_BYTES = 1 << 20
+INTERNAL_ERROR = {"error": {"message": "internal error during generation", "type": "server_error", "param": None,
+                            "code": "internal_error"}}
 
 
 # ============================================================================================
@@ -125,7 +127,7 @@ class GenerationAPI(ls.LitAPI):
     def add_request(self, uid: str, request: dict[str, Any]) -> None:
         try:
             self.models.add(uid, request)
-        except ValueError as e:  # the prompt no longer fits the version that will run it
+        except ContextLengthError as e:  # the prompt no longer fits the version that will run it
             self._pending.append(Output(uid, {"error": RequestError(str(e), param="max_tokens",
                                                                      code="context_length_exceeded").body(),
                                               "status": 400}, LitAPIStatus.FINISH_STREAMING))
@@ -168,8 +170,8 @@ class BatchingLoop(ContinuousBatchingLoop):
         self._inbox: queue.SimpleQueue | None = None
         self._reader: threading.Thread | None = None
         self._last_poll = 0.0
-        self._outbox: dict[str, TokenEvent] = {}  # uid -> tokens not yet sent
-        self._last_sent: dict[str, float] = {}  # uid -> perf_counter of its last message
+        self._last_flush = 0.0
+        self._outbox: dict[str, tuple[Any, str]] = {}  # uid -> (output not yet sent, status)
 
     def _read_requests(self, request_queue: Any) -> None:
         while True:
@@ -227,47 +229,50 @@ class BatchingLoop(ContinuousBatchingLoop):
         self._send(outputs, transport, lit_api)
 
     def _send(self, outputs: list[Output], transport: Any, lit_api: GenerationAPI) -> None:
-        now = time.perf_counter()
-        active = max(1, len(self.response_queue_ids))
-        interval = active / MSG_RATE  # per-request gap that keeps the total under MSG_RATE
+        """Queue this step's outputs and ship them as one message per API process.
+
+        One inter-process message per step, not per request: the stock transport (a manager
+        queue) costs an IPC round trip per message, which at 32 streams cost more than the
+        engine step itself. When steps come faster than MSG_RATE, outputs are held (merged per
+        request) until the interval passes, except first tokens, last tokens and errors.
+        """
+        urgent = False
         for out in outputs:
             uid = out.uid
-            qid = self.response_queue_ids.get(uid)
-            if qid is None:
+            if uid not in self.response_queue_ids:
                 continue
             if out.status == LitAPIStatus.ERROR:
-                self._outbox.pop(uid, None)
-                self.put_response(transport, qid, uid, pickle.dumps(out.output), LitAPIStatus.ERROR,
-                                  LoopResponseType.STREAMING)
-                self._forget(uid)
+                self._outbox[uid] = (pickle.dumps(out.output), LitAPIStatus.ERROR)
+                urgent = True
                 continue
             ev = out.output
             if isinstance(ev, dict):  # an error answer for this request alone
-                self.put_response(transport, qid, uid, ev, out.status, LoopResponseType.STREAMING)
-                self._forget(uid)
+                self._outbox[uid] = (ev, out.status)
+                urgent = True
                 continue
-            held = self._outbox.pop(uid, None)
+            held = self._outbox.get(uid)
             if held is not None:
-                held.merge(ev)
-                ev = held
-            first = ev.queue_time is not None
-            if out.status == LitAPIStatus.FINISH_STREAMING or first or now - self._last_sent.get(uid, 0) >= interval:
-                self.put_response(transport, qid, uid, ev.to_wire(), out.status, LoopResponseType.STREAMING)
-                self._last_sent[uid] = now
-                if out.status == LitAPIStatus.FINISH_STREAMING:
-                    self._forget(uid)
+                held[0].merge(ev)
+                self._outbox[uid] = (held[0], out.status)
             else:
-                self._outbox[uid] = ev
-        # Idle flush: tokens held back must not wait for a step that may never come.
-        if self._outbox and not lit_api.has_active_requests():
-            for uid, ev in list(self._outbox.items()):
-                self.put_response(transport, self.response_queue_ids[uid], uid, ev.to_wire(), LitAPIStatus.OK,
-                                  LoopResponseType.STREAMING)
-            self._outbox.clear()
+                self._outbox[uid] = (ev, out.status)
+            urgent = urgent or out.status == LitAPIStatus.FINISH_STREAMING or ev.queue_time is not None
+        now = time.perf_counter()
+        idle = not lit_api.has_active_requests()  # nothing will come to flush what is held
+        if self._outbox and (urgent or idle or now - self._last_flush >= 1.0 / MSG_RATE):
+            self._flush(transport)
+            self._last_flush = now
 
-    def _forget(self, uid: str) -> None:
-        self.response_queue_ids.pop(uid, None)
-        self._last_sent.pop(uid, None)
+    def _flush(self, transport: Any) -> None:
+        by_queue: dict[int, list[tuple[str, Any, str]]] = {}
+        for uid, (data, status) in self._outbox.items():
+            wire = data.to_wire() if isinstance(data, TokenEvent) else data
+            by_queue.setdefault(self.response_queue_ids[uid], []).append((uid, wire, status))
+            if status != LitAPIStatus.OK:
+                self.response_queue_ids.pop(uid, None)
+        self._outbox.clear()
+        for qid, items in by_queue.items():
+            self.put_response(transport, qid, BATCH_UID, items, LitAPIStatus.OK, LoopResponseType.STREAMING)
 
 
 # ============================================================================================
@@ -276,13 +281,12 @@ class BatchingLoop(ContinuousBatchingLoop):
 class ServerState:
     """Shared between the main process and the API process (created before the fork)."""
 
-    def __init__(self, max_batch_size: int, max_queue: int, api_key: str | None) -> None:
+    def __init__(self, max_batch_size: int, max_queue: int) -> None:
         import multiprocessing as mp
 
         self.inflight = mp.Value("i", 0)
         self.draining = mp.Event()
         self.max_inflight = max_batch_size + max_queue
-        self.api_key = api_key
 
 
 class ServedModel:
@@ -313,6 +317,7 @@ class OpenAISpec(LitSpec):
         self._model: ServedModel | None = None
         self._model_checked = 0.0
         self._metrics = None
+        self._dispatcher: asyncio.Task | None = None
         self.api_path = "/v1/completions"  # LitServe keys the request queue by this path
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
@@ -324,7 +329,7 @@ class OpenAISpec(LitSpec):
     def __getstate__(self) -> dict[str, Any]:
         # The worker gets a pickled copy: it needs none of the HTTP-side state.
         state = super().__getstate__()
-        state.update(_model=None, _metrics=None, state=None, shared=None)
+        state.update(_model=None, _metrics=None, state=None, shared=None, _dispatcher=None)
         return state
 
     @property
@@ -363,15 +368,6 @@ class OpenAISpec(LitSpec):
         return self._metrics or None
 
     # --- boundary checks ---------------------------------------------------------------------
-    def check_auth(self, request: Request) -> None:
-        key = self.state.api_key
-        if key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {key}":
-            raise RequestError("missing or invalid API key (send Authorization: Bearer <key>)", status=401,
-                               type="authentication_error", code="invalid_api_key")
-
     async def read_json(self, request: Request) -> Any:
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
@@ -388,7 +384,7 @@ class OpenAISpec(LitSpec):
                 raise RequestError(f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", status=413,
                                    code="request_too_large")
         try:
-            return json.loads(body)
+            return loads_json(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
 
@@ -430,10 +426,18 @@ class OpenAISpec(LitSpec):
         return await self.handle(request, "chat")
 
     async def handle(self, request: Request, endpoint: str) -> Response:
+        try:
+            return await self._handle(request, endpoint)
+        except Exception:  # a bug of ours: still an OpenAI-style JSON body, never a bare traceback page
+            logger.exception("internal error answering %s", request.url.path)
+            if self.metrics is not None:
+                self.metrics.error(self.model().id, "internal")
+            return JSONResponse(INTERNAL_ERROR, status_code=500)
+
+    async def _handle(self, request: Request, endpoint: str) -> Response:
         arrival = time.time()
         admitted = False
         try:
-            self.check_auth(request)
             if self.state.draining.is_set():
                 raise RequestError("the server is shutting down", status=503, type="server_error",
                                    code="unavailable", headers={"Retry-After": "1"})
@@ -454,6 +458,7 @@ class OpenAISpec(LitSpec):
         except RequestError as e:
             return self.error(e)
 
+        self._ensure_dispatcher()
         uid = f"{endpoint}-{time.monotonic_ns()}-{id(request)}"
         items: deque = deque()
         event = asyncio.Event()
@@ -485,6 +490,27 @@ class OpenAISpec(LitSpec):
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._complete(req, endpoint, events, uid, ctx, admitted, request)
+
+    def _ensure_dispatcher(self) -> None:
+        """Start the task that fans the worker's per-step batches out to each request's buffer."""
+        if self._dispatcher is not None and not self._dispatcher.done():
+            return
+        items: deque = deque()
+        event = asyncio.Event()
+        self.response_buffer[BATCH_UID] = ResponseBufferItem(event=event, response_queue=items)
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(items, event))
+
+    async def _dispatch(self, items: deque, event: asyncio.Event) -> None:
+        while True:
+            await event.wait()
+            event.clear()
+            while items:
+                batch, _ = items.popleft()
+                for uid, data, status in batch:
+                    item = self.response_buffer.get(uid)
+                    if item is not None:  # gone = the client left; its cancel is on the way
+                        item.response_queue.append((data, status))
+                        item.event.set()
 
     async def _events(self, uid: str, items: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
         while True:
@@ -538,8 +564,7 @@ class OpenAISpec(LitSpec):
         except RuntimeError as e:
             outcome = "error"
             logger.error("%s: %s", uid, e)
-            yield sse({"error": {"message": "internal error during generation", "type": "server_error",
-                                 "param": None, "code": "internal_error"}})
+            yield sse(INTERNAL_ERROR)
         finally:
             if outcome == "cancelled":
                 self._cancel(uid)
@@ -575,8 +600,7 @@ class OpenAISpec(LitSpec):
             logger.error("%s: %s", uid, e)
             if self.metrics is not None:
                 self.metrics.error(ctx.model, "internal")
-            return JSONResponse({"error": {"message": "internal error during generation", "type": "server_error",
-                                           "param": None, "code": "internal_error"}}, status_code=500)
+            return JSONResponse(INTERNAL_ERROR, status_code=500)
         finally:
             watcher.cancel()
             if outcome == "cancelled":

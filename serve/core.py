@@ -26,6 +26,10 @@ from nextoken.serve.scheduler import Scheduler, SeqInfo
 from nextoken.serve.textstream import TextStream
 
 
+class ContextLengthError(ValueError):
+    """The prompt plus ``max_tokens`` does not fit the model's context (a client error)."""
+
+
 @dataclass
 class TokenEvent:
     """What one request produced in one step (usually one token)."""
@@ -99,8 +103,8 @@ class GenerationCore:
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if len(prompt_ids) + params.max_tokens > self.context:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context of {self.context} tokens")
+            raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                     f"the context of {self.context} tokens")
         seq = SeqInfo(rid, len(prompt_ids), params.max_tokens, arrival if arrival is not None else time.time())
         row = RowState(params, self.engine.vocab_size, prompt_ids)
         self.active[rid] = _Active(seq, params, row, TextStream(self.tokenizer, params.stop), list(prompt_ids))

@@ -35,8 +35,9 @@ class StepTiming:
 
 
 def default_threads() -> int:
-    # Field notes: 2 intra-op threads were fastest on a quiet 2-core machine; more cores help a bit.
-    return max(1, min(4, os.cpu_count() or 1))
+    # Leave a core to the HTTP process: with every core busy in ORT's spinning pool, the API process and
+    # the engine fight and steps stall (field notes: 2 threads beside a busy neighbour went from 1.7 to 95 ms).
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 def make_session(artifact: Artifact, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:

@@ -13,6 +13,7 @@ at ``"\\nUser:"`` so the model does not write the user's next turn.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ def _num(body: dict, name: str, default: float, lo: float, hi: float, *, lo_open
         return default
     if not _is_num(v):
         raise RequestError(f"{name} must be a number, got {json.dumps(v)}", param=name, code="invalid_type")
+    if isinstance(v, float) and not math.isfinite(v):  # NaN passes every range check; 1e400 parses as inf
+        raise RequestError(f"{name} must be a finite number, got {v}", param=name)
     if (v <= lo if lo_open else v < lo) or v > hi:
         interval = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         raise RequestError(f"{name} must be in {interval}, got {v}", param=name)
@@ -93,6 +96,24 @@ def _bool(body: dict, name: str, default: bool) -> bool:
     return v
 
 
+def _text(v: str, param: str) -> str:
+    """A JSON string that is valid Unicode: a lone surrogate (``"\\ud800"``) parses, but no tokenizer takes it."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode: {e.reason} at character {e.start}", param=param) from None
+    return v
+
+
+def loads_json(data: bytes | bytearray) -> Any:
+    """Strict JSON: ``NaN`` and ``Infinity`` (which Python's parser accepts) are refused."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    return json.loads(data, parse_constant=refuse)
+
+
 def _stop(body: dict) -> list[str]:
     v = body.get("stop")
     if v is None:
@@ -104,7 +125,7 @@ def _stop(body: dict) -> list[str]:
         raise RequestError(f"stop may hold at most {MAX_STOP} strings, got {len(stops)}", param="stop")
     if any(s == "" for s in stops):
         raise RequestError("stop strings must not be empty", param="stop")
-    return stops
+    return [_text(s, "stop") for s in stops]
 
 
 def chat_prompt(messages: Any) -> str:
@@ -127,7 +148,7 @@ def chat_prompt(messages: Any) -> str:
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string", param=f"messages[{i}].content",
                                code="invalid_type")
-        parts.append(f"{CHAT_ROLES[role]}: {content}\n")
+        parts.append(f"{CHAT_ROLES[role]}: {_text(content, f'messages[{i}].content')}\n")
     return "".join(parts) + "Assistant:"
 
 
@@ -168,7 +189,7 @@ def parse_request(body: Any, endpoint: str, *, default_max_tokens: int | None) -
         if isinstance(p, str):
             if p == "":
                 raise RequestError("prompt must not be empty", param="prompt")
-            prompt = p
+            prompt = _text(p, "prompt")
         elif isinstance(p, list) and p and all(_is_int(t) for t in p):
             prompt_ids = list(p)
         elif p is None:

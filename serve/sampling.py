@@ -5,7 +5,7 @@ its own request's settings, in the order Hugging Face's ``generate`` applies the
 
 1. repetition penalty (over prompt and generated tokens: positive logits divided, negative multiplied),
 2. presence and frequency penalties (OpenAI's, over generated tokens),
-3. temperature (0 = greedy: the argmax, and top-k / top-p are ignored),
+3. temperature (below 1e-5 = greedy: the argmax, and top-k / top-p are ignored),
 4. top-k,
 5. top-p (nucleus; the most likely token always survives),
 
@@ -21,6 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# Temperatures below this sample as greedy (vLLM's _SAMPLING_EPS): dividing logits by 1e-300
+# overflows to inf and the softmax to NaN.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -40,8 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature == 0:  # greedy: the filters cannot change the argmax
-            self.top_k, self.top_p = 0, 1.0
+        if self.temperature < GREEDY_BELOW:  # greedy: the filters cannot change the argmax
+            self.temperature, self.top_k, self.top_p = 0.0, 0, 1.0
 
     @property
     def greedy(self) -> bool:
@@ -65,8 +69,10 @@ class RowState:
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]) -> None:
         self.params = params
-        # Unseeded requests still get their own stream; seeded ones are reproducible.
-        self.rng = np.random.default_rng(params.seed)
+        # Unseeded requests still get their own stream; seeded ones are reproducible. OpenAI's seed
+        # may be any integer, numpy's must be >= 0: fold negatives into 64 bits (-1 -> 2**64 - 1).
+        seed = None if params.seed is None else params.seed % (1 << 64) if params.seed < 0 else params.seed
+        self.rng = np.random.default_rng(seed)
         self.seen: np.ndarray | None = None  # (V,) bool: tokens in prompt or output (repetition penalty)
         self.counts: np.ndarray | None = None  # (V,) int32: generated-token counts (presence/frequency)
         if params.needs_counts:

@@ -47,9 +47,10 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
 
     from nextoken.serve.api import MODEL_KEY, RELOAD, BatchingLoop, GenerationAPI, OpenAISpec, ServerState
     from nextoken.serve.metrics import render_latest
+    from nextoken.serve.middleware import ApiKeyMiddleware, install_openai_errors
 
     api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
-    state = ServerState(opts.max_batch_size, opts.max_queue, api_key)
+    state = ServerState(opts.max_batch_size, opts.max_queue)
     spec = OpenAISpec(artifact_dir=str(artifact.path), state=state)
     # The worker watches the path as given (e.g. models/current), so a newly published version is picked up.
     api = GenerationAPI(opts.artifact_dir, max_batch_size=opts.max_batch_size, device=opts.device,
@@ -58,13 +59,13 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
                           healthcheck_path="/litserve/health", info_path="/litserve/info",
                           model_metadata={"model": artifact.model_id}, disable_openapi_url=False)
     app = server.app
+    install_openai_errors(app)
+    if api_key is not None:
+        def count_rejection() -> None:
+            if spec.metrics is not None:
+                spec.metrics.error(spec.model().id, "unauthorised")
 
-    def authorized(request: Request) -> JSONResponse | None:
-        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            return JSONResponse({"error": {"message": "missing or invalid API key (send Authorization: Bearer "
-                                           "<key>)", "type": "authentication_error", "param": None,
-                                           "code": "invalid_api_key"}}, status_code=401)
-        return None
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_reject=count_rejection)
 
     def workers_ready() -> bool:
         status = {k: v for k, v in server.workers_setup_status.items() if not str(k).startswith("nextoken")}
@@ -80,8 +81,6 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
         m = spec.model()
         return JSONResponse({"object": "list", "data": [{
             "id": m.id, "object": "model", "created": m.created, "owned_by": "nextoken", "name": m.name,
@@ -90,8 +89,6 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
     @app.post("/admin/reload")
     async def reload(request: Request) -> Response:
         """Look for a new model version now (the worker also looks about once a second)."""
-        if (denied := authorized(request)) is not None:
-            return denied
         spec.request_queue.put((spec.response_queue_id, "reload", time.monotonic(), {RELOAD: True}))
         info = dict(server.workers_setup_status.get(MODEL_KEY) or {})
         return JSONResponse({"status": "reload requested", "serving": info.get("id"),
@@ -99,8 +96,6 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
         body, ctype = render_latest()
         return Response(body, media_type=ctype)
 

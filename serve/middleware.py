@@ -1,0 +1,75 @@
+"""HTTP plumbing shared by every route: the API key check and OpenAI-style error bodies.
+
+LitServe's FastAPI app answers unknown paths, wrong methods and framework-level errors with
+``{"detail": ...}``; OpenAI clients expect ``{"error": {message, type, param, code}}``, so the
+handlers here re-shape them. The key check is one ASGI middleware in front of every route
+(ours, LitServe's ``/litserve/*`` and the OpenAPI pages alike) except ``/health``, which load
+balancers probe without credentials. This module knows nothing about models or generation.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+OPEN_PATHS = frozenset({"/health"})
+
+UNAUTHORISED = {"error": {"message": "missing or invalid API key (send Authorization: Bearer <key>)",
+                          "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
+
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+
+def error_body(message: str, *, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or _CODES.get(status)}}
+
+
+class ApiKeyMiddleware:
+    """Answer 401 to any HTTP request without ``Authorization: Bearer <key>`` (but ``/health``)."""
+
+    def __init__(self, app: Any, api_key: str, on_reject: Callable[[], None] | None = None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):  # constant time: no timing hints about the key
+            await self.app(scope, receive, send)
+            return
+        if self.on_reject is not None:
+            self.on_reject()
+        body = json.dumps(UNAUTHORISED).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def install_openai_errors(app: FastAPI) -> None:
+    """Re-shape framework errors (404, 405, FastAPI validation) into OpenAI error bodies."""
+
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse(error_body(message, status=exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(first.get("msg", "invalid request"), status=400, param=param,
+                                       code="invalid_value"), status_code=400)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
