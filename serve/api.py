@@ -44,6 +44,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+from starlette.requests import ClientDisconnect
 
 from nextoken.serve.core import ContextLengthError, GenerationCore, StepStats, TokenEvent
 from nextoken.serve.models import ModelSet
@@ -428,6 +429,8 @@ class OpenAISpec(LitSpec):
     async def handle(self, request: Request, endpoint: str) -> Response:
         try:
             return await self._handle(request, endpoint)
+        except ClientDisconnect:  # gone before its body arrived: nothing was admitted, nobody reads an answer
+            return Response(status_code=499)
         except Exception:  # a bug of ours: still an OpenAI-style JSON body, never a bare traceback page
             logger.exception("internal error answering %s", request.url.path)
             if self.metrics is not None:
