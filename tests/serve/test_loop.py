@@ -1,0 +1,138 @@
+"""The worker's loop in-process, through LitServe's real ``run`` signature, with a recording transport.
+
+Each test targets one measured defect of LitServe 0.2.19's ``ContinuousBatchingLoop`` (issue 5):
+an exception in ``add_request`` stopped admission for good, the payload of a ``FINISH_STREAMING``
+output was dropped, and one inter-process message per token per request saturated the transport.
+The assertions are about what crosses the process boundary, so an implementation that only looks
+right when its methods are called directly cannot pass.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from litserve.utils import LitAPIStatus
+
+from nextoken.serve.api import BATCH_UID, CANCEL, BatchingLoop, GenerationAPI, OpenAISpec, ServerState
+from nextoken.serve.metrics import ENV
+from nextoken.serve.sampling import SamplingParams
+
+
+class RecordingTransport:
+    """Stands in for LitServe's inter-process queue: keeps every message sent to the API process."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Any]] = []
+
+    def send(self, item: Any, consumer_id: int) -> None:
+        self.sent.append((consumer_id, item))
+
+    def per_request(self) -> dict[str, list[tuple[Any, str]]]:
+        """uid -> [(payload, status), ...] in arrival order, unpacked from the per-step batches."""
+        out: dict[str, list[tuple[Any, str]]] = {}
+        for _, (uid, (data, _status, _kind, _worker)) in self.sent:
+            assert uid == BATCH_UID  # every message is one step's batch, never one request's token
+            for rid, payload, status in data:
+                out.setdefault(rid, []).append((payload, status))
+        return out
+
+
+class Worker:
+    def __init__(self, artifact: str, max_batch_size: int = 4) -> None:
+        self.api = GenerationAPI(artifact, max_batch_size=max_batch_size, device="cpu", threads=1,
+                                 spec=OpenAISpec(artifact_dir=artifact, state=ServerState(max_batch_size, 0)),
+                                 loop=BatchingLoop())
+        self.api.setup("cpu")
+        self.loop = BatchingLoop()
+        self.requests: queue.Queue = queue.Queue()
+        self.transport = RecordingTransport()
+        self.steps = 0
+
+    def submit(self, uid: str, payload: dict[str, Any]) -> None:
+        self.requests.put((0, uid, time.monotonic(), payload))
+
+    def run_until(self, done: Any, limit: int = 5000) -> None:
+        for _ in range(limit):
+            if done():
+                return
+            active = self.api.has_active_requests()
+            self.loop.run(self.api, "cpu", 0, self.requests, self.transport, {}, None)
+            self.steps += active
+        raise AssertionError("the loop never got there")
+
+    def finished(self, *uids: str) -> bool:
+        got = self.transport.per_request()
+        return all(any(s != LitAPIStatus.OK for _, s in got.get(u, [])) for u in uids)
+
+    def close(self) -> None:
+        self.requests.put(None)  # ends the reader thread
+
+
+def payload(worker: Worker, text: str, **params: Any) -> dict[str, Any]:
+    core = worker.api.models.current
+    ids = [core.eos_id] + core.tokenizer.encode(text, add_special_tokens=False).ids
+    return {"prompt_ids": ids, "text": text, "params": SamplingParams(**params).__dict__, "arrival": time.time(),
+            "model": core.artifact.model_id}
+
+
+@pytest.fixture
+def worker(serve_artifact, monkeypatch) -> Iterator[Worker]:
+    monkeypatch.delenv(ENV, raising=False)  # no metrics directory in-process
+    w = Worker(str(serve_artifact))
+    yield w
+    w.close()
+
+
+def tokens_of(events: list[tuple[Any, str]]) -> list[int]:
+    return [t for data, _ in events if isinstance(data, dict) for t in data.get("token_ids", [])]
+
+
+def test_a_failing_add_request_answers_that_request_and_admission_goes_on(worker: Worker) -> None:
+    bad = payload(worker, "the", max_tokens=3)
+    bad["params"] = {**bad["params"], "no_such_setting": 1}  # SamplingParams(**params) raises TypeError
+    worker.submit("bad", bad)
+    worker.submit("good", payload(worker, "the", max_tokens=5, temperature=0))
+    worker.run_until(lambda: worker.finished("bad", "good"))
+    got = worker.transport.per_request()
+    assert [s for _, s in got["bad"]] == [LitAPIStatus.ERROR]
+    assert len(tokens_of(got["good"])) == 5
+    worker.submit("later", payload(worker, "the", max_tokens=2, temperature=0))  # still admitting
+    worker.run_until(lambda: worker.finished("later"))
+
+
+def test_the_finishing_message_carries_its_tokens(worker: Worker) -> None:
+    worker.submit("r", payload(worker, "the cat", max_tokens=9, temperature=0, ignore_eos=True))
+    worker.run_until(lambda: worker.finished("r"))
+    events = worker.transport.per_request()["r"]
+    last, status = events[-1]
+    assert status == LitAPIStatus.FINISH_STREAMING and last["finish_reason"] == "length"
+    assert last["token_ids"]  # LitServe dropped this payload: the last token(s) never reached the client
+    assert len(tokens_of(events)) == 9 and last["completion_tokens"] == 9
+
+
+def test_one_message_per_step_at_most_and_every_token_arrives_in_order(worker: Worker) -> None:
+    n, new = 4, 40
+    for i in range(n):
+        worker.submit(f"r{i}", payload(worker, "hello", max_tokens=new, temperature=0, ignore_eos=True))
+    worker.run_until(lambda: worker.finished(*(f"r{i}" for i in range(n))))
+    got = worker.transport.per_request()
+    # Greedy and the same prompt: every request's tokens are identical, so order and completeness show.
+    streams = [tokens_of(got[f"r{i}"]) for i in range(n)]
+    assert all(len(s) == new for s in streams) and all(s == streams[0] for s in streams)
+    # Stock LitServe sends one message per token per request: n * new = 160 here.
+    assert len(worker.transport.sent) <= worker.steps < n * new / 2
+
+
+def test_a_cancel_between_steps_ends_the_request_at_once(worker: Worker) -> None:
+    worker.submit("long", payload(worker, "the", max_tokens=400, ignore_eos=True))
+    worker.run_until(lambda: len(tokens_of(worker.transport.per_request().get("long", []))) >= 1)
+    worker.submit("long", {CANCEL: True})
+    worker.run_until(lambda: worker.finished("long"))
+    events = worker.transport.per_request()["long"]
+    assert events[-1][0]["finish_reason"] == "cancelled"
+    assert len(tokens_of(events)) < 400
+    assert not worker.api.has_active_requests()
