@@ -76,3 +76,35 @@ def test_logprobs_are_the_models_own_distribution() -> None:
     assert res.logprobs[0] == pytest.approx(ref[res.token_ids[0]], abs=1e-5)
     assert res.top_ids[0].tolist() == np.argsort(-x[0])[:3].tolist()
     assert res.top_ids[1] is None
+
+
+def test_top_k_then_top_p_in_hugging_face_order() -> None:
+    x = np.full((1, V), -30.0, dtype=np.float32)
+    x[0, [3, 4, 5, 6]] = np.log([0.4, 0.3, 0.2, 0.1])
+    r = rows(SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=2))
+    draws = {int(sample(x, r).token_ids[0]) for _ in range(200)}
+    # top-k first renormalises {3, 4} to 0.57 / 0.43, so top-p 0.5 keeps token 3 alone; top-p applied
+    # first (0.4 < 0.5 on the raw distribution) would keep 3 and 4.
+    assert draws == {3}
+
+
+def test_draws_follow_the_tempered_distribution() -> None:
+    x = np.full((1, V), -30.0, dtype=np.float32)
+    x[0, :4] = [2.0, 1.0, 0.5, 0.0]
+    T = 0.7
+    expected = np.exp(x[0, :4] / T) / np.exp(x[0, :4] / T).sum()
+    r = rows(SamplingParams(temperature=T, seed=11))
+    n = 6000
+    counts = np.bincount([int(sample(x, r).token_ids[0]) for _ in range(n)], minlength=V)
+    assert counts[4:].sum() == 0
+    # 4 standard errors: a wrong temperature (or none) moves the top token's share by > 0.05
+    assert np.abs(counts[:4] / n - expected).max() < 4 * np.sqrt(0.25 / n)
+
+
+def test_negative_seeds_are_reproducible_and_tiny_temperatures_are_greedy() -> None:
+    x = logits(1, seed=4)
+    a, b = rows(SamplingParams(seed=-5)), rows(SamplingParams(seed=-5))  # numpy itself refuses seed < 0
+    assert [int(sample(x, a).token_ids[0]) for _ in range(10)] == [int(sample(x, b).token_ids[0]) for _ in range(10)]
+    p = SamplingParams(temperature=1e-300, top_k=5)
+    assert p.greedy and p.top_k == 0
+    assert int(sample(x, rows(p)).token_ids[0]) == int(x.argmax())
