@@ -134,7 +134,7 @@ class GenerationAPI(ls.LitAPI):
                                               "status": 400}, LitAPIStatus.FINISH_STREAMING))
         except Exception as e:  # one bad request must not stop admission for everyone
             logger.exception("add_request failed for %s", uid)
-            self._pending.append(Output(uid, e, LitAPIStatus.ERROR))
+            self._pending.append(Output(uid, RuntimeError(f"{type(e).__name__}: {e}"), LitAPIStatus.ERROR))
 
     def cancel(self, uid: str) -> None:
         self.models.cancel(uid)
@@ -147,7 +147,15 @@ class GenerationAPI(ls.LitAPI):
 
     def step(self, prev_outputs: list[Output] | None) -> list[Output]:
         outputs, self._pending = self._pending, []
-        for ev in self.models.step():
+        try:
+            events = self.models.step()
+        except Exception as e:
+            # LitServe's loop has no guard: an exception here would end the worker and leave every
+            # client waiting forever. Fail the requests this step held, keep serving the next ones.
+            logger.exception("engine step failed; failing %d requests", len(self.models.owner))
+            err = RuntimeError(f"{type(e).__name__}: {e}")  # a plain exception always pickles
+            return outputs + [Output(rid, err, LitAPIStatus.ERROR) for rid in self.models.abort_all()]
+        for ev in events:
             status = LitAPIStatus.FINISH_STREAMING if ev.finish_reason else LitAPIStatus.OK
             outputs.append(Output(ev.rid, ev, status))
         return outputs

@@ -113,6 +113,18 @@ class GenerationCore:
     def cancel(self, rid: str) -> None:
         self.scheduler.cancel(rid)
 
+    def abort_all(self) -> list[str]:
+        """Drop every running and waiting request (after a failed step); returns their ids.
+
+        The engine's batch may be half-updated after an exception, so it is emptied whole rather
+        than trusted; the core is then as good as new for the next request.
+        """
+        rids = list(self.active)
+        self.engine.release(list(self.engine.rids))
+        self.scheduler = Scheduler(self.scheduler.max_running)
+        self.active.clear()
+        return rids
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 

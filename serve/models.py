@@ -154,6 +154,13 @@ class ModelSet:
         if core is not None:
             core.cancel(rid)
 
+    def abort_all(self) -> list[str]:
+        """Drop every request on every version (after a failed step); returns their ids."""
+        rids = [rid for core in [*self.draining, self.current] for rid in core.abort_all()]
+        self.draining = []
+        self.owner.clear()
+        return rids
+
     def has_work(self) -> bool:
         return self.current.has_work() or any(c.has_work() for c in self.draining)
 

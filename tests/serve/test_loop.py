@@ -136,3 +136,28 @@ def test_a_cancel_between_steps_ends_the_request_at_once(worker: Worker) -> None
     assert events[-1][0]["finish_reason"] == "cancelled"
     assert len(tokens_of(events)) < 400
     assert not worker.api.has_active_requests()
+
+
+def test_a_failing_engine_step_fails_its_requests_and_the_worker_keeps_serving(worker: Worker, monkeypatch) -> None:
+    """LitServe's loop lets an exception in ``step`` end the worker: every client would wait forever."""
+    engine = worker.api.models.current.engine
+    real = engine.decode
+    calls = {"n": 0}
+
+    def flaky(tokens):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated ONNX Runtime failure")
+        return real(tokens)
+
+    monkeypatch.setattr(engine, "decode", flaky)
+    for i in range(2):
+        worker.submit(f"r{i}", payload(worker, "the", max_tokens=50, ignore_eos=True))
+    worker.run_until(lambda: worker.finished("r0", "r1"))
+    got = worker.transport.per_request()
+    for i in range(2):
+        assert got[f"r{i}"][-1][1] == LitAPIStatus.ERROR
+    assert not worker.api.has_active_requests() and engine.batch_size == 0
+    worker.submit("after", payload(worker, "the", max_tokens=4, temperature=0))
+    worker.run_until(lambda: worker.finished("after"))
+    assert len(tokens_of(worker.transport.per_request()["after"])) == 4
