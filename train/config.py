@@ -180,9 +180,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                         lr_decay_iters=2000, dropout=0.0, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
                         beta2=0.99, weight_decay=0.1, eval_interval=250, eval_iters=20, tokenizer="char"),
     # The quickstart: a small BPE model on the built-in corpus, a couple of minutes on a laptop CPU.
-    "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=600,
+    "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=1200,
                        learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, tokenizer="bpe", vocab_size=2048,
-                       eval_interval=150, eval_iters=10, max_corpus_chars=3_000_000, max_time=150.0),
+                       eval_interval=300, eval_iters=10, max_corpus_chars=6_000_000, max_time=150.0),
     # Tuned for the lowest val loss in about two minutes on a 2-core CPU (tinyshakespeare, characters;
     # benchmarks/bench_preset.py, figures in benchmarks/RESULTS.md). nanoGPT's shape with a 5x learning
     # rate, a 50-step warmup and a cosine decay sized to the steps that fit: ~3800 steps at ~28 ms
