@@ -15,12 +15,12 @@ half-copied or tampered artifact never serves.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nextoken.fileio import atomic_write_text, sha256_file
 
 FORMAT = "nextoken-artifact"
 FORMAT_VERSION = 1
@@ -29,14 +29,6 @@ REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json", "generation_con
 
 class ArtifactError(Exception):
     """An artifact folder that is missing, incomplete, corrupt or of an unknown format."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id: int | None, name: str,
@@ -67,9 +59,7 @@ def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_manifest(folder: Path, *, name: str, version: str, source: dict[str, Any], export: dict[str, Any],

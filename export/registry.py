@@ -39,6 +39,7 @@ from typing import Any
 
 from nextoken.errors import UserError
 from nextoken.export.artifact import ArtifactError, load_artifact, write_json, write_manifest
+from nextoken.fileio import fsync_dir
 
 CURRENT = "current"
 LOCK = ".lock"
@@ -160,14 +161,6 @@ def _locked(models: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def set_current(models_dir: str | Path, version: str) -> None:
     """Point ``current`` at an existing version with one rename (also a rollback)."""
     models = Path(models_dir)
@@ -191,7 +184,7 @@ def _repoint(models: Path, version: str) -> None:
         raise RegistryError(f"{pointer} is a real folder; move it away so it can become the pointer",
                             flag="--models-dir")
     os.replace(tmp, pointer)  # rename(2) replaces a symlink or file atomically
-    _fsync_dir(models)
+    fsync_dir(models)
 
 
 def _copy_run(run_dir: Path, dest: Path, checkpoint: str | None) -> None:
@@ -294,7 +287,7 @@ def publish(artifact_dir: str | Path, models_dir: str | Path, *, version: str | 
                 "version": version, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "artifact": str(src.resolve()), "run": str(run.resolve()) if run is not None else None})
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the server may run as another user
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,6 @@ never half a folder. Loading checks the hashes and names a corrupt or truncated 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,39 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nextoken.errors import UserError
+from nextoken.fileio import fsync_dir, fsync_file, sha256_file
 
 TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -81,13 +50,13 @@ def save_checkpoint(ckpt_root: Path, step: int, model_state: dict[str, torch.Ten
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
     torch.save(train_state, tmp / "state.pt")
     for name in ("model.safetensors", "state.pt"):
-        _fsync_file(tmp / name)
-    meta = dict(meta, step=step, files={n: _sha256(tmp / n) for n in ("model.safetensors", "state.pt")})
+        fsync_file(tmp / name)
+    meta = dict(meta, step=step, files={n: sha256_file(tmp / n) for n in ("model.safetensors", "state.pt")})
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # the same step saved again (a resumed run): swap, then drop the old one
         old = ckpt_root / f".old-step-{step:08d}-{os.getpid()}"
         os.rename(final, old)
@@ -95,7 +64,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model_state: dict[str, torch.Ten
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     return final
 
 
@@ -147,7 +116,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise UserError(f"checkpoint {path} is missing {name}", flag="--resume")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise UserError(f"checkpoint file {f} is corrupt or truncated (sha256 mismatch)", flag="--resume")
     return meta
 

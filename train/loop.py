@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from nextoken.errors import UserError
+from nextoken.fileio import atomic_write_text
 from nextoken.train import distributed as D
 from nextoken.train.checkpoint import (
-    atomic_write_text,
     find_resume_checkpoint,
     list_checkpoints,
     load_train_state,
