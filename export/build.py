@@ -53,14 +53,6 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} exists and is not an artifact folder; refusing to replace it", flag="--out")
 
 
-def _rethrow(e: UserError, flag: str) -> UserError:
-    """Checkpoint helpers name ``--resume``; here the flag the user typed is ``--checkpoint``."""
-    msg = str(e)
-    if e.flag and msg.startswith(f"{e.flag}: "):
-        msg = msg[len(e.flag) + 2:]
-    return UserError(msg, flag=flag)
-
-
 def generation_config(model: GPTConfig, eos_token_id: int) -> dict[str, Any]:
     """Default sampling, the same as ``nextoken generate``'s flags."""
     return {"do_sample": True, "temperature": 0.8, "top_k": None, "top_p": 1.0,
@@ -107,10 +99,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         raise UserError(f"{checkpoint} is not a readable checkpoint: {e}", flag="--checkpoint") from None
     gpt_cfg = GPTConfig.from_dict(cfg["model"])
     model = GPT(gpt_cfg)
-    try:
-        meta = load_weights(ckpt.path, model)
-    except UserError as e:
-        raise _rethrow(e, "--checkpoint") from None
+    meta = load_weights(ckpt.path, model, flag="--checkpoint")
     model.eval()
     special = special_token_ids(tok)
     eos = special["eos_token_id"]

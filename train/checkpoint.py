@@ -103,36 +103,36 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
+def verify_checkpoint(path: Path, flag: str = "--resume") -> dict[str, Any]:
     """Return meta.json after checking both files against their recorded hashes."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
-        raise UserError(f"{path} is not a checkpoint (no meta.json)", flag="--resume")
+        raise UserError(f"{path} is not a checkpoint (no meta.json)", flag=flag)
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError:
-        raise UserError(f"{meta_path} is corrupt (not JSON)", flag="--resume") from None
+        raise UserError(f"{meta_path} is corrupt (not JSON)", flag=flag) from None
     for name, digest in meta.get("files", {}).items():
         f = path / name
         if not f.is_file():
-            raise UserError(f"checkpoint {path} is missing {name}", flag="--resume")
+            raise UserError(f"checkpoint {path} is missing {name}", flag=flag)
         if sha256_file(f) != digest:
-            raise UserError(f"checkpoint file {f} is corrupt or truncated (sha256 mismatch)", flag="--resume")
+            raise UserError(f"checkpoint file {f} is corrupt or truncated (sha256 mismatch)", flag=flag)
     return meta
 
 
-def load_weights(path: Path, model: torch.nn.Module, verify: bool = True) -> dict[str, Any]:
+def load_weights(path: Path, model: torch.nn.Module, verify: bool = True, flag: str = "--resume") -> dict[str, Any]:
     """Load ``model.safetensors`` of a checkpoint folder into ``model``; returns meta.json."""
-    meta = verify_checkpoint(path) if verify else json.loads((path / "meta.json").read_text())
+    meta = verify_checkpoint(path, flag) if verify else json.loads((path / "meta.json").read_text())
     try:
         state = load_file(path / "model.safetensors")
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path / 'model.safetensors'} cannot be read: {e}", flag="--resume") from None
+        raise UserError(f"{path / 'model.safetensors'} cannot be read: {e}", flag=flag) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in TIED_KEYS]
     if missing or unexpected:
         raise UserError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
-                        flag="--resume")
+                        flag=flag)
     return meta
 
 
