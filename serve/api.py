@@ -56,6 +56,7 @@ CANCEL = "__cancel__"
 RELOAD = "__reload__"
 MODEL_KEY = "nextoken_model"  # key in LitServe's shared manager dict: the version taking new requests
 RELOAD_POLL_S = 1.0
+WORKER_CHECK_S = 0.5  # how often a waiting request looks whether the worker is still alive
 MSG_RATE = 1000.0  # batch messages per second from the worker at most (first and last tokens never wait)
 BATCH_UID = "__batch__"  # the response-buffer entry that receives the worker's per-step batches
 MAX_BODY_BYTES = 1 << 20
@@ -295,6 +296,7 @@ class ServerState:
 
         self.inflight = mp.Value("i", 0)
         self.draining = mp.Event()
+        self.worker_failed = mp.Event()  # set by the main process when the inference worker died
         self.max_inflight = max_batch_size + max_queue
 
 
@@ -449,7 +451,7 @@ class OpenAISpec(LitSpec):
         arrival = time.time()
         admitted = False
         try:
-            if self.state.draining.is_set():
+            if self.state.draining.is_set() or self.state.worker_failed.is_set():
                 raise RequestError("the server is shutting down", status=503, type="server_error",
                                    code="unavailable", headers={"Retry-After": "1"})
             body = await self.read_json(request)
@@ -525,7 +527,14 @@ class OpenAISpec(LitSpec):
 
     async def _events(self, uid: str, items: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
         while True:
-            await event.wait()
+            # Wake now and then to notice a dead worker: its tokens will never come, and LitServe
+            # would keep this connection open until uvicorn is killed.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), WORKER_CHECK_S)
+            if not event.is_set():
+                if self.state.worker_failed.is_set():
+                    raise RuntimeError("the inference worker died")
+                continue
             event.clear()
             while items:
                 data, status = items.popleft()

@@ -26,6 +26,7 @@ from nextoken.export.artifact import Artifact, load_artifact
 from nextoken.serve.models import resolve_artifact_dir
 
 logger = logging.getLogger("nextoken.serve")
+WORKER_WATCH_S = 0.2
 
 
 @dataclass
@@ -73,6 +74,8 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
 
     @app.get("/health")
     async def health() -> Response:
+        if state.worker_failed.is_set():
+            return JSONResponse({"status": "failed", "error": "the inference worker died"}, status_code=503)
         if state.draining.is_set():
             return JSONResponse({"status": "draining"}, status_code=503)
         ready = workers_ready()
@@ -103,6 +106,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
 
 
 def serve(opts: ServeOptions) -> int:
+    from nextoken.serve.api import WORKER_CHECK_S
     from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
 
     artifact = load_artifact(resolve_artifact_dir(opts.artifact_dir))
@@ -125,6 +129,26 @@ def serve(opts: ServeOptions) -> int:
 
         threading.Thread(target=wait_then_stop, daemon=True, name="drain").start()
 
+    def watch_workers() -> None:
+        """A worker that dies (killed, out of memory, a crash in native code) fails the server fast.
+
+        LitServe notices too, but leaves in-flight requests waiting and exits 0. Here the API side
+        answers them with errors (it polls ``worker_failed``), /health turns 503, and the process
+        exits 1 so a supervisor restarts it.
+        """
+        while not server_done.wait(WORKER_WATCH_S):
+            workers = list(getattr(server, "inference_workers", []))
+            if state.draining.is_set() or not workers or all(w.is_alive() for w in workers):
+                continue
+            logger.error("the inference worker died (exit code %s); failing in-flight requests and stopping",
+                         [w.exitcode for w in workers])
+            state.worker_failed.set()
+            time.sleep(2 * WORKER_CHECK_S)  # time for the API process to answer what was in flight
+            server._shutdown_event.set()
+            return
+
+    server_done = threading.Event()
+    threading.Thread(target=watch_workers, daemon=True, name="worker-watch").start()
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     print(f"nextoken {__version__} serving {artifact.model_id} on http://{opts.host}:{opts.port} "
@@ -133,5 +157,6 @@ def serve(opts: ServeOptions) -> int:
         server.run(host=opts.host, port=opts.port, num_api_servers=1, log_level=opts.log_level,
                    generate_client_file=False, pretty_logs=False)
     finally:
+        server_done.set()
         remove_multiproc_dir(Path(metrics_dir))
-    return 0
+    return 1 if state.worker_failed.is_set() else 0

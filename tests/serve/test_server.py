@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -368,6 +370,33 @@ def test_sigterm_drains_in_flight_streams_then_exits(serve_artifact) -> None:
         while s.group_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert s.group_pids() == []  # every process the server started is gone
+    finally:
+        s.stop()
+
+
+def test_a_dead_worker_fails_in_flight_streams_and_the_server_exits_1(serve_artifact) -> None:
+    """Stock LitServe left the stream open until uvicorn was killed 30 s later, then exited 0."""
+    s = ServerProcess(serve_artifact)
+    try:
+        worker = int(subprocess.run(["pgrep", "-P", str(s.proc.pid), "-f", "spawn_main"], capture_output=True,
+                                    text=True).stdout.split()[0])
+        chunks: list = []
+        t0 = time.monotonic()
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=30,
+                          json={"prompt": "the", "max_tokens": 480, "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    if not chunks:
+                        os.kill(worker, signal.SIGKILL)  # mid-stream: hundreds of tokens still to come
+                    chunks.append(line[len("data: "):])
+        assert time.monotonic() - t0 < 10
+        assert json.loads(chunks[-1])["error"]["code"] == "internal_error"
+        assert sum(len(json.loads(c)["choices"][0]["token_ids"]) for c in chunks[:-1]) < 480
+        assert s.proc.wait(30) == 1
+        deadline = time.monotonic() + 10
+        while s.group_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.group_pids() == []
     finally:
         s.stop()
 
