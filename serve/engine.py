@@ -70,6 +70,11 @@ class Engine:
         self.pad_id = int(cfg.get("pad_token_id", cfg["eos_token_id"]))
         self.session = make_session(artifact, device, threads)
         self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            # ORT falls back to the CPU silently when the CUDA provider cannot load (driver, cuDNN):
+            # serving would then fail on the first device copy instead of saying why here.
+            raise RuntimeError(f"--device cuda: ONNX Runtime could not start the CUDA provider (running on "
+                               f"{self.provider}); check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
         self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]

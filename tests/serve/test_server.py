@@ -107,6 +107,22 @@ def test_logprobs(server: ServerProcess) -> None:
                                                                 strict=True))
 
 
+def test_chat_logprobs_through_the_openai_client_streamed_and_not(server: ServerProcess) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    kw = {"model": "tiny-serve:1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+          "temperature": 0, "logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+    whole = client.chat.completions.create(**kw).choices[0]
+    content = whole.logprobs.content
+    assert "".join(c.token for c in content) == whole.message.content and len(content) == 6
+    for c in content:  # greedy: the chosen token is the most likely of its alternatives
+        assert len(c.top_logprobs) == 3 and c.logprob == pytest.approx(c.top_logprobs[0].logprob)
+        assert bytes(c.bytes).decode() == c.token
+    streamed = [lp for ch in client.chat.completions.create(**kw, stream=True) if ch.choices
+                for lp in (ch.choices[0].logprobs.content if ch.choices[0].logprobs else [])]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+
+
 def test_seed_gives_the_same_text_alone_and_in_a_busy_batch(server: ServerProcess) -> None:
     req = {"prompt": "hello", "max_tokens": 30, "temperature": 1.0, "seed": 42, "ignore_eos": True}
     alone = post(server.url, req).json()["choices"][0]["text"]
