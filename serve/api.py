@@ -486,13 +486,22 @@ class OpenAISpec(LitSpec):
         events = self._events(uid, items, event)
         ctx = _RequestCtx(endpoint, arrival, len(ids), model.id)
         if req.stream:
-            # Wait for the first event before answering, so a late refusal can still be a 4xx.
+            # Wait for the first event before answering, so a late refusal can still be a 4xx; a client
+            # that leaves meanwhile (queued behind a full batch) gives up its place at once.
+            watcher = asyncio.create_task(_watch_disconnect(request))
             try:
-                first = await events.__anext__()
+                first = await _first_or_disconnect(events, watcher)
             except BaseException:
                 self._cancel(uid)
                 self._release(uid, admitted)
                 raise
+            finally:
+                watcher.cancel()
+            if first is None:
+                self._cancel(uid)
+                self._record(ctx, "cancelled")
+                self._release(uid, admitted)
+                return Response(status_code=499)  # nobody reads it
             if "error" in first:
                 self._release(uid, admitted)
                 return self.error(RequestError(first["error"]["error"]["message"],
@@ -659,6 +668,16 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 async def _watch_disconnect(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.05)
+
+
+async def _first_or_disconnect(events: AsyncIterator[dict[str, Any]], watcher: asyncio.Task) -> dict[str, Any] | None:
+    """The first event, or None when the client disconnects before it comes."""
+    nxt = asyncio.ensure_future(events.__anext__())
+    done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if nxt in done:
+        return nxt.result()
+    nxt.cancel()
+    return None
 
 
 async def _until_disconnect(events: AsyncIterator[dict[str, Any]], watcher: asyncio.Task) -> AsyncIterator[Any]:

@@ -344,6 +344,33 @@ def test_non_streaming_disconnect_frees_the_slot(narrow: ServerProcess) -> None:
     assert metric(narrow.url, "nextoken_generation_tokens_total") - generated < 3 + 500
 
 
+def test_a_queued_stream_whose_client_left_gives_up_its_place(server: ServerProcess) -> None:
+    """A streaming request waiting for a slot is cancelled when its client leaves, before it costs a token."""
+    long = {"prompt": "the", "max_tokens": 505, "ignore_eos": True, "logprobs": 20, "presence_penalty": 0.1}
+    generated = metric(server.url, "nextoken_generation_tokens_total")
+    cancelled = metric(server.url, "nextoken_requests_total", outcome="cancelled")
+    threads = [threading.Thread(target=post, args=(server.url, long)) for _ in range(8)]  # every slot taken
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while metric(server.url, "nextoken_requests_running") < 8:
+        assert time.monotonic() < deadline, "the batch never filled"
+        time.sleep(0.005)
+    body = json.dumps({"prompt": "x", "max_tokens": 5, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.02)  # queued behind the 8 (they run for about a second)
+    for t in threads:
+        t.join()
+    deadline = time.monotonic() + 5
+    while metric(server.url, "nextoken_requests_total", outcome="cancelled") == cancelled:
+        assert time.monotonic() < deadline, "the queued request was never cancelled"
+        time.sleep(0.02)
+    # Before: it waited for a slot, was prefilled, and only then noticed nobody was listening.
+    assert metric(server.url, "nextoken_generation_tokens_total") - generated == 8 * 505
+
+
 def test_api_key(serve_artifact) -> None:
     s = ServerProcess(serve_artifact, "--api-key-env", "NT_TEST_KEY", env={"NT_TEST_KEY": "sekret"})
     try:
