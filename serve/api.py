@@ -30,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing as mp
 import pickle
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -83,6 +85,10 @@ class GenerationAPI(ls.LitAPI):
         self._pending: list[Output] = []
 
     def setup(self, device: str) -> None:
+        # A terminal's Ctrl-C reaches every process in the group; the main process drains, and
+        # this worker must keep generating for the streams still in flight (it stops on SIGTERM).
+        if mp.parent_process() is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             from nextoken.serve.metrics import ServerMetrics
 
@@ -292,8 +298,6 @@ class ServerState:
     """Shared between the main process and the API process (created before the fork)."""
 
     def __init__(self, max_batch_size: int, max_queue: int) -> None:
-        import multiprocessing as mp
-
         self.inflight = mp.Value("i", 0)
         self.draining = mp.Event()
         self.worker_failed = mp.Event()  # set by the main process when the inference worker died

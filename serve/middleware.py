@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import multiprocessing as mp
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +58,25 @@ class ApiKeyMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class LeaveSigintToMain:
+    """In the API process, ignore SIGINT once uvicorn has started: the main process drains.
+
+    A terminal's Ctrl-C signals the whole process group. uvicorn would react by refusing new
+    connections at once; instead the main process keeps the API up so that new requests get a
+    503 and in-flight streams finish, then stops it with SIGTERM. The handler is replaced at
+    lifespan startup because uvicorn installs its own just before.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] == "lifespan" and mp.parent_process() is not None
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        await self.app(scope, receive, send)
 
 
 def install_openai_errors(app: FastAPI) -> None:

@@ -48,7 +48,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
 
     from nextoken.serve.api import MODEL_KEY, RELOAD, BatchingLoop, GenerationAPI, OpenAISpec, ServerState
     from nextoken.serve.metrics import render_latest
-    from nextoken.serve.middleware import ApiKeyMiddleware, install_openai_errors
+    from nextoken.serve.middleware import ApiKeyMiddleware, LeaveSigintToMain, install_openai_errors
 
     api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
     state = ServerState(opts.max_batch_size, opts.max_queue)
@@ -61,6 +61,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
                           model_metadata={"model": artifact.model_id}, disable_openapi_url=False)
     app = server.app
     install_openai_errors(app)
+    app.add_middleware(LeaveSigintToMain)
     if api_key is not None:
         def count_rejection() -> None:
             if spec.metrics is not None:
@@ -114,8 +115,20 @@ def serve(opts: ServeOptions) -> int:
     metrics_dir = prepare_multiproc_dir()
     server, state = build_server(opts, artifact)
 
+    main_pid = os.getpid()
+
     def drain(signum: int, _frame: Any) -> None:
-        if state.draining.is_set():
+        if os.getpid() != main_pid:
+            # A forked child (LitServe's manager, the API process) inherited this handler. SIGINT:
+            # a terminal's Ctrl-C reaches the whole process group, and only this main process may
+            # act on it (by draining), so children ignore it. SIGTERM: stop as if unhandled.
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if state.draining.is_set():  # a second Ctrl-C / SIGTERM: stop now, without waiting
+            logger.warning("signal %s again: stopping now", signal.Signals(signum).name)
+            server._shutdown_event.set()
             return
         logger.warning("signal %s: draining (no new requests; up to %.0fs for %d in flight)",
                        signal.Signals(signum).name, opts.drain_timeout, state.inflight.value)

@@ -386,28 +386,48 @@ def test_api_key(serve_artifact) -> None:
         s.stop()
 
 
-def test_sigterm_drains_in_flight_streams_then_exits(serve_artifact) -> None:
+@pytest.mark.parametrize("how", ["SIGTERM to the main process", "SIGINT to the process group (Ctrl-C)"])
+def test_a_signal_drains_in_flight_streams_then_exits(serve_artifact, how: str) -> None:
+    """Stop admitting (503), finish every stream whole, exit 0 with every process gone.
+
+    A terminal's Ctrl-C signals every process of the group: the worker used to die of
+    KeyboardInterrupt and the streams were cut.
+    """
     s = ServerProcess(serve_artifact)
     try:
-        chunks: list = []
+        n, new = 6, 505  # six slowed streams take most of a second: the checks below run while they do
+        body = {"prompt": "the", "max_tokens": new, "ignore_eos": True, "logprobs": 20, "presence_penalty": 0.1}
+        chunks: list[list] = [[] for _ in range(n)]
+        started = [threading.Event() for _ in range(n)]
 
-        def consume() -> None:
-            chunks.extend(stream_chunks(s.url, {"prompt": "the", "max_tokens": 480, "ignore_eos": True}))
+        def consume(i: int) -> None:
+            with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        started[i].set()
+                        chunks[i].append(line[len("data: "):])
 
-        t = threading.Thread(target=consume)
-        t.start()
-        time.sleep(0.15)
-        pids = s.group_pids()
-        assert len(pids) >= 3  # main, API server, inference worker (+ LitServe's manager)
-        s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        if t.is_alive():  # still streaming: new requests are refused while it drains
-            assert httpx.get(s.url + "/health").status_code == 503
-            r = post(s.url, {"prompt": "x", "max_tokens": 1})
-            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
-        t.join(30)
-        assert chunks[-1] == "[DONE]"
-        assert sum(len(c["choices"][0]["token_ids"]) for c in chunks[:-1]) == 480  # the stream finished whole
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for e in started:
+            assert e.wait(30)
+        assert len(s.group_pids()) >= 3  # main, API server, inference worker (+ LitServe's manager)
+        if how.startswith("SIGTERM"):
+            s.proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(s.proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + 2
+        while httpx.get(s.url + "/health").status_code != 503:
+            assert time.monotonic() < deadline
+        r = post(s.url, {"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert any(t.is_alive() for t in threads)  # the checks above really ran during the drain
+        for t in threads:
+            t.join(30)
+        for c in chunks:
+            assert c[-1] == "[DONE]"
+            assert sum(len(json.loads(x)["choices"][0]["token_ids"]) for x in c[:-1]) == new  # finished whole
         assert s.proc.wait(30) == 0
         deadline = time.monotonic() + 10
         while s.group_pids() and time.monotonic() < deadline:
