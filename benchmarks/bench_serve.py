@@ -92,7 +92,7 @@ def genai_tok_s(artifact: Path, batch: int, new_tokens: int, threads: int, repea
 
 
 def http_sweep(artifact: Path, levels: list[int], new_tokens: int, threads: int, work: Path) -> list[dict]:
-    from tests.serve.conftest import ServerProcess
+    from tests.conftest import ServerProcess
 
     server = ServerProcess(artifact, "--max-batch-size", str(max(levels)), "--threads", str(threads))
     try:

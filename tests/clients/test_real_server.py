@@ -26,13 +26,13 @@ from nextoken_client import (
     ValidationError,
 )
 from nextoken_client.loadtest.cli import main as loadtest_main
-from tests.clients.conftest import RealServer
+from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 PROMPT = "the cat sat"
 
 
-def test_complete_and_stream_agree_under_greedy_decoding(real_server: RealServer) -> None:
+def test_complete_and_stream_agree_under_greedy_decoding(real_server: ServerProcess) -> None:
     with Client(real_server.url) as client:
         done = client.complete(PROMPT, max_tokens=12, temperature=0.0)
         with client.stream(PROMPT, max_tokens=12, temperature=0.0) as stream:
@@ -49,7 +49,7 @@ def test_complete_and_stream_agree_under_greedy_decoding(real_server: RealServer
         assert len(ids) == final.usage.completion_tokens
 
 
-def test_logprobs_when_asked(real_server: RealServer) -> None:
+def test_logprobs_when_asked(real_server: ServerProcess) -> None:
     with Client(real_server.url) as client:
         out = client.complete(PROMPT, max_tokens=4, temperature=0.0, top_logprobs=2)
         plain = client.complete(PROMPT, max_tokens=4, temperature=0.0)
@@ -59,7 +59,7 @@ def test_logprobs_when_asked(real_server: RealServer) -> None:
         assert 1 <= len(entry.top) <= 3 and max(t.logprob for t in entry.top) >= entry.logprob - 1e-4
 
 
-def test_chat_models_health(real_server: RealServer) -> None:
+def test_chat_models_health(real_server: ServerProcess) -> None:
     with Client(real_server.url) as client:
         reply = client.chat([{"role": "user", "content": "hello"}], max_tokens=6, temperature=0.0)
         with client.chat_stream([{"role": "user", "content": "hello"}], max_tokens=6, temperature=0.0) as s:
@@ -70,7 +70,7 @@ def test_chat_models_health(real_server: RealServer) -> None:
     assert models and all(m.id for m in models)
 
 
-def test_async_client_complete_and_concurrent_streams(real_server: RealServer) -> None:
+def test_async_client_complete_and_concurrent_streams(real_server: ServerProcess) -> None:
     async def main() -> tuple[str, list[str]]:
         async with AsyncClient(real_server.url) as client:
             done = await client.complete(PROMPT, max_tokens=8, temperature=0.0)
@@ -87,7 +87,7 @@ def test_async_client_complete_and_concurrent_streams(real_server: RealServer) -
 
 
 @pytest.mark.parametrize("bad", [{"top_p": 2.0}, {"max_tokens": 0}, {"temperature": -1.0}])
-def test_invalid_sampling_is_a_validation_error(real_server: RealServer, bad: dict[str, float]) -> None:
+def test_invalid_sampling_is_a_validation_error(real_server: ServerProcess, bad: dict[str, float]) -> None:
     with Client(real_server.url) as client, pytest.raises(ValidationError) as info:
         client.complete(PROMPT, **bad)  # type: ignore[arg-type]
     assert info.value.status_code in (400, 422) and info.value.message
@@ -96,15 +96,15 @@ def test_invalid_sampling_is_a_validation_error(real_server: RealServer, bad: di
 
 
 @pytest.fixture(scope="module")
-def locked_server(serve_artifact: Path) -> Iterator[RealServer]:
+def locked_server(serve_artifact: Path) -> Iterator[ServerProcess]:
     """API key required; one slot and a one-request queue, so a handful of requests saturate it."""
-    server = RealServer(serve_artifact, "--api-key-env", "NEXTOKEN_TEST_KEY", "--max-batch-size", "1",
+    server = ServerProcess(serve_artifact, "--api-key-env", "NEXTOKEN_TEST_KEY", "--max-batch-size", "1",
                         "--max-queue", "1", env={"NEXTOKEN_TEST_KEY": "sk-right"})
     yield server
     server.stop()
 
 
-def test_wrong_or_missing_key_is_401(locked_server: RealServer) -> None:
+def test_wrong_or_missing_key_is_401(locked_server: ServerProcess) -> None:
     for key in ("sk-wrong", ""):
         with Client(locked_server.url, api_key=key) as client, pytest.raises(AuthenticationError) as info:
             client.complete(PROMPT, max_tokens=2)
@@ -113,7 +113,7 @@ def test_wrong_or_missing_key_is_401(locked_server: RealServer) -> None:
         assert client.complete(PROMPT, max_tokens=2).usage is not None
 
 
-def test_saturated_server_answers_429_with_retry_after(locked_server: RealServer) -> None:
+def test_saturated_server_answers_429_with_retry_after(locked_server: ServerProcess) -> None:
     async def main() -> list[BaseException | str]:
         async with AsyncClient(locked_server.url, api_key="sk-right", max_retries=0) as client:
             async def one() -> str:
@@ -132,7 +132,7 @@ def test_saturated_server_answers_429_with_retry_after(locked_server: RealServer
         assert client.complete(PROMPT, max_tokens=2).finish_reason in ("stop", "length")
 
 
-def test_loadtest_sweep_against_the_server(locked_server: RealServer, tmp_path: Path) -> None:
+def test_loadtest_sweep_against_the_server(locked_server: ServerProcess, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     rc = loadtest_main(["--base-url", locked_server.url, "--api-key", "sk-right", "--concurrency", "1,4",
                         "--num-requests", "8", "--warmup", "1", "--input-len", "3", "--output-len", "8",
@@ -150,7 +150,7 @@ def test_loadtest_sweep_against_the_server(locked_server: RealServer, tmp_path: 
 
 
 def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
-    server = RealServer(serve_artifact)
+    server = ServerProcess(serve_artifact)
     try:
         with Client(server.url, max_retries=0) as client:
             stream = client.stream(PROMPT, max_tokens=200, temperature=1.0)

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from nextoken.export.registry import current_version, publish
+from tests.conftest import ServerProcess
 from tests.deploy.test_retrain import TINY
-from tests.serve.conftest import ServerProcess
 
 
 def _model_id(url: str) -> str:

@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
-from tests.serve.conftest import ServerProcess
+from tests.conftest import REPO, ServerProcess, free_port
 from tests.serve.test_server import metric, post
 
 N, M = 3, 5  # N finished requests of M tokens each

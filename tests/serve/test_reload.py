@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import ServerProcess
+from tests.conftest import ServerProcess
 from tests.serve.test_server import metric
 
 
