@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import ServerProcess
+from tests.conftest import ServerProcess
 
 
 def post(url: str, body: dict, path: str = "/v1/completions", **kw) -> httpx.Response:
