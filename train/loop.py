@@ -412,8 +412,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         "best_val_step": min(val_history, key=lambda r: r[2])[0] if val_history else None,
         "overfitting": overfitting_since is not None,
         "overfitting_since_step": overfitting_since,
-        "stopped_by": "max_time" if (cfg.max_time and train_time >= cfg.max_time and it < cfg.max_iters)
-        else "max_iters",
+        "stopped_by": "max_time" if out_of_time and it < cfg.max_iters else "max_iters",  # as all ranks agreed
         "params": n_params, "vocab_size": mcfg.vocab_size, "world_size": info.world_size,
         "model": asdict(mcfg),
     }
