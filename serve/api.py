@@ -21,8 +21,11 @@ NOTE on LitServe 0.2.19 (measured, see issue 5); what this module does about eac
   id and leaks a buffer entry per request: this spec is ours (one id, true finish reasons,
   every sampling field, buffer entries removed in ``finally``).
 * No queue limit: admission here counts requests in flight and answers 429 with Retry-After.
-* One message per token tops out near 3-4k messages/s: outputs are coalesced per request,
-  never delaying a first or last token.
+* One message per token tops out near 3-4k messages/s: a sender thread ships one message per
+  send carrying every token produced meanwhile (merged per request), at most ``MSG_RATE`` a
+  second but never delaying a first or last token, and the engine never waits on the IPC.
+* An exception in ``step`` ends LitServe's worker with every client waiting: ``step`` fails the
+  requests it held and the worker goes on; a dead worker is caught by ``server.py``.
 """
 
 from __future__ import annotations
@@ -186,8 +189,10 @@ class BatchingLoop(ContinuousBatchingLoop):
         self._inbox: queue.SimpleQueue | None = None
         self._reader: threading.Thread | None = None
         self._last_poll = 0.0
-        self._last_flush = 0.0
         self._outbox: dict[str, tuple[Any, str]] = {}  # uid -> (output not yet sent, status)
+        self._urgent = False  # the outbox holds a first token, a last one or an error: send now
+        self._cv: threading.Condition | None = None  # guards _outbox, _urgent, response_queue_ids
+        self._sender: threading.Thread | None = None
 
     def _read_requests(self, request_queue: Any) -> None:
         while True:
@@ -207,7 +212,8 @@ class BatchingLoop(ContinuousBatchingLoop):
         if isinstance(payload, dict) and payload.get(RELOAD):
             lit_api.models.poll(force=True)
             return
-        self.response_queue_ids[uid] = response_queue_id
+        with self._cv:
+            self.response_queue_ids[uid] = response_queue_id
         lit_api.add_request(uid, payload)
 
     def run(self, lit_api: GenerationAPI, device: str, worker_id: int, request_queue: Any, transport: Any,
@@ -219,6 +225,10 @@ class BatchingLoop(ContinuousBatchingLoop):
             self._reader = threading.Thread(target=self._read_requests, args=(request_queue,), daemon=True,
                                             name="request-reader")
             self._reader.start()
+            self._cv = threading.Condition()
+            self._sender = threading.Thread(target=self._send_loop, args=(transport,), daemon=True,
+                                            name="response-sender")
+            self._sender.start()
         now = time.monotonic()
         if now - self._last_poll >= RELOAD_POLL_S:
             self._last_poll = now
@@ -245,50 +255,63 @@ class BatchingLoop(ContinuousBatchingLoop):
         self._send(outputs, transport, lit_api)
 
     def _send(self, outputs: list[Output], transport: Any, lit_api: GenerationAPI) -> None:
-        """Queue this step's outputs and ship them as one message per API process.
+        """Hand this step's outputs to the sender thread, merged per request while it is busy.
 
-        One inter-process message per step, not per request: the stock transport (a manager
-        queue) costs an IPC round trip per message, which at 32 streams cost more than the
-        engine step itself. When steps come faster than MSG_RATE, outputs are held (merged per
-        request) until the interval passes, except first tokens, last tokens and errors.
+        The stock transport (a manager queue) costs an IPC round trip per message (~60 us idle,
+        milliseconds when the cores are busy). Sending from the engine's thread stalled every
+        step for it; the sender thread ships one message per API process per send, carrying
+        every token that accumulated meanwhile, so the engine never waits for the transport.
         """
-        urgent = False
-        for out in outputs:
-            uid = out.uid
-            if uid not in self.response_queue_ids:
-                continue
-            if out.status == LitAPIStatus.ERROR:
-                self._outbox[uid] = (pickle.dumps(out.output), LitAPIStatus.ERROR)
-                urgent = True
-                continue
-            ev = out.output
-            if isinstance(ev, dict):  # an error answer for this request alone
-                self._outbox[uid] = (ev, out.status)
-                urgent = True
-                continue
-            held = self._outbox.get(uid)
-            if held is not None:
-                held[0].merge(ev)
-                self._outbox[uid] = (held[0], out.status)
-            else:
-                self._outbox[uid] = (ev, out.status)
-            urgent = urgent or out.status == LitAPIStatus.FINISH_STREAMING or ev.queue_time is not None
-        now = time.perf_counter()
-        idle = not lit_api.has_active_requests()  # nothing will come to flush what is held
-        if self._outbox and (urgent or idle or now - self._last_flush >= 1.0 / MSG_RATE):
-            self._flush(transport)
-            self._last_flush = now
+        with self._cv:
+            for out in outputs:
+                uid = out.uid
+                if uid not in self.response_queue_ids:
+                    continue
+                if out.status == LitAPIStatus.ERROR:
+                    self._outbox[uid] = (pickle.dumps(out.output), LitAPIStatus.ERROR)
+                    self._urgent = True
+                    continue
+                ev = out.output
+                if isinstance(ev, dict):  # an error answer for this request alone
+                    self._outbox[uid] = (ev, out.status)
+                    self._urgent = True
+                    continue
+                held = self._outbox.get(uid)
+                if held is not None:
+                    held[0].merge(ev)
+                    self._outbox[uid] = (held[0], out.status)
+                else:
+                    self._outbox[uid] = (ev, out.status)
+                self._urgent = self._urgent or out.status == LitAPIStatus.FINISH_STREAMING or ev.queue_time is not None
+            if self._outbox:
+                self._cv.notify()
 
-    def _flush(self, transport: Any) -> None:
-        by_queue: dict[int, list[tuple[str, Any, str]]] = {}
-        for uid, (data, status) in self._outbox.items():
-            wire = data.to_wire() if isinstance(data, TokenEvent) else data
-            by_queue.setdefault(self.response_queue_ids[uid], []).append((uid, wire, status))
-            if status != LitAPIStatus.OK:
-                self.response_queue_ids.pop(uid, None)
-        self._outbox.clear()
-        for qid, items in by_queue.items():
-            self.put_response(transport, qid, BATCH_UID, items, LitAPIStatus.OK, LoopResponseType.STREAMING)
+    def _send_loop(self, transport: Any) -> None:
+        """The sender thread: at most MSG_RATE messages a second, but first/last tokens and errors at once."""
+        last = 0.0
+        while True:
+            with self._cv:
+                while True:
+                    if not self._outbox:
+                        self._cv.wait()
+                        continue
+                    wait = 0.0 if self._urgent else last + 1.0 / MSG_RATE - time.perf_counter()
+                    if wait <= 0:
+                        break
+                    self._cv.wait(wait)
+                outbox, self._outbox, self._urgent = self._outbox, {}, False
+                by_queue: dict[int, list[tuple[str, Any, str]]] = {}
+                for uid, (data, status) in outbox.items():
+                    wire = data.to_wire() if isinstance(data, TokenEvent) else data
+                    by_queue.setdefault(self.response_queue_ids[uid], []).append((uid, wire, status))
+                    if status != LitAPIStatus.OK:
+                        self.response_queue_ids.pop(uid, None)
+            last = time.perf_counter()
+            try:
+                for qid, items in by_queue.items():
+                    self.put_response(transport, qid, BATCH_UID, items, LitAPIStatus.OK, LoopResponseType.STREAMING)
+            except (EOFError, OSError, BrokenPipeError):  # the transport closed: the server is stopping
+                return
 
 
 # ============================================================================================

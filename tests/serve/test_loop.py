@@ -25,10 +25,12 @@ from nextoken.serve.sampling import SamplingParams
 class RecordingTransport:
     """Stands in for LitServe's inter-process queue: keeps every message sent to the API process."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.sent: list[tuple[int, Any]] = []
+        self.delay = delay  # seconds each send takes (a busy manager process)
 
     def send(self, item: Any, consumer_id: int) -> None:
+        time.sleep(self.delay)
         self.sent.append((consumer_id, item))
 
     def per_request(self) -> dict[str, list[tuple[Any, str]]]:
@@ -59,6 +61,10 @@ class Worker:
         for _ in range(limit):
             if done():
                 return
+            if self.loop._inbox is not None and self.requests.empty() and self.loop._inbox.empty() \
+                    and not self.api.has_active_requests():
+                time.sleep(0.002)  # idle: the sender thread may still be delivering (run() would block 1 s)
+                continue
             active = self.api.has_active_requests()
             self.loop.run(self.api, "cpu", 0, self.requests, self.transport, {}, None)
             self.steps += active
@@ -161,3 +167,13 @@ def test_a_failing_engine_step_fails_its_requests_and_the_worker_keeps_serving(w
     worker.submit("after", payload(worker, "the", max_tokens=4, temperature=0))
     worker.run_until(lambda: worker.finished("after"))
     assert len(tokens_of(worker.transport.per_request()["after"])) == 4
+
+
+def test_a_slow_transport_does_not_slow_the_engine(worker: Worker) -> None:
+    """Sends happen on their own thread: the engine keeps stepping and later messages carry more tokens."""
+    worker.transport.delay = 0.02  # 20 ms per message, about 60 engine steps of this model
+    worker.submit("r", payload(worker, "the", max_tokens=200, temperature=0, ignore_eos=True))
+    worker.run_until(lambda: worker.finished("r"))
+    assert len(tokens_of(worker.transport.per_request()["r"])) == 200
+    # Sending from the engine's thread made every step wait for a message: 200 steps x 20 ms = 4 s.
+    assert len(worker.transport.sent) < worker.steps / 4
