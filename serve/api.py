@@ -41,6 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import litserve as ls
@@ -356,6 +357,10 @@ class OpenAISpec(LitSpec):
         self._model_checked = 0.0
         self._metrics = None
         self._dispatcher: asyncio.Task | None = None
+        # One thread does every put on LitServe's request queue (a manager proxy: a blocking IPC
+        # round trip), so the event loop keeps serving streams meanwhile; one thread keeps them in
+        # order, so a request's cancel never overtakes the request.
+        self._putter: ThreadPoolExecutor | None = None
         self.api_path = "/v1/completions"  # LitServe keys the request queue by this path
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
@@ -367,7 +372,7 @@ class OpenAISpec(LitSpec):
     def __getstate__(self) -> dict[str, Any]:
         # The worker gets a pickled copy: it needs none of the HTTP-side state.
         state = super().__getstate__()
-        state.update(_model=None, _metrics=None, state=None, shared=None, _dispatcher=None)
+        state.update(_model=None, _metrics=None, state=None, shared=None, _dispatcher=None, _putter=None)
         return state
 
     @property
@@ -506,7 +511,8 @@ class OpenAISpec(LitSpec):
         payload = {"prompt_ids": ids, "text": req.prompt, "params": req.params.__dict__, "arrival": arrival,
                    "model": model.id}
         try:
-            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
+            await asyncio.get_running_loop().run_in_executor(self._put_thread(), self.request_queue.put,
+                                                             (self.response_queue_id, uid, time.monotonic(), payload))
         except Exception:
             self._release(uid, admitted)
             raise
@@ -587,9 +593,15 @@ class OpenAISpec(LitSpec):
             with self.state.inflight.get_lock():
                 self.state.inflight.value -= 1
 
+    def _put_thread(self) -> ThreadPoolExecutor:
+        if self._putter is None:
+            self._putter = ThreadPoolExecutor(1, thread_name_prefix="request-put")
+        return self._putter
+
     def _cancel(self, uid: str) -> None:
         with contextlib.suppress(Exception):  # the worker is gone (shutdown): nothing left to cancel
-            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {CANCEL: True}))
+            self._put_thread().submit(self.request_queue.put,
+                                      (self.response_queue_id, uid, time.monotonic(), {CANCEL: True}))
 
     def _record(self, ctx: _RequestCtx, outcome: str) -> None:
         if self.metrics is None:
