@@ -23,7 +23,7 @@ from nextoken.export.artifact import Artifact
 from nextoken.serve.engine import Engine
 from nextoken.serve.sampling import RowState, SamplingParams, sample
 from nextoken.serve.scheduler import Scheduler, SeqInfo
-from nextoken.serve.textstream import TextStream
+from nextoken.serve.textstream import TextStream, TokenBytes
 
 
 class ContextLengthError(ValueError):
@@ -38,7 +38,8 @@ class TokenEvent:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     times: list[float] = field(default_factory=list)  # wall-clock time each token was sampled
-    logprobs: list[dict[str, Any]] | None = None  # per token: {"token", "token_id", "logprob", "top": [...]}
+    # per token: {"token", "token_id", "logprob", "bytes", "top": [[token, id, logprob, bytes], ...]}
+    logprobs: list[dict[str, Any]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -97,6 +98,7 @@ class GenerationCore:
         self.active: dict[str, _Active] = {}
         self.on_step = on_step
         self._vocab_text: dict[int, str] = {}
+        self._token_bytes = TokenBytes(self.tokenizer)
 
     # --- requests ----------------------------------------------------------------------------
     def add(self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None) -> None:
@@ -189,10 +191,10 @@ class GenerationCore:
                 a.first_sent = True
             if a.params.logprobs is not None:
                 top = [] if res.top_ids[b] is None else [
-                    [self._token_text(int(i)), int(i), float(lp)]
+                    [self._token_text(int(i)), int(i), float(lp), list(self._token_bytes(int(i)))]
                     for i, lp in zip(res.top_ids[b], res.top_logprobs[b], strict=True)]
-                ev.logprobs = [{"token": self._token_text(tok), "token_id": tok,
-                                "logprob": float(res.logprobs[b]), "top": top}]
+                ev.logprobs = [{"token": self._token_text(tok), "token_id": tok, "logprob": float(res.logprobs[b]),
+                                "bytes": list(self._token_bytes(tok)), "top": top}]
             if tok == self.eos_id and not a.params.ignore_eos:
                 ev.finish_reason = "stop"
             else:

@@ -246,18 +246,21 @@ def completion_logprobs(items: list[dict[str, Any]], offset: int) -> dict[str, A
     for it in items:
         tokens.append(it["token"])
         lps.append(it["logprob"])
-        tops.append({t: lp for t, _, lp in it["top"]} if it["top"] else None)
+        tops.append({t[0]: t[2] for t in it["top"]} if it["top"] else None)
         offsets.append(offset)
         offset += len(it["token"])
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    def entry(token: str, lp: float) -> dict[str, Any]:
-        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+    """OpenAI's chat shape; ``bytes`` are the token's own bytes (part of a character for byte-level BPE)."""
 
-    return {"content": [dict(entry(it["token"], it["logprob"]),
-                             top_logprobs=[entry(t, lp) for t, _, lp in it["top"]]) for it in items]}
+    def entry(token: str, lp: float, raw: list[int] | None) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": raw if raw is not None else list(token.encode("utf-8"))}
+
+    return {"content": [dict(entry(it["token"], it["logprob"], it.get("bytes")),
+                             top_logprobs=[entry(t[0], t[2], t[3] if len(t) > 3 else None) for t in it["top"]])
+                        for it in items]}
 
 
 class ResponseBuilder:
