@@ -49,7 +49,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.requests import ClientDisconnect
 
 from nextoken.serve.core import ContextLengthError, GenerationCore, StepStats, TokenEvent
@@ -64,10 +64,28 @@ MODEL_KEY = "nextoken_model"  # key in LitServe's shared manager dict: the versi
 RELOAD_POLL_S = 1.0
 WORKER_CHECK_S = 0.5  # how often a waiting request looks whether the worker is still alive
 MSG_RATE = 1000.0  # batch messages per second from the worker at most (first and last tokens never wait)
-BATCH_UID = "__batch__"  # the response-buffer entry that receives the worker's per-step batches
 MAX_BODY_BYTES = 1 << 20
 INTERNAL_ERROR = {"error": {"message": "internal error during generation", "type": "server_error", "param": None,
                             "code": "internal_error"}}
+
+
+class Pipes:
+    """Direct queues between the API process and the inference worker.
+
+    LitServe's request queue and response transport are ``multiprocessing.Manager`` queues: every
+    message is a round trip through the manager process (~60 us idle, milliseconds when the cores
+    are busy, and the manager's CPU on top). These are plain pipes (~1 us a put), created before
+    the processes start: the worker, spawned, receives them pickled with the LitAPI; the API
+    process, forked, inherits them. LitServe's own queues stay in place, unused.
+
+    ``requests``: (response queue id, uid, timestamp, payload) tuples, API -> worker.
+    ``responses[i]``: lists of (uid, data, status), worker -> API process ``i``.
+    """
+
+    def __init__(self, num_api_servers: int = 1) -> None:
+        ctx = mp.get_context("spawn")  # a fork-context lock may not be shared with a spawned worker
+        self.requests = ctx.SimpleQueue()
+        self.responses = [ctx.SimpleQueue() for _ in range(num_api_servers)]
 
 
 # ============================================================================================
@@ -77,9 +95,10 @@ class GenerationAPI(ls.LitAPI):
     """LitServe's continuous-batching hooks over the worker's model versions (``ModelSet``)."""
 
     def __init__(self, artifact_dir: str, *, max_batch_size: int, device: str, threads: int, spec: LitSpec,
-                 loop: ls.loops.LitLoop) -> None:
+                 loop: ls.loops.LitLoop, pipes: Pipes) -> None:
         super().__init__(max_batch_size=max_batch_size, stream=True, spec=spec, loop=loop,
                          api_path="/v1/completions")
+        self.pipes = pipes
         self.artifact_dir = artifact_dir
         self.device_name = device
         self.threads = threads
@@ -223,11 +242,11 @@ class BatchingLoop(ContinuousBatchingLoop):
             lit_api.shared = workers_setup_status
             lit_api.publish()
             self._inbox = queue.SimpleQueue()
-            self._reader = threading.Thread(target=self._read_requests, args=(request_queue,), daemon=True,
-                                            name="request-reader")
+            self._reader = threading.Thread(target=self._read_requests, args=(lit_api.pipes.requests,),
+                                            daemon=True, name="request-reader")
             self._reader.start()
             self._cv = threading.Condition()
-            self._sender = threading.Thread(target=self._send_loop, args=(transport,), daemon=True,
+            self._sender = threading.Thread(target=self._send_loop, args=(lit_api.pipes.responses,), daemon=True,
                                             name="response-sender")
             self._sender.start()
         now = time.monotonic()
@@ -258,10 +277,10 @@ class BatchingLoop(ContinuousBatchingLoop):
     def _send(self, outputs: list[Output], transport: Any, lit_api: GenerationAPI) -> None:
         """Hand this step's outputs to the sender thread, merged per request while it is busy.
 
-        The stock transport (a manager queue) costs an IPC round trip per message (~60 us idle,
-        milliseconds when the cores are busy). Sending from the engine's thread stalled every
-        step for it; the sender thread ships one message per API process per send, carrying
-        every token that accumulated meanwhile, so the engine never waits for the transport.
+        Every message costs the sender an IPC write and the API process a wake-up; sending from
+        the engine's thread stalled every step for it. The sender thread ships one message per
+        API process per send, carrying every token that accumulated meanwhile, so the engine
+        never waits for the transport.
         """
         with self._cv:
             for out in outputs:
@@ -287,7 +306,7 @@ class BatchingLoop(ContinuousBatchingLoop):
             if self._outbox:
                 self._cv.notify()
 
-    def _send_loop(self, transport: Any) -> None:
+    def _send_loop(self, responses: list[Any]) -> None:
         """The sender thread: at most MSG_RATE messages a second, but first/last tokens and errors at once."""
         last = 0.0
         while True:
@@ -310,8 +329,8 @@ class BatchingLoop(ContinuousBatchingLoop):
             last = time.perf_counter()
             try:
                 for qid, items in by_queue.items():
-                    self.put_response(transport, qid, BATCH_UID, items, LitAPIStatus.OK, LoopResponseType.STREAMING)
-            except (EOFError, OSError, BrokenPipeError):  # the transport closed: the server is stopping
+                    responses[qid].put(items)
+            except (EOFError, OSError, BrokenPipeError):  # the pipe closed: the server is stopping
                 return
 
 
@@ -348,15 +367,16 @@ class ServedModel:
 
 
 class OpenAISpec(LitSpec):
-    def __init__(self, *, artifact_dir: str, state: ServerState) -> None:
+    def __init__(self, *, artifact_dir: str, state: ServerState, pipes: Pipes) -> None:
         super().__init__()
+        self.pipes = pipes
         self.artifact_dir = artifact_dir
         self.state = state
         self.shared: Any = None
         self._model: ServedModel | None = None
         self._model_checked = 0.0
         self._metrics = None
-        self._dispatcher: asyncio.Task | None = None
+        self._dispatcher: threading.Thread | None = None
         # One thread does every put on LitServe's request queue (a manager proxy: a blocking IPC
         # round trip), so the event loop keeps serving streams meanwhile; one thread keeps them in
         # order, so a request's cancel never overtakes the request.
@@ -511,7 +531,7 @@ class OpenAISpec(LitSpec):
         payload = {"prompt_ids": ids, "text": req.prompt, "params": req.params.__dict__, "arrival": arrival,
                    "model": model.id}
         try:
-            await asyncio.get_running_loop().run_in_executor(self._put_thread(), self.request_queue.put,
+            await asyncio.get_running_loop().run_in_executor(self._put_thread(), self.pipes.requests.put,
                                                              (self.response_queue_id, uid, time.monotonic(), payload))
         except Exception:
             self._release(uid, admitted)
@@ -547,25 +567,29 @@ class OpenAISpec(LitSpec):
         return await self._complete(req, endpoint, events, uid, ctx, admitted, request)
 
     def _ensure_dispatcher(self) -> None:
-        """Start the task that fans the worker's per-step batches out to each request's buffer."""
-        if self._dispatcher is not None and not self._dispatcher.done():
+        """Start the thread that reads the worker's batches and fans them out to each request."""
+        if self._dispatcher is not None and self._dispatcher.is_alive():
             return
-        items: deque = deque()
-        event = asyncio.Event()
-        self.response_buffer[BATCH_UID] = ResponseBufferItem(event=event, response_queue=items)
-        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(items, event))
+        loop = asyncio.get_running_loop()
+        pipe = self.pipes.responses[self.response_queue_id or 0]
+        self._dispatcher = threading.Thread(target=self._read_responses, args=(pipe, loop), daemon=True,
+                                            name="response-reader")
+        self._dispatcher.start()
 
-    async def _dispatch(self, items: deque, event: asyncio.Event) -> None:
+    def _read_responses(self, pipe: Any, loop: asyncio.AbstractEventLoop) -> None:
         while True:
-            await event.wait()
-            event.clear()
-            while items:
-                batch, _ = items.popleft()
-                for uid, data, status in batch:
-                    item = self.response_buffer.get(uid)
-                    if item is not None:  # gone = the client left; its cancel is on the way
-                        item.response_queue.append((data, status))
-                        item.event.set()
+            try:
+                batch = pipe.get()
+            except (EOFError, OSError):  # the worker side closed: the server is stopping
+                return
+            loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _deliver(self, batch: list[tuple[str, Any, str]]) -> None:
+        for uid, data, status in batch:
+            item = self.response_buffer.get(uid)
+            if item is not None:  # gone = the client left; its cancel is on the way
+                item.response_queue.append((data, status))
+                item.event.set()
 
     async def _events(self, uid: str, items: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
         while True:
@@ -600,7 +624,7 @@ class OpenAISpec(LitSpec):
 
     def _cancel(self, uid: str) -> None:
         with contextlib.suppress(Exception):  # the worker is gone (shutdown): nothing left to cancel
-            self._put_thread().submit(self.request_queue.put,
+            self._put_thread().submit(self.pipes.requests.put,
                                       (self.response_queue_id, uid, time.monotonic(), {CANCEL: True}))
 
     def _record(self, ctx: _RequestCtx, outcome: str) -> None:

@@ -46,16 +46,17 @@ class ServeOptions:
 def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
     import litserve as ls
 
-    from nextoken.serve.api import MODEL_KEY, RELOAD, BatchingLoop, GenerationAPI, OpenAISpec, ServerState
+    from nextoken.serve.api import MODEL_KEY, RELOAD, BatchingLoop, GenerationAPI, OpenAISpec, Pipes, ServerState
     from nextoken.serve.metrics import render_latest
     from nextoken.serve.middleware import ApiKeyMiddleware, LeaveSigintToMain, install_openai_errors
 
     api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
     state = ServerState(opts.max_batch_size, opts.max_queue)
-    spec = OpenAISpec(artifact_dir=str(artifact.path), state=state)
+    pipes = Pipes(num_api_servers=1)
+    spec = OpenAISpec(artifact_dir=str(artifact.path), state=state, pipes=pipes)
     # The worker watches the path as given (e.g. models/current), so a newly published version is picked up.
     api = GenerationAPI(opts.artifact_dir, max_batch_size=opts.max_batch_size, device=opts.device,
-                        threads=opts.threads, spec=spec, loop=BatchingLoop())
+                        threads=opts.threads, spec=spec, loop=BatchingLoop(), pipes=pipes)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=False,
                           healthcheck_path="/litserve/health", info_path="/litserve/info",
                           model_metadata={"model": artifact.model_id}, disable_openapi_url=False)
@@ -93,7 +94,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
     @app.post("/admin/reload")
     async def reload(request: Request) -> Response:
         """Look for a new model version now (the worker also looks about once a second)."""
-        spec.request_queue.put((spec.response_queue_id, "reload", time.monotonic(), {RELOAD: True}))
+        spec.pipes.requests.put((spec.response_queue_id, "reload", time.monotonic(), {RELOAD: True}))
         info = dict(server.workers_setup_status.get(MODEL_KEY) or {})
         return JSONResponse({"status": "reload requested", "serving": info.get("id"),
                              "last_error": info.get("last_error")}, status_code=202)

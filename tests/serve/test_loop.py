@@ -1,4 +1,4 @@
-"""The worker's loop in-process, through LitServe's real ``run`` signature, with a recording transport.
+"""The worker's loop in-process, through LitServe's real ``run`` signature, with a recording pipe.
 
 Each test targets one measured defect of LitServe 0.2.19's ``ContinuousBatchingLoop`` (issue 5):
 an exception in ``add_request`` stopped admission for good, the payload of a ``FINISH_STREAMING``
@@ -17,41 +17,48 @@ from typing import Any
 import pytest
 from litserve.utils import LitAPIStatus
 
-from nextoken.serve.api import BATCH_UID, CANCEL, BatchingLoop, GenerationAPI, OpenAISpec, ServerState
+from nextoken.serve.api import CANCEL, BatchingLoop, GenerationAPI, OpenAISpec, ServerState
 from nextoken.serve.metrics import ENV
 from nextoken.serve.sampling import SamplingParams
 
 
-class RecordingTransport:
-    """Stands in for LitServe's inter-process queue: keeps every message sent to the API process."""
+class RecordingPipe:
+    """Stands in for the worker -> API process pipe: keeps every message sent."""
 
     def __init__(self, delay: float = 0.0) -> None:
-        self.sent: list[tuple[int, Any]] = []
-        self.delay = delay  # seconds each send takes (a busy manager process)
+        self.sent: list[list[tuple[str, Any, str]]] = []
+        self.delay = delay  # seconds each send takes (a busy receiving process)
 
-    def send(self, item: Any, consumer_id: int) -> None:
+    def put(self, items: list[tuple[str, Any, str]]) -> None:
         time.sleep(self.delay)
-        self.sent.append((consumer_id, item))
+        self.sent.append(items)
 
     def per_request(self) -> dict[str, list[tuple[Any, str]]]:
-        """uid -> [(payload, status), ...] in arrival order, unpacked from the per-step batches."""
+        """uid -> [(payload, status), ...] in arrival order, unpacked from the per-send batches."""
         out: dict[str, list[tuple[Any, str]]] = {}
-        for _, (uid, (data, _status, _kind, _worker)) in self.sent:
-            assert uid == BATCH_UID  # every message is one step's batch, never one request's token
-            for rid, payload, status in data:
+        for batch in self.sent:
+            for rid, payload, status in batch:
                 out.setdefault(rid, []).append((payload, status))
         return out
 
 
+class FakePipes:
+    def __init__(self) -> None:
+        self.requests: queue.Queue = queue.Queue()
+        self.responses = [RecordingPipe()]
+
+
 class Worker:
     def __init__(self, artifact: str, max_batch_size: int = 4) -> None:
+        self.pipes = FakePipes()
         self.api = GenerationAPI(artifact, max_batch_size=max_batch_size, device="cpu", threads=1,
-                                 spec=OpenAISpec(artifact_dir=artifact, state=ServerState(max_batch_size, 0)),
-                                 loop=BatchingLoop())
+                                 spec=OpenAISpec(artifact_dir=artifact, state=ServerState(max_batch_size, 0),
+                                                 pipes=self.pipes),
+                                 loop=BatchingLoop(), pipes=self.pipes)
         self.api.setup("cpu")
         self.loop = BatchingLoop()
-        self.requests: queue.Queue = queue.Queue()
-        self.transport = RecordingTransport()
+        self.requests = self.pipes.requests
+        self.transport = self.pipes.responses[0]
         self.steps = 0
 
     def submit(self, uid: str, payload: dict[str, Any]) -> None:
@@ -66,7 +73,7 @@ class Worker:
                 time.sleep(0.002)  # idle: the sender thread may still be delivering (run() would block 1 s)
                 continue
             active = self.api.has_active_requests()
-            self.loop.run(self.api, "cpu", 0, self.requests, self.transport, {}, None)
+            self.loop.run(self.api, "cpu", 0, None, None, {}, None)  # LitServe's queues: unused
             self.steps += active
         raise AssertionError("the loop never got there")
 
