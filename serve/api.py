@@ -21,9 +21,11 @@ NOTE on LitServe 0.2.19 (measured, see issue 5); what this module does about eac
   id and leaks a buffer entry per request: this spec is ours (one id, true finish reasons,
   every sampling field, buffer entries removed in ``finally``).
 * No queue limit: admission here counts requests in flight and answers 429 with Retry-After.
-* One message per token tops out near 3-4k messages/s: a sender thread ships one message per
-  send carrying every token produced meanwhile (merged per request), at most ``MSG_RATE`` a
-  second but never delaying a first or last token, and the engine never waits on the IPC.
+* One message per token tops out near 3-4k messages/s, each a round trip through the manager
+  process: requests and responses use direct pipes (``Pipes``) instead, and a sender thread
+  ships one message per send carrying every token produced meanwhile (merged per request), at
+  most ``MSG_RATE`` a second but never delaying a first or last token; the engine never waits
+  on the IPC.
 * An exception in ``step`` ends LitServe's worker with every client waiting: ``step`` fails the
   requests it held and the worker goes on; a dead worker is caught by ``server.py``.
 """
