@@ -105,3 +105,33 @@ def test_from_current_needs_a_current_version(tmp_path: Path, capsys: pytest.Cap
     assert main(["retrain", "--models-dir", str(tmp_path / "empty"), "--from-current", "--quiet"]) == 2
     assert "--from-current: " in capsys.readouterr().err
     assert not (tmp_path / "empty").exists() or list_versions(tmp_path / "empty") == []
+
+
+def test_a_parity_failure_at_export_publishes_nothing(published: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The graph really disagrees with PyTorch: after the real export, the reference model's weights
+    are nudged, so the real parity check fails. A retrain that skipped verification, or published
+    after a failed one, would add version 3 here."""
+    import torch
+
+    import nextoken.export.build as build
+
+    real_export = build.export_onnx
+
+    def export_then_perturb(model: torch.nn.Module, *args: object, **kwargs: object) -> dict:
+        graph = real_export(model, *args, **kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05)
+        return graph
+
+    monkeypatch.setattr(build, "export_onnx", export_then_perturb)
+    before = _snapshot(published)
+    code = main(["retrain", "--models-dir", str(published), "--from-current", "--max-iters", "10",
+                 "--work-dir", str(tmp_path / "w"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "retrain failed at step 'export'" in err and "--verify: the exported graph disagrees with PyTorch" in err
+    assert "nothing was published" in err
+    assert _snapshot(published) == before
