@@ -201,3 +201,23 @@ def test_registry_is_torch_free() -> None:
     code = ("import sys, nextoken.export.registry, nextoken.export.cli_models; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_the_server_follows_the_pointer_the_registry_writes(tiny_artifact: Path, tmp_path: Path) -> None:
+    """serve/ resolves `current` with its own code (it polls it every second); both pointer forms the
+    registry can write must lead it to the same folder as `resolve_current`, and a repoint must change
+    the signature the server watches."""
+    from nextoken.serve.models import resolve_artifact_dir, signature
+
+    models = tmp_path / "models"
+    publish(tiny_artifact, models)
+    publish(tiny_artifact, models)
+    assert resolve_artifact_dir(models / "current") == resolve_current(models).resolve() == (models / "2").resolve()
+    before = signature(models / "current")
+    set_current(models, "1")
+    assert resolve_artifact_dir(models / "current") == (models / "1").resolve()
+    assert signature(models / "current") != before
+    (models / "current").unlink()
+    (models / "current").write_text("2\n")  # the pointer-file form, for filesystems without symlinks
+    assert resolve_artifact_dir(models / "current") == resolve_current(models).resolve() == (models / "2").resolve()
+    assert signature(models / "current") == before
