@@ -3,22 +3,24 @@
     pytest benchmarks/bench_micro.py --benchmark-only
 
 - tokenizer encode / decode of ~8 KB of text (a byte-level BPE trained here, vocab 512)
-- the server's sampler over a batch of 32 rows of logits        (needs serve/sampling.py)
-- one engine decode step at batch 1 and batch 32                (needs serve/engine.py + an artifact)
-- SSE: the server's chunk encoding (serve/api.py) and the client's decoding of a 64-token stream
+- the server's sampler over a batch of 32 rows of logits (serve/sampling.py)
+- one engine decode step at batch 1 and batch 32 (serve/engine.py, a small artifact built here)
+- SSE: the server's chunk encoding (serve/protocol.py) and the client's decoding of a 64-token stream
 
-Parts whose serve/ module is absent are skipped with the reason. Other jobs share these cores:
+Other jobs share these cores:
 compare figures only from one run, and record ``uptime`` beside them (docs/field-notes.md).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Callable
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package (shared fixtures)
 
 from nextoken_client._streaming import SSEDecoder, _EventBuilder
 
@@ -40,14 +42,6 @@ def test_tokenizer_encode(benchmark: Any, bpe: Any) -> None:
 def test_tokenizer_decode(benchmark: Any, bpe: Any) -> None:
     ids = bpe.encode(TEXT).ids
     assert benchmark(bpe.decode, ids) == TEXT
-
-
-def _first_callable(module: Any, names: tuple[str, ...]) -> Callable[..., Any]:
-    for name in names:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return fn
-    pytest.skip(f"{module.__name__} has none of {names}")
 
 
 def _sse_chunks(n: int) -> bytes:
@@ -76,27 +70,50 @@ def test_sse_client_decode_64_tokens(benchmark: Any) -> None:
 
 
 def test_sse_server_chunk_encoding(benchmark: Any) -> None:
-    api = pytest.importorskip("nextoken.serve.api")
-    encode = _first_callable(api, ("sse_event", "encode_sse", "sse_encode", "format_sse"))
-    chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m",
-             "choices": [{"index": 0, "text": "tok ", "finish_reason": None, "token_ids": [7]}]}
-    out = benchmark(encode, chunk)
-    text = out.decode() if isinstance(out, bytes) else str(out)
-    assert text.startswith("data: ") and text.endswith("\n\n")
+    from nextoken.serve.protocol import ResponseBuilder, sse
+
+    builder = ResponseBuilder("completions", "m")
+    out = benchmark(lambda: sse(builder.chunk("tok ", [7], None, None)))
+    assert out.startswith(b"data: ") and out.endswith(b"\n\n")
 
 
 def test_sampler_batch_32(benchmark: Any) -> None:
-    np = pytest.importorskip("numpy")
-    sampling = pytest.importorskip("nextoken.serve.sampling")
-    sample = _first_callable(sampling, ("sample", "sample_batch"))
-    params_cls = getattr(sampling, "SamplingParams", None)
-    if params_cls is None:
-        pytest.skip("nextoken.serve.sampling has no SamplingParams")
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((32, 4096), dtype=np.float32)
-    params = [params_cls(temperature=0.8, top_p=0.9, top_k=50) for _ in range(32)]
-    try:
-        inspect.signature(sample).bind(logits, params)
-    except TypeError:
-        pytest.skip(f"unknown sampler signature {inspect.signature(sample)}")
-    benchmark(sample, logits, params)
+    import numpy as np
+
+    from nextoken.serve.sampling import RowState, SamplingParams, sample
+
+    V = 4096
+    logits = np.random.default_rng(0).standard_normal((32, V), dtype=np.float32)
+    rows = [RowState(SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i), V, [1, 2, 3]) for i in range(32)]
+    out = benchmark(sample, logits, rows)
+    assert out.token_ids.shape == (32,)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The engine over a small trained-for-2-steps artifact (4 layers, 128 wide, context 256)."""
+    from nextoken.export.artifact import load_artifact
+    from nextoken.export.build import export_run
+    from nextoken.serve.engine import Engine
+    from tests.conftest import TINY_TEXT, train_tiny
+
+    root = tmp_path_factory.mktemp("bench-engine")
+    (root / "corpus.txt").write_text(TINY_TEXT, encoding="utf-8")
+    train_tiny(root / "run", root / "corpus.txt", n_layer=4, n_head=4, n_embd=128, block_size=256, max_iters=2,
+               eval_interval=2)
+    return Engine(load_artifact(export_run(root / "run", root / "art", log=None)), threads=1)
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_engine_decode_step(benchmark: Any, engine: Any, batch: int) -> None:
+    import numpy as np
+
+    tokens = np.ones(batch, dtype=np.int64)
+
+    def fresh_batch() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        engine.release(list(engine.rids))
+        engine.prefill([f"r{i}" for i in range(batch)], [[1] * 16] * batch)  # 16-token prompts
+        return (tokens,), {}
+
+    logits = benchmark.pedantic(engine.decode, setup=fresh_batch, rounds=50)
+    assert logits.shape == (batch, engine.vocab_size)
