@@ -157,7 +157,7 @@ class GenerationCore:
         if self.engine.batch_size:
             rids = list(self.engine.rids)
             tokens = np.fromiter((self.active[r].last_token for r in rids), dtype=np.int64, count=len(rids))
-            logits, _ = self.engine.decode(tokens)  # (B, V)
+            logits = self.engine.decode(tokens)  # (B, V)
             self._sample_and_emit(rids, logits, events, finished)
             batch = max(batch, len(rids))
             if finished:
