@@ -17,6 +17,10 @@ from typing import Any
 
 from nextoken.errors import UserError
 
+# GPTConfig fields whose value here is what GPT-2 (and so every GPT-2 loader) assumes; a recipe
+# option that changes the architecture adds its field and GPT-2's value for it.
+GPT2_ARCHITECTURE: dict[str, Any] = {}  # (bias=False is GPT-2 with zero biases: representable)
+
 
 @dataclass
 class GPTConfig:
@@ -46,6 +50,14 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    def non_gpt2_options(self) -> list[str]:
+        """Options set away from GPT-2's architecture, by field name (empty = a plain GPT-2).
+
+        Exporters to other ecosystems' GPT-2 loaders (Hugging Face, GGUF) refuse a model that
+        has any, naming them, instead of writing weights a GPT-2 loader would misread.
+        """
+        return [name for name, gpt2_value in GPT2_ARCHITECTURE.items() if getattr(self, name) != gpt2_value]
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count computed from the shape (the LM head is tied to the embedding)."""

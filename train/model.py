@@ -69,7 +69,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, position_ids: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values for x (B, T, C), each (B, nh, T, hs), ready for attention.
+
+        Anything applied to q and k before attention (normalisation, rotary embeddings at
+        ``position_ids`` (B, T) or (1, T)) belongs here: the serving graph (export/serving.py)
+        calls this and hands the result to ONNX Runtime's attention kernel.
+        """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -82,9 +89,10 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, position_ids)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, past+T, hs)
             v = torch.cat([past[1], v], dim=2)  # (B, nh, past+T, hs)
@@ -124,8 +132,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, present = self.attn(self.ln_1(x), mask, past)
+        a, present = self.attn(self.ln_1(x), mask, past, position_ids)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -168,6 +177,19 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token (and position) embeddings: input_ids (B, T), position_ids (B, T) or (1, T) -> (B, T, C)."""
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        return self.transformer.drop(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream (B, T, C) -> next-token logits (B, T, vocab_size)."""
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab)
+        return logits
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -202,20 +224,16 @@ class GPT(nn.Module):
                 attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
             mask = build_attention_mask(attention_mask, T, past_len)  # (B, 1, T, past+T)
 
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
-        x = self.transformer.drop(x)
+        x = self.embed(input_ids, position_ids)  # (B, T, C)
         presents: KVCache = []
         for i, block in enumerate(self.transformer.h):
             past = past_key_values[i] if past_key_values is not None else None
             if self.activation_checkpointing and self.training and not cached:
-                x, present = checkpoint(block, x, mask, past, use_reentrant=False)
+                x, present = checkpoint(block, x, mask, past, position_ids, use_reentrant=False)
             else:
-                x, present = block(x, mask, past)
+                x, present = block(x, mask, past, position_ids)
             presents.append(present)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, padded_vocab)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab)
+        logits = self.head(x)  # (B, T, vocab)
 
         loss = None
         if targets is not None:
@@ -230,14 +248,14 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)[None]
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
+        x = self.embed(input_ids, pos)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
         maps = []
         for block in self.transformer.h:
-            q, k, _ = block.attn.qkv(block.ln_1(x))
+            q, k, _ = block.attn.qkv(block.ln_1(x), pos)
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, T)
             maps.append(att.masked_fill(~causal, float("-inf")).softmax(-1))
-            x, _ = block(x)
+            x, _ = block(x, position_ids=pos)
         return maps
 
     def configure_optimizer(
