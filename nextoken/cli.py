@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("nextoken.serve.cli", "serve an artifact over an OpenAI-compatible HTTP API"),
     "retrain": ("nextoken.export.cli_retrain", "train, export, verify and publish a new model version"),
     "models": ("nextoken.export.cli_models", "list the published model versions"),
+    "up": ("nextoken.export.cli_up", "train, export, publish and serve a model with the browser playground"),
+    "runs": ("nextoken.serve.cli_runs", "show training runs in a browser: loss curves, samples, attention maps"),
 }
 
 

@@ -49,6 +49,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
     from nextoken.serve.api import MODEL_KEY, RELOAD, BatchingLoop, GenerationAPI, OpenAISpec, Pipes, ServerState
     from nextoken.serve.metrics import render_latest
     from nextoken.serve.middleware import ApiKeyMiddleware, LeaveSigintToMain, install_openai_errors
+    from nextoken.serve.playground import mount_playground
 
     api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
     state = ServerState(opts.max_batch_size, opts.max_queue)
@@ -104,6 +105,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
         body, ctype = render_latest()
         return Response(body, media_type=ctype)
 
+    mount_playground(app, spec.model, api_key_required=api_key is not None)  # last: its pages sit outside the key
     return server, state
 
 
