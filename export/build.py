@@ -25,6 +25,7 @@ import torch
 from nextoken.errors import UserError
 from nextoken.export.artifact import FORMAT, gpt2_style_config, write_json, write_manifest
 from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, quantize_int8
+from nextoken.export.serving import export_serving_onnx, verify_serving
 from nextoken.export.verify import verify_onnx
 from nextoken.train.checkpoint import load_weights
 from nextoken.train.config import GPTConfig
@@ -116,11 +117,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         graph = export_onnx(model, onnx_path if quantize == "none" else tmp / "fp32.onnx",
                             opset=opset, dtype=dtype)
         model.float()  # the fp16 trace cast it; the parity reference is the fp32 checkpoint
+        say("exporting the serving graph (in-place KV cache) ...")
+        serving_path = tmp / "serving.onnx"
+        graph["serving"] = export_serving_onnx(model, serving_path if quantize == "none" else tmp / "fp32-serving.onnx",
+                                               dtype=dtype)
+        model.float()
         if quantize == "int8":
             say("quantising MatMul weights to int8 ...")
             quantize_int8(tmp / "fp32.onnx", onnx_path)
-            for f in tmp.glob("fp32.onnx*"):
+            quantize_int8(tmp / "fp32-serving.onnx", serving_path)
+            for f in [*tmp.glob("fp32.onnx*"), *tmp.glob("fp32-serving.onnx*")]:
                 f.unlink()
+        config = gpt2_style_config(
+            gpt_cfg.to_dict(), eos_token_id=eos, unk_token_id=special["unk_token_id"], name=name, version=version,
+            tokenizer_kind=tokenizer_kind(tok), dtype="float16" if dtype == "fp16" else "float32")
         verification: dict[str, Any] = {"skipped": True}
         if verify:
             say("verifying against PyTorch ...")
@@ -135,10 +145,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
                                 f"(tolerance {v.get('tolerance')}), greedy tokens identical for "
                                 f"{v['greedy_identical_steps']}/{v['greedy_steps']} steps; nothing was written "
                                 f"(--no-verify skips the check)", flag="--verify")
+            sv = verify_serving(model, serving_path, config=config, dtype=dtype)
+            verification["serving"] = sv
+            say(f"  serving graph under continuous batching: max|dlogit| {sv['max_abs_diff']:.2e}, greedy identical "
+                f"{sv['greedy_identical_tokens']}/{sv['greedy_tokens']} tokens")
+            if not sv["passed"] and quantize == "none":
+                raise UserError(f"the serving graph disagrees with PyTorch under continuous batching: max |dlogit| "
+                                f"{sv['max_abs_diff']:.2e} (tolerance {sv['tolerance']}), greedy tokens identical for "
+                                f"{sv['greedy_identical_tokens']}/{sv['greedy_tokens']}; nothing was written "
+                                f"(--no-verify skips the check)", flag="--verify")
         shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
-        write_json(tmp / "config.json", gpt2_style_config(
-            gpt_cfg.to_dict(), eos_token_id=eos, unk_token_id=special["unk_token_id"], name=name, version=version,
-            tokenizer_kind=tokenizer_kind(tok), dtype="float16" if dtype == "fp16" else "float32"))
+        write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", generation_config(gpt_cfg, eos))
         source = {"run": str(run_dir.resolve()), "checkpoint": ckpt.path.name, "step": ckpt.step,
                   "val_loss": meta.get("val_loss"), "weights_sha256": meta.get("files", {}).get("model.safetensors")}

@@ -1,0 +1,206 @@
+"""The model runner: one ONNX Runtime session over ``serving.onnx`` and the KV cache it writes in place.
+
+The runner knows nothing about requests, tokenizers or sampling: the caller names cache slots
+(``0 .. max_slots-1``), each the cache of one sequence for its whole life, and the runner appends
+tokens to them and returns logits.
+
+NOTE on the cache: per layer, one key and one value buffer of shape (max_slots, n_head, max_len,
+head_dim), allocated once. ``serving.onnx`` reads and writes them through IOBinding with the same
+buffer bound as ``past`` and ``present``, so ONNX Runtime's GroupQueryAttention writes only the new
+columns and reads each row's own length; nothing is ever copied or rebuilt when sequences join or
+leave. A call covers a contiguous range of slots (``buffer[lo:hi]`` is one contiguous block, so it
+binds without a copy): one slot for a prefill chunk, ``0 .. highest decoding slot`` for a decode
+step. Slots in that range that are not decoding (free, or between prefill chunks) are fed one
+padding token at their current length; the column it writes is past their last real token, so the
+next real write overwrites it and no attention ever reads it.
+
+On CUDA the buffers live on the device (OrtValues bound in place the same way); logits come back to
+host memory, where the sampler reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from nextoken.export.artifact import Artifact
+
+SERVING_FILE = "serving.onnx"  # export/serving.py writes it; the Optimum-style model.onnx is for other runtimes
+
+
+def default_threads() -> int:
+    # Leave a core to the HTTP process: with every core busy in ORT's spinning pool, the API process and
+    # the engine fight and steps stall (field notes: 2 threads beside a busy neighbour went from 1.7 to 95 ms).
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+def providers_for(device: str) -> list:
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("--device cuda needs onnxruntime-gpu (pip install 'nextoken[gpu]')")
+        return [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+    if device != "cpu":
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The cache's shape and its memory, fixed for the runner's life (reported at start-up)."""
+
+    max_slots: int
+    max_len: int
+    n_layer: int
+    n_head: int
+    head_dim: int
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.n_layer * self.max_slots * self.n_head * self.max_len * self.head_dim * self.itemsize
+
+    @property
+    def tokens(self) -> int:
+        """Token capacity of the whole cache (slots x length)."""
+        return self.max_slots * self.max_len
+
+
+class Runner:
+    """Prefill chunks and batched decode steps over slot-addressed, in-place KV caches."""
+
+    def __init__(self, artifact: Artifact, *, max_slots: int, max_len: int | None = None, device: str = "cpu",
+                 threads: int = 0) -> None:
+        cfg = artifact.config
+        self.n_layer = int(cfg["n_layer"])
+        self.n_head = int(cfg["n_head"])
+        self.head_dim = int(cfg["head_dim"])
+        self.vocab_size = int(cfg["vocab_size"])
+        self.context = int(cfg["n_positions"])
+        self.pad_id = int(cfg.get("pad_token_id", cfg["eos_token_id"]))
+        max_len = self.context if max_len is None else max_len
+        if not 1 <= max_len <= self.context:
+            raise ValueError(f"max_len must be in [1, {self.context}] (the model's context), got {max_len}")
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        self.device = device
+        path = artifact.path / SERVING_FILE
+        if not path.is_file():
+            raise ValueError(f"{artifact.path} has no serving graph ({SERVING_FILE}); export it again with this "
+                             "nextoken (`nextoken export RUN --out ...`)")
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            # ORT falls back to the CPU silently when the CUDA provider cannot load (driver, cuDNN).
+            raise RuntimeError(f"--device cuda: ONNX Runtime could not start the CUDA provider (running on "
+                               f"{self.provider}); check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+        kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
+        self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
+        self.spec = CacheSpec(max_slots, max_len, self.n_layer, self.n_head, self.head_dim,
+                              np.dtype(self.kv_dtype).itemsize)
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        shape = (max_slots, self.n_head, max_len, self.head_dim)
+        # each (max_slots, nh, max_len, hs); host arrays on CPU, device OrtValues on CUDA
+        self._row_bytes = self.n_head * max_len * self.head_dim * self.spec.itemsize  # one slot of one buffer
+        if device == "cuda":
+            self.device_cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
+                                 for _ in self.past_names]
+            self._cache_ptrs = [v.data_ptr() for v in self.device_cache]
+        else:
+            self.host_cache = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+            self._cache_ptrs = [buf.ctypes.data for buf in self.host_cache]
+        # Reused step inputs, sized for the largest decode call: no allocation per step.
+        self._ids = np.full((max_slots, 1), self.pad_id, dtype=np.int64)
+        self._pos = np.zeros((max_slots, 1), dtype=np.int64)
+        self._seqlens = np.zeros(max_slots, dtype=np.int32)
+        self._logits = np.empty((max_slots, 1, self.vocab_size), dtype=np.float32)
+
+    # --- binding -------------------------------------------------------------------------------
+    def _bind_cache(self, binding: ort.IOBinding, lo: int, hi: int) -> None:
+        """Bind cache rows [lo, hi) of every buffer as both past and present: a pointer, no copy."""
+        shape = [hi - lo, self.n_head, self.spec.max_len, self.head_dim]
+        offset = lo * self._row_bytes
+        where = "cuda" if self.device == "cuda" else "cpu"
+        for past, present, base in zip(self.past_names, self.present_names, self._cache_ptrs, strict=True):
+            binding.bind_input(past, where, 0, self.kv_dtype, shape, base + offset)
+            binding.bind_output(present, where, 0, self.kv_dtype, shape, base + offset)
+
+    def _run(self, lo: int, hi: int, ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray,
+             logits_out: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("position_ids", pos)
+        binding.bind_cpu_input("seqlens_k", seqlens)
+        binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens.max()) + 1, dtype=np.int32))
+        self._bind_cache(binding, lo, hi)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits_out.shape), logits_out.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits_out
+
+    # --- calls ---------------------------------------------------------------------------------
+    def prefill(self, slot: int, token_ids: np.ndarray | list[int], start: int) -> np.ndarray:
+        """Append ``token_ids`` (T,) to ``slot``'s cache at positions start .. start+T-1.
+
+        Returns the logits (T, V) after each of those tokens.
+        """
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)  # (1, T)
+        T = ids.shape[1]
+        if T < 1 or start < 0 or start + T > self.spec.max_len:
+            raise ValueError(f"cannot place {T} tokens at {start} in a cache of {self.spec.max_len}")
+        pos = np.arange(start, start + T, dtype=np.int64)[None]  # (1, T)
+        seqlens = np.array([start + T - 1], dtype=np.int32)  # (1,)
+        logits = np.empty((1, T, self.vocab_size), dtype=np.float32)  # (1, T, V)
+        return self._run(slot, slot + 1, ids, pos, seqlens, logits)[0]  # (T, V)
+
+    def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
+               lengths: np.ndarray | None = None) -> np.ndarray:
+        """Append one token per slot: tokens[i] at positions[i] of slots[i]; returns logits (n, V).
+
+        ``lengths`` (max_slots,) holds every slot's current token count, so rows in the call's range
+        that are not decoding write their padding column past their own tokens (see the module note);
+        without it they write at 0, which is right only for free slots.
+        """
+        hi = int(slots.max()) + 1
+        ids, pos, seqlens = self._ids[:hi], self._pos[:hi], self._seqlens[:hi]
+        if lengths is not None:
+            idle = np.minimum(lengths[:hi], self.spec.max_len - 1)
+            pos[:, 0] = idle
+            seqlens[:] = idle
+        else:
+            pos.fill(0)
+            seqlens.fill(0)
+        ids.fill(self.pad_id)
+        ids[slots, 0] = tokens
+        pos[slots, 0] = positions
+        seqlens[slots] = positions
+        logits = self._run(0, hi, ids, pos, seqlens, self._logits[:hi])  # (hi, 1, V)
+        return logits[slots, 0]  # (n, V)
+
+    # --- cache contents (prefix caching) ---------------------------------------------------------
+    # Prefix caching copies K/V between slots and a host-side store; on CUDA that would be a
+    # device-host round trip per block, so the engine refuses a prefix cache there (ServeConfig).
+    def read_kv(self, slot: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Slot's K/V at positions [start, stop) as one array (n_layer * 2, nh, stop-start, hs)."""
+        if out is None:
+            out = np.empty((len(self.host_cache), self.n_head, stop - start, self.head_dim), dtype=self.kv_dtype)
+        for i, buf in enumerate(self.host_cache):
+            out[i] = buf[slot, :, start:stop]
+        return out
+
+    def write_kv(self, slot: int, start: int, kv: np.ndarray) -> None:
+        """Put ``kv`` (n_layer * 2, nh, n, hs), as ``read_kv`` returns it, at positions start.. of slot."""
+        n = kv.shape[2]
+        for buf, part in zip(self.host_cache, kv, strict=True):
+            buf[slot, :, start:start + n] = part
