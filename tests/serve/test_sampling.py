@@ -1,54 +1,89 @@
-"""The server's sampler: every transform, per-row settings in one batch, seeded reproducibility."""
+"""The server's sampler: every transform, per-slot settings in one batch, seeded reproducibility.
+
+``BatchSampler`` is checked against simple per-row references (a full sort per row for top-p, a
+float64 log_softmax for logprobs) and against the distribution it must draw from (chi-square on
+fixed seeds, so a pass is not luck and a rerun gives the same verdict).
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from nextoken.serve.sampling import RowState, SamplingParams, sample
+from nextoken.serve import sampling
+from nextoken.serve.sampling import BatchSampler, RowState, SamplingParamError, SamplingParams, sample
 
 V = 50
+EOS = V - 1
 
 
-def rows(*params: SamplingParams, prompt=(1, 2, 3)) -> list[RowState]:
-    return [RowState(p, V, list(prompt)) for p in params]
+def sampler(*params: SamplingParams, prompt=(1, 2, 3), vocab: int = V, slots: int | None = None) -> BatchSampler:
+    """A sampler with ``params[i]`` in slot i."""
+    bs = BatchSampler(slots or max(len(params), 1), vocab, vocab - 1)
+    for i, p in enumerate(params):
+        bs.add(i, p, list(prompt))
+    return bs
 
 
-def logits(B: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(B, V)).astype(np.float32) * 3
+def step(bs: BatchSampler, x: np.ndarray, slots=None, allowed=None):
+    return bs.sample(x, np.arange(len(x)) if slots is None else np.asarray(slots), allowed)
 
 
+def logits(B: int = 1, seed: int = 0, vocab: int = V) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(B, vocab)).astype(np.float32) * 3
+
+
+def log_softmax64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def chi_square(counts: np.ndarray, expected_p: np.ndarray) -> float:
+    exp = expected_p * counts.sum()
+    return float(((counts - exp) ** 2 / exp).sum())
+
+
+# Upper 0.1% points of the chi-square distribution (tables): df -> critical value.
+CHI2_999 = {3: 16.27, 7: 24.32, 9: 27.88}
+
+
+# --- the tests of the per-row sampler, on the batch sampler ------------------------------------------
 def test_greedy_is_argmax_and_ignores_filters() -> None:
     x = logits(4)
-    p = SamplingParams(temperature=0, top_k=3, top_p=0.1)
-    assert (p.top_k, p.top_p) == (0, 1.0)  # normalised away
-    assert sample(x, rows(*[p] * 4)).token_ids.tolist() == x.argmax(-1).tolist()
+    p = SamplingParams(temperature=0, top_k=3, top_p=0.1, min_p=0.5)
+    assert (p.top_k, p.top_p, p.min_p) == (0, 1.0, 0.0)  # normalised away
+    assert step(sampler(*[p] * 4), x).token_ids.tolist() == x.argmax(-1).tolist()
 
 
 def test_top_k_restricts_support() -> None:
     x = logits(1)
     allowed = set(np.argsort(-x[0])[:3].tolist())
-    r = rows(SamplingParams(temperature=1.5, top_k=3, seed=0))
-    draws = {int(sample(x, r).token_ids[0]) for _ in range(300)}
+    bs = sampler(SamplingParams(temperature=1.5, top_k=3, seed=0))
+    draws = {int(step(bs, x).token_ids[0]) for _ in range(300)}
     assert draws <= allowed and len(draws) == 3
 
 
 def test_top_p_keeps_the_smallest_nucleus() -> None:
     x = np.full((1, V), -10.0, dtype=np.float32)
     x[0, [4, 9, 13]] = [3.0, 2.0, 1.0]  # probabilities ~0.66, 0.24, 0.09
-    r = rows(SamplingParams(temperature=1.0, top_p=0.8, seed=1))
-    draws = {int(sample(x, r).token_ids[0]) for _ in range(300)}
+    bs = sampler(SamplingParams(temperature=1.0, top_p=0.8, seed=1))
+    draws = {int(step(bs, x).token_ids[0]) for _ in range(300)}
     assert draws == {4, 9}  # 0.66 < 0.8, so the second token is needed; the third is not
 
 
 def test_seeded_rows_do_not_depend_on_the_batch() -> None:
     x = logits(1, seed=3)
     p = SamplingParams(temperature=1.0, seed=1234)
-    alone = rows(p)
-    alone_draws = [int(sample(x, alone).token_ids[0]) for _ in range(20)]
-    busy = rows(SamplingParams(temperature=0.7, seed=9), p, SamplingParams(temperature=0))
+    alone = sampler(p)
+    alone_draws = [int(step(alone, x).token_ids[0]) for _ in range(20)]
+    busy = sampler(SamplingParams(temperature=0.7, seed=9), p, SamplingParams(temperature=0))
     xb = np.concatenate([logits(1, seed=8), x, logits(1, seed=5)])
-    busy_draws = [int(sample(xb, busy).token_ids[1]) for _ in range(20)]
+    busy_draws = [int(step(busy, xb).token_ids[1]) for _ in range(20)]
     assert alone_draws == busy_draws
     assert len(set(alone_draws)) > 1  # it really samples
 
@@ -56,33 +91,33 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
 def test_repetition_penalty_follows_hf() -> None:
     x = np.zeros((1, V), dtype=np.float32)
     x[0, 1], x[0, 2], x[0, 7] = 2.0, -1.0, 1.5  # tokens 1 and 2 are in the prompt
-    r = rows(SamplingParams(temperature=0, repetition_penalty=2.0))
-    assert sample(x, r).token_ids[0] == 7  # 2.0 / 2 = 1.0 < 1.5
+    bs = sampler(SamplingParams(temperature=0, repetition_penalty=2.0))
+    assert step(bs, x).token_ids[0] == 7  # 2.0 / 2 = 1.0 < 1.5
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens() -> None:
     x = np.zeros((1, V), dtype=np.float32)
     x[0, 5], x[0, 6] = 1.0, 0.9
-    r = rows(SamplingParams(temperature=0, frequency_penalty=0.2))
-    out = [int(sample(x, r).token_ids[0]) for _ in range(3)]
+    bs = sampler(SamplingParams(temperature=0, frequency_penalty=0.2))
+    out = [int(step(bs, x).token_ids[0]) for _ in range(3)]
     assert out == [5, 6, 5]  # after one 5: 0.8 < 0.9; after one 6 too: 0.8 vs 0.7
 
 
 def test_logprobs_are_the_models_own_distribution() -> None:
     x = logits(2)
-    r = rows(SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0))
-    res = sample(x, r)
+    res = step(sampler(SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0)), x)
     ref = x[0] - np.log(np.exp(x[0] - x[0].max()).sum()) - x[0].max()
     assert res.logprobs[0] == pytest.approx(ref[res.token_ids[0]], abs=1e-5)
     assert res.top_ids[0].tolist() == np.argsort(-x[0])[:3].tolist()
-    assert res.top_ids[1] is None
+    assert res.top_logprobs[0] == pytest.approx(ref[np.argsort(-x[0])[:3]], abs=1e-5)
+    assert res.top_ids[1] is None and math.isnan(res.logprobs[1])
 
 
 def test_top_k_then_top_p_in_hugging_face_order() -> None:
     x = np.full((1, V), -30.0, dtype=np.float32)
     x[0, [3, 4, 5, 6]] = np.log([0.4, 0.3, 0.2, 0.1])
-    r = rows(SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=2))
-    draws = {int(sample(x, r).token_ids[0]) for _ in range(200)}
+    bs = sampler(SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=2))
+    draws = {int(step(bs, x).token_ids[0]) for _ in range(200)}
     # top-k first renormalises {3, 4} to 0.57 / 0.43, so top-p 0.5 keeps token 3 alone; top-p applied
     # first (0.4 < 0.5 on the raw distribution) would keep 3 and 4.
     assert draws == {3}
@@ -93,18 +128,343 @@ def test_draws_follow_the_tempered_distribution() -> None:
     x[0, :4] = [2.0, 1.0, 0.5, 0.0]
     T = 0.7
     expected = np.exp(x[0, :4] / T) / np.exp(x[0, :4] / T).sum()
-    r = rows(SamplingParams(temperature=T, seed=11))
+    bs = sampler(SamplingParams(temperature=T, seed=11))
     n = 6000
-    counts = np.bincount([int(sample(x, r).token_ids[0]) for _ in range(n)], minlength=V)
+    counts = np.bincount([int(step(bs, x).token_ids[0]) for _ in range(n)], minlength=V)
     assert counts[4:].sum() == 0
     # 4 standard errors: a wrong temperature (or none) moves the top token's share by > 0.05
     assert np.abs(counts[:4] / n - expected).max() < 4 * np.sqrt(0.25 / n)
+    assert chi_square(counts[:4], expected) < CHI2_999[3]
 
 
 def test_negative_seeds_are_reproducible_and_tiny_temperatures_are_greedy() -> None:
     x = logits(1, seed=4)
-    a, b = rows(SamplingParams(seed=-5)), rows(SamplingParams(seed=-5))  # numpy itself refuses seed < 0
-    assert [int(sample(x, a).token_ids[0]) for _ in range(10)] == [int(sample(x, b).token_ids[0]) for _ in range(10)]
+    a, b = sampler(SamplingParams(seed=-5)), sampler(SamplingParams(seed=-5))  # numpy itself refuses seed < 0
+    assert [int(step(a, x).token_ids[0]) for _ in range(10)] == [int(step(b, x).token_ids[0]) for _ in range(10)]
     p = SamplingParams(temperature=1e-300, top_k=5)
     assert p.greedy and p.top_k == 0
-    assert int(sample(x, rows(p)).token_ids[0]) == int(x.argmax())
+    assert int(step(sampler(p), x).token_ids[0]) == int(x.argmax())
+
+
+# --- each transform on a hand-made batch ---------------------------------------------------------
+def test_logit_bias_forces_and_bans_and_logprobs_stay_raw() -> None:
+    x = logits(3, seed=6)
+    banned = int(x[1].argmax())
+    bs = sampler(SamplingParams(temperature=1.0, logit_bias={7: 100.0}, logprobs=0),
+                 SamplingParams(temperature=0, logit_bias={banned: -100.0}),
+                 SamplingParams(temperature=0))
+    for _ in range(50):
+        res = step(bs, x)
+        assert res.token_ids[0] == 7  # sampled at T=1: +100 leaves every other token at < e^-80 of it
+        assert res.token_ids[1] == np.argsort(-x[1])[1]  # the argmax is banned: the runner-up
+        assert res.token_ids[2] == x[2].argmax()  # a row without a bias is untouched
+    # the reported logprob is the model's own (before the bias), not ~0
+    assert res.logprobs[0] == pytest.approx(log_softmax64(x[0])[7], abs=1e-5)
+    assert res.logprobs[0] < -0.5 and res.top_ids[0].size == 0
+
+
+def test_min_tokens_keeps_eos_and_stop_ids_away_exactly_until_the_count() -> None:
+    x = np.zeros((1, V), dtype=np.float32)
+    x[0, EOS], x[0, 13], x[0, 20] = 5.0, 4.0, 3.0  # EOS best, stop token 13 next, then 20
+    bs = sampler(SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[13]))
+    assert [int(step(bs, x).token_ids[0]) for _ in range(5)] == [20, 20, 20, EOS, EOS]
+    sampled = sampler(SamplingParams(temperature=1.0, min_tokens=4, stop_token_ids=[13], seed=3))
+    xs = np.zeros((1, V), dtype=np.float32)
+    xs[0, [EOS, 13]] = 3.0  # together ~45% of the mass: 4 steps in a row avoiding both is not luck
+    first = [int(step(sampled, xs).token_ids[0]) for _ in range(4)]
+    assert EOS not in first and 13 not in first
+    # ignore_eos: EOS does not end the sequence, so it is not held back; the stop token still is
+    bs = sampler(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[13], ignore_eos=True))
+    assert int(step(bs, x).token_ids[0]) == EOS
+    x2 = x.copy()
+    x2[0, EOS] = 0.0
+    bs = sampler(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[13], ignore_eos=True))
+    assert [int(step(bs, x2).token_ids[0]) for _ in range(3)] == [20, 20, 13]
+
+
+def test_min_tokens_gives_way_to_a_grammar_that_only_allows_ending() -> None:
+    x = logits(1, seed=2)
+    allowed = np.zeros((1, V), dtype=bool)
+    allowed[0, EOS] = True
+    bs = sampler(SamplingParams(temperature=0, min_tokens=5, structured="any spec"))
+    assert int(step(bs, x, allowed=allowed).token_ids[0]) == EOS
+    allowed[0, 3] = True  # another token allowed: the ban holds
+    bs = sampler(SamplingParams(temperature=0, min_tokens=5, structured="any spec"))
+    assert int(step(bs, x, allowed=allowed).token_ids[0]) == 3
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_one() -> None:
+    x = np.full((1, V), -30.0, dtype=np.float32)
+    x[0, :4] = np.log([0.5, 0.3, 0.15, 0.05])  # min_p 0.2: the floor is 0.1, so token 3 goes
+    for p in (SamplingParams(temperature=1.0, min_p=0.2, seed=5),  # the whole-vocabulary path
+              SamplingParams(temperature=1.0, min_p=0.2, top_p=0.999, seed=5)):  # the candidate path
+        bs = sampler(p)
+        draws = np.bincount([int(step(bs, x).token_ids[0]) for _ in range(2000)], minlength=V)
+        assert set(np.flatnonzero(draws)) == {0, 1, 2}
+        assert chi_square(draws[:3], np.array([0.5, 0.3, 0.15]) / 0.95) < CHI2_999[3]
+
+
+def test_grammar_mask_is_applied_only_to_rows_with_a_grammar() -> None:
+    x = logits(3, seed=9)
+    rng = np.random.default_rng(0)
+    allowed = rng.random((3, V)) < 0.3
+    allowed[1] = False  # row 1 has no grammar: its mask is not read
+    bs = sampler(SamplingParams(temperature=1.0, structured="g", seed=1), SamplingParams(temperature=0),
+                 SamplingParams(temperature=0, structured="g"))
+    for _ in range(100):
+        t = step(bs, x, allowed=allowed).token_ids
+        assert allowed[0, t[0]] and t[1] == x[1].argmax()
+        assert t[2] == np.flatnonzero(allowed[2])[np.argmax(x[2, allowed[2]])]
+    with pytest.raises(ValueError, match="no allowed mask"):
+        step(bs, x)
+    allowed[2] = False
+    with pytest.raises(ValueError, match="allows no token"):
+        step(bs, x, allowed=allowed)
+
+
+def test_penalty_counts_belong_to_their_slot_and_are_cleared_with_it() -> None:
+    x = np.zeros((2, V), dtype=np.float32)
+    x[:, 5], x[:, 6] = 1.0, 0.9
+    p = SamplingParams(temperature=0, frequency_penalty=0.2)
+    bs = sampler(p, SamplingParams(temperature=0))
+    assert step(bs, x).token_ids.tolist() == [5, 5]
+    assert step(bs, x).token_ids.tolist() == [6, 5]  # only slot 0 counts its 5
+    bs.remove(0)
+    bs.add(0, p, [1])
+    assert step(bs, x).token_ids.tolist() == [5, 5]  # a fresh request in the slot starts from zero
+    bs.remove(0)
+    bs.add(0, SamplingParams(temperature=0, logit_bias={6: 1.0}), [1])
+    assert step(bs, x).token_ids.tolist() == [6, 5]
+    bs.remove(0)
+    bs.add(0, SamplingParams(temperature=0), [1])
+    assert step(bs, x).token_ids.tolist() == [5, 5]  # and no bias is left behind
+
+
+# --- top-p exactness against a simple reference ----------------------------------------------------
+def reference_keep(y: np.ndarray, k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Hugging Face's warpers on one row of tempered logits, with a full sort: the kept tokens (V,) bool."""
+    x = y.astype(np.float64).copy()
+    if 0 < k < len(x):
+        x[x < np.sort(x)[::-1][k - 1]] = -np.inf
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    keep = x > -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-x, kind="stable")  # high to low, equal values by id
+        before = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])  # mass strictly before each
+        keep[order[before >= top_p]] = False
+    if min_p > 0:
+        keep &= probs >= min_p * probs.max()
+    return keep
+
+
+@st.composite
+def cut_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    vocab = draw(st.integers(2, 700))
+    rows = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    kind = draw(st.sampled_from(["normal", "flat", "peaked", "integers"]))
+    if kind == "normal":
+        y = rng.normal(size=(rows, vocab)) * draw(st.floats(0.1, 8))
+    elif kind == "flat":  # wide nuclei: the candidate block does not settle them
+        y = rng.normal(size=(rows, vocab)) * 0.01
+    elif kind == "peaked":
+        y = rng.normal(size=(rows, vocab))
+        y[:, rng.integers(0, vocab, 5)] += 8
+    else:  # many exact ties, also at the cut
+        y = rng.integers(-3, 3, size=(rows, vocab)).astype(np.float64)
+    if draw(st.booleans()):  # tokens masked by a grammar or min_tokens
+        y[rng.random((rows, vocab)) < 0.3] = -np.inf
+        y[:, 0] = 0.0  # at least one live token per row
+    y = y.astype(np.float32).astype(np.float64)  # what the sampler sees: float32 logits widened
+    k = np.array([draw(st.sampled_from([0, 0, 1, 2, 5, 50, 200, vocab - 1])) for _ in range(rows)])
+    k = np.where(k >= vocab, 0, k)
+    top_p = np.array([draw(st.sampled_from([1.0, 0.9, 0.5, 0.99, draw(st.floats(0.01, 1.0))])) for _ in range(rows)])
+    min_p = np.array([draw(st.sampled_from([0.0, 0.0, 0.05, 0.3])) for _ in range(rows)])
+    return y, k, top_p, min_p
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(cut_rows())
+def test_top_k_top_p_min_p_keep_exactly_the_reference_set(case) -> None:
+    y, k, top_p, min_p = case
+    keep, L, _ = sampling._keep_mask(y, k, top_p, min_p)
+    for r in range(len(y)):
+        ref = reference_keep(y[r], int(k[r]), float(top_p[r]), float(min_p[r]))
+        assert keep[r].tolist() == ref.tolist(), f"row {r}: k={k[r]} top_p={top_p[r]} min_p={min_p[r]}"
+        assert L[r] == ref.sum()
+    # a row's kept set does not depend on its neighbours (a large top-k widens everyone's block)
+    alone = [sampling._keep_mask(y[r:r + 1], k[r:r + 1], top_p[r:r + 1], min_p[r:r + 1])[0][0] for r in range(len(y))]
+    assert np.array_equal(np.stack(alone), keep)
+
+
+def test_flat_rows_reach_the_full_sort_and_stay_exact() -> None:
+    rng = np.random.default_rng(1)
+    Vb = 4096
+    y = np.concatenate([rng.normal(size=(2, Vb)) * 0.01, rng.normal(size=(2, Vb)) * 4]).astype(np.float64)
+    k, top_p, min_p = np.array([0, 0, 0, 3000]), np.array([0.999, 0.3, 0.9, 0.95]), np.zeros(4)
+    keep, L, _ = sampling._keep_mask(y, k, top_p, min_p)
+    assert L[0] > Vb // 2 and L[1] > sampling.CANDIDATES * 8  # wider than both candidate blocks
+    for r in range(4):
+        assert np.array_equal(keep[r], reference_keep(y[r], int(k[r]), float(top_p[r]), 0.0))
+
+
+# --- draws, seeds, and one uniform per row --------------------------------------------------------
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8),  # the whole-vocabulary path (chunked running sums)
+    SamplingParams(temperature=0.8, top_k=12),  # the survivors path
+    SamplingParams(temperature=0.8, top_p=0.995),
+], ids=["temperature", "top_k", "top_p"])
+def test_draws_follow_softmax_over_a_wide_vocabulary(params: SamplingParams) -> None:
+    Vw = 1000  # > 2 chunks: the chunk sums are used
+    support = np.array([0, 63, 64, 65, 127, 128, 500, 997, 998, 999])  # across chunk boundaries
+    row = np.full(Vw, -40.0, dtype=np.float32)
+    row[support] = np.linspace(1.5, 0.0, support.size)
+    B = 64
+    bs = BatchSampler(B, Vw, 1)
+    for s in range(B):
+        bs.add(s, params, [2])
+    bs.shared_rng = np.random.default_rng(42)  # unseeded rows share this: fixed for a reproducible verdict
+    x = np.tile(row, (B, 1))
+    counts = np.zeros(Vw, dtype=np.int64)
+    for _ in range(250):
+        counts += np.bincount(bs.sample(x, np.arange(B)).token_ids, minlength=Vw)
+    assert counts[np.setdiff1d(np.arange(Vw), support)].sum() == 0
+    p = np.exp(row[support] / 0.8) / np.exp(row[support] / 0.8).sum()
+    assert chi_square(counts[support], p) < CHI2_999[9]
+
+
+def test_a_seeded_request_draws_the_same_tokens_in_any_batch_and_slot() -> None:
+    Vs = 500
+    rng = np.random.default_rng(0)
+    steps = [rng.normal(size=Vs).astype(np.float32) * 2 for _ in range(40)]
+    cases = [SamplingParams(temperature=0.9, top_p=0.9, seed=77), SamplingParams(temperature=1.1, seed=-3),
+             SamplingParams(temperature=0.7, top_k=20, min_p=0.02, frequency_penalty=0.3, seed=5)]
+    for p in cases:
+        alone = BatchSampler(1, Vs, 0)
+        alone.add(0, p, [1, 2])
+        ref = [int(alone.sample(x[None], np.array([0])).token_ids[0]) for x in steps]
+        assert len(set(ref)) > 5  # it really samples
+        busy = BatchSampler(8, Vs, 0)
+        neighbours = [SamplingParams(temperature=0.5, top_k=400), SamplingParams(temperature=0),
+                      SamplingParams(temperature=1.0, top_p=0.5, seed=1), SamplingParams(repetition_penalty=1.3),
+                      SamplingParams(temperature=1.0, logprobs=4, min_tokens=3)]
+        for slot, q in zip([0, 1, 3, 6, 7], neighbours, strict=True):
+            busy.add(slot, q, [3])
+        busy.add(5, p, [1, 2])
+        got = []
+        for t, x in enumerate(steps):
+            others = [0, 1, 3, 6, 7][: 1 + t % 5]  # the batch changes size and order every step
+            slots = np.array(others[: t % 3] + [5] + others[t % 3:])
+            xb = rng.normal(size=(len(slots), Vs)).astype(np.float32) * 2
+            xb[list(slots).index(5)] = x
+            got.append(int(busy.sample(xb, slots).token_ids[list(slots).index(5)]))
+        assert got == ref, p
+
+
+def test_one_uniform_per_sampled_row_per_step() -> None:
+    bs = sampler(SamplingParams(seed=3), SamplingParams(), SamplingParams(), SamplingParams(temperature=0),
+                 SamplingParams(temperature=0, seed=4))
+    bs.shared_rng = np.random.default_rng(10)
+    own, shared = np.random.default_rng(3), np.random.default_rng(10)
+    for _ in range(7):
+        step(bs, logits(5))
+        own.random()
+        shared.random(2)  # the two unseeded sampled rows; greedy rows draw nothing
+    assert bs.rngs[0].bit_generator.state == own.bit_generator.state
+    assert bs.shared_rng.bit_generator.state == shared.bit_generator.state
+    assert bs.rngs[4] is None
+
+
+# --- fast path, prompt logprobs -------------------------------------------------------------------
+def test_all_greedy_batch_is_one_argmax(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = logits(6, seed=12)
+    bs = sampler(*[SamplingParams(temperature=0, stop=["x"], seed=i) for i in range(6)])
+
+    def no_transform(*a, **k):
+        raise AssertionError("an all-greedy batch without penalties, bias or mask must not be transformed")
+
+    monkeypatch.setattr(BatchSampler, "_transform_and_pick", no_transform)
+    res = step(bs, x)
+    assert res.token_ids.tolist() == x.argmax(-1).tolist() and res.logprobs is None
+    bs.remove(2)
+    bs.add(2, SamplingParams(temperature=0, logit_bias={0: 1.0}), [1])  # one row needs work now
+    with pytest.raises(AssertionError, match="must not be transformed"):
+        step(bs, x)
+
+
+def test_prompt_logprobs_match_log_softmax() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, V)).astype(np.float32) * 4
+    targets = rng.integers(0, V, 7)
+    bs = BatchSampler(1, V, EOS)
+    lp, ids, lps = bs.prompt_logprobs(x, targets, 4)
+    ref = log_softmax64(x)
+    assert lp == pytest.approx(ref[np.arange(7), targets], abs=1e-5)
+    assert ids.tolist() == np.argsort(-ref, axis=1, kind="stable")[:, :4].tolist()
+    assert lps == pytest.approx(np.take_along_axis(ref, ids, 1), abs=1e-5)
+    assert ids.shape == lps.shape == (7, 4) and lp.dtype == np.float32
+    lp0, ids0, lps0 = bs.prompt_logprobs(x, targets, 0)
+    assert ids0.shape == (7, 0) and lp0 == pytest.approx(lp)
+    ties = np.zeros((1, V), dtype=np.float32)
+    assert bs.prompt_logprobs(ties, np.array([3]), 3)[1].tolist() == [[0, 1, 2]]  # equal ones by id
+    with pytest.raises(ValueError, match="n must be"):
+        bs.prompt_logprobs(x, targets, V + 1)
+
+
+# --- settings, slots -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("field", "value"), [
+    ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
+    ("top_k", 2.5), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", float("inf")),
+    ("frequency_penalty", "0.1"), ("max_tokens", -1), ("max_tokens", 0), ("min_tokens", -1), ("stop", "abc"),
+    ("stop", [""]), ("stop_token_ids", [-1]), ("seed", 1.5), ("logprobs", -1), ("prompt_logprobs", True),
+    ("logit_bias", {1: 101.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", [1]), ("ignore_eos", 1),
+])
+def test_bad_settings_name_the_field(field: str, value) -> None:
+    with pytest.raises(SamplingParamError, match=field) as e:
+        SamplingParams(**{field: value})
+    assert e.value.param == field
+
+
+def test_settings_edge_cases() -> None:
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0  # score only
+    assert SamplingParams(max_tokens=None).max_tokens is None  # the rest of the context
+    assert SamplingParams(top_k=-1).top_k == 0
+    with pytest.raises(SamplingParamError, match="min_tokens") as e:
+        SamplingParams(max_tokens=3, min_tokens=4)
+    assert e.value.param == "min_tokens"
+    for p, field in ((SamplingParams(logit_bias={V: 1.0}), "logit_bias"),
+                     (SamplingParams(stop_token_ids=[V]), "stop_token_ids"),
+                     (SamplingParams(logprobs=V + 1), "logprobs")):
+        with pytest.raises(SamplingParamError, match=field):
+            BatchSampler(1, V, EOS).add(0, p, [1])
+
+
+def test_slots_are_checked() -> None:
+    bs = BatchSampler(2, V, EOS)
+    bs.add(0, SamplingParams(), [1])
+    with pytest.raises(ValueError, match="already in use"):
+        bs.add(0, SamplingParams(), [1])
+    with pytest.raises(ValueError, match="slot must be"):
+        bs.add(2, SamplingParams(), [1])
+    with pytest.raises(ValueError, match="prompt_ids"):
+        bs.add(1, SamplingParams(), [V])
+    with pytest.raises(ValueError, match="in use"):
+        bs.sample(logits(1), np.array([1]))
+    with pytest.raises(ValueError, match="distinct"):
+        bs.add(1, SamplingParams(), [1]) or bs.sample(logits(2), np.array([1, 1]))
+    with pytest.raises(ValueError, match="not in use"):
+        bs.remove(1) or bs.remove(1)
+
+
+# --- the per-row sampler the engine still uses -------------------------------------------------------
+def test_legacy_sampler_refuses_what_it_does_not_implement() -> None:
+    for kw in ({"min_p": 0.1}, {"min_tokens": 2}, {"stop_token_ids": [3]}, {"logit_bias": {1: 2.0}},
+               {"structured": "g"}, {"prompt_logprobs": 1}):
+        with pytest.raises(SamplingParamError, match=next(iter(kw))):
+            RowState(SamplingParams(**kw), V, [1])
+    x = logits(2)
+    rows = [RowState(SamplingParams(temperature=0), V, [1]), RowState(SamplingParams(top_k=3, seed=1), V, [1])]
+    out = sample(x, rows).token_ids
+    assert out[0] == x[0].argmax() and out[1] in np.argsort(-x[1])[:3]
