@@ -2,7 +2,8 @@
 
 Layout of one checkpoint (``RUN/checkpoints/step-00001000/``):
 
-* ``model.safetensors``: the uncompiled, unwrapped model's weights (tied LM head stored once);
+* ``model.safetensors``: the uncompiled, unwrapped model's weights (a tied LM head stored once,
+  as the embedding; an untied one, ``tie_embeddings=False``, under its own name);
 * ``state.pt``: optimizer, RNG and sampler state, loadable with ``torch.load(weights_only=True)``,
   so loading never executes code;
 * ``meta.json``: step, losses and the sha256 of both files, written last.
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from nextoken.errors import UserError
 from nextoken.fileio import fsync_dir, fsync_file, sha256_file
 
-TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
+TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight when the head is tied
 
 
 @dataclass
@@ -39,14 +40,16 @@ class CheckpointInfo:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
-                    meta: dict[str, Any]) -> Path:
+                    meta: dict[str, Any], *, tied: bool = True) -> Path:
+    """Write one checkpoint atomically; ``tied=False`` keeps ``lm_head.weight`` (a head of its own)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in TIED_KEYS}
+    skip = TIED_KEYS if tied else ()
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in skip}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
     torch.save(train_state, tmp / "state.pt")
     for name in ("model.safetensors", "state.pt"):
@@ -129,7 +132,8 @@ def load_weights(path: Path, model: torch.nn.Module, verify: bool = True, flag: 
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path / 'model.safetensors'} cannot be read: {e}", flag=flag) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in TIED_KEYS]
+    if getattr(model, "tied", True):  # the head is the embedding, loaded under its name
+        missing = [k for k in missing if k not in TIED_KEYS]
     if missing or unexpected:
         raise UserError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
                         flag=flag)

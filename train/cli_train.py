@@ -21,6 +21,18 @@ _HELP = {
     "resume": "never, auto (newest good checkpoint in --out-dir), or a checkpoint folder",
     "out_dir": "the run folder (config, tokenizer, checkpoints, metrics, plots)",
     "threads": "PyTorch CPU threads (0 = PyTorch's default)",
+    "pos_emb": "position embeddings: learned (GPT-2's table) or rope (rotary, no table)",
+    "rope_base": "rotary frequency base (with --pos-emb rope)",
+    "qk_norm": "RMS-normalise queries and keys per head before attention",
+    "mlp_act": "MLP activation: gelu (GPT-2's tanh GELU) or relu2 (ReLU squared)",
+    "tie_embeddings": "share the token embedding with the LM head (--no-tie-embeddings: a head of its own)",
+    "zero_init": "start the blocks' output projections (and an untied head) at zero",
+    "logit_softcap": "soft-cap logits at this value, cap * tanh(logits / cap) (0 = off)",
+    "doc_mask": "attention and positions restart at every <|endoftext|> inside a training window",
+    "optimizer": "adamw, or muon (Muon for the blocks' matrices, AdamW for embeddings, head, gains, biases)",
+    "muon_lr": "Muon's peak learning rate (same warmup/decay shape as --learning-rate)",
+    "muon_momentum": "Muon's (Nesterov) momentum",
+    "muon_ns_steps": "Newton-Schulz iterations per Muon update",
 }
 
 

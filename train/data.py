@@ -12,6 +12,14 @@ sources, the counts and the train/val split point (the first ``1 - val_fraction`
 train, the rest validate, as nanoGPT splits a single file). Training reads random windows
 through the memory map; evaluation reads fixed, evenly spaced windows so val loss is
 comparable across runs and resumes.
+
+Document masking (``--doc-mask``, ``document_layout``): windows stay random and packed (every
+token of the corpus can be trained on, no padding), and the mask is explicit instead: a token
+attends only to earlier tokens of its own document and counts its position from that
+document's ``<|endoftext|>``, which is exactly what it sees when served (a prompt starts with
+``<|endoftext|>`` at position 0). Windows that *start* at a boundary were the alternative: here
+documents are far longer than a context (a stdlib file is thousands of tokens; tinyshakespeare
+is one document), so that would train on the first block of each document only.
 """
 
 from __future__ import annotations
@@ -230,6 +238,22 @@ def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[to
     block = np.stack([np.asarray(tokens[i: i + block_size + 1], dtype=np.int64) for i in starts])  # (B, T+1)
     t = torch.from_numpy(block)
     return t[:, :-1], t[:, 1:]
+
+
+def document_layout(x: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document ids and in-document positions for windows x (B, T) -> two (B, T) int64 tensors.
+
+    ``<|endoftext|>`` opens a document (it separates them in ``tokens.bin``, and a served
+    prompt starts with it), so it takes position 0 of the new document. Tokens before a
+    window's first separator continue a document that started outside the window: their
+    positions count from the window's start, as without masking.
+    """
+    B, T = x.shape
+    starts = x == eot_id  # (B, T)
+    document_ids = starts.long().cumsum(1)  # (B, T)
+    idx = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values  # (B, T)
+    return document_ids, idx - last_start
 
 
 class WindowSampler:

@@ -1,8 +1,11 @@
-"""The training loop: next-token prediction with AdamW, warmup + cosine decay, accumulation.
+"""The training loop: next-token prediction with AdamW (or Muon), warmup + cosine decay, accumulation.
 
 One step: ``accum`` micro-batches of random windows (``inputs = tokens[i:i+T]``,
 ``targets = tokens[i+1:i+T+1]``), mean cross-entropy, backward (the gradient all-reduce only
-on the last micro-batch), clip, AdamW step. Every ``eval_interval`` steps: train and val loss
+on the last micro-batch), clip, optimizer step (``train/optim.py``: AdamW, or Muon for the
+hidden matrices and AdamW for the rest; every group follows the same warmup and decay shape
+from its own peak). With ``doc_mask`` each window is masked so attention and positions restart
+at every ``<|endoftext|>`` (``document_layout``). Every ``eval_interval`` steps: train and val loss
 and perplexity on fixed windows, a few samples, the loss plot, and a checkpoint.
 
 Exact resume: the checkpoint holds the model, optimizer, the torch RNG (dropout), and the
@@ -41,12 +44,14 @@ from nextoken.train.config import GPTConfig, TrainConfig
 from nextoken.train.data import (
     TokenData,
     WindowSampler,
+    document_layout,
     eval_starts,
     resolve_sources,
     tokenize_corpus,
     windows,
 )
 from nextoken.train.model import GPT
+from nextoken.train.optim import build_optimizer
 from nextoken.train.run import resolve_device
 from nextoken.train.tokenizer import EOT, load_tokenizer, special_token_ids, tokenizer_kind, train_tokenizer
 
@@ -72,6 +77,27 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, it: int, cfg: TrainConfig) -> float:
+    """Every group at step ``it`` of the schedule, scaled from its own peak; returns AdamW's lr.
+
+    AdamW groups get ``lr_at`` itself; Muon groups the same curve from ``muon_lr`` (warmup,
+    cosine decay, and a floor at the same fraction ``min_lr / learning_rate``).
+    """
+    lr = lr_at(it, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * (cfg.muon_lr / cfg.learning_rate) if group.get("muon", False) else lr
+    return lr
+
+
+def model_inputs(x: torch.Tensor, cfg: TrainConfig, eot_id: int | None) -> dict[str, torch.Tensor]:
+    """Keyword inputs besides the token ids: document ids and positions when ``doc_mask`` is on."""
+    if not cfg.doc_mask:
+        return {}
+    assert eot_id is not None  # the loop refuses doc_mask without an end-of-text token
+    document_ids, position_ids = document_layout(x, eot_id)  # each (B, T)
+    return {"document_ids": document_ids, "position_ids": position_ids}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -163,8 +189,8 @@ def _prepare_tokenizer_and_data(cfg: TrainConfig, run_dir: Path, info: D.DistInf
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, device: torch.device,
-             autocast: Any, info: D.DistInfo) -> dict[str, float]:
-    """Mean loss over fixed windows of each split, shared out between ranks."""
+             autocast: Any, info: D.DistInfo, eot_id: int | None = None) -> dict[str, float]:
+    """Mean loss over fixed windows of each split, shared out between ranks (masked as in training)."""
     model.eval()
     out = {}
     per_rank = math.ceil(cfg.eval_iters * cfg.batch_size / info.world_size)
@@ -173,8 +199,9 @@ def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, device: 
         total = torch.zeros(2, device=device)  # (sum of losses, count)
         for i in range(0, len(starts), cfg.batch_size):
             x, y = windows(tokens, starts[i: i + cfg.batch_size], cfg.block_size)
+            extra = {k: v.to(device) for k, v in model_inputs(x, cfg, eot_id).items()}
             with autocast:
-                loss = model(x.to(device), y.to(device)).loss
+                loss = model(x.to(device), y.to(device), **extra).loss
             total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=device)])
         D.all_reduce_mean(total, info)
         out[name] = (total[0] / total[1]).item()
@@ -231,6 +258,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
     resume_path = resume_from.path if hasattr(resume_from, "path") else resume_from
 
     tok, data = _prepare_tokenizer_and_data(cfg, run_dir, info, resume_path is not None, say)
+    eot_id = tok.token_to_id(EOT)
+    if cfg.doc_mask and eot_id is None:
+        raise UserError(f"the tokenizer has no {EOT} token to find document boundaries by", flag="--doc-mask")
     mcfg: GPTConfig = cfg.model_config(tok.get_vocab_size())
     if info.is_main:
         run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(),
@@ -252,7 +282,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         state = load_train_state(resume_path)
     raw.to(device)
     model = D.wrap_model(raw, info, cfg.strategy, device)
-    optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_optimizer(raw, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
+                                weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), device_type=device.type,
+                                muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, muon_ns_steps=cfg.muon_ns_steps)
     if state:
         D.load_optimizer_state(model, optimizer, state["optimizer"], info, cfg.strategy)
     if cfg.compile:
@@ -312,7 +344,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
             train_state["scaler"] = scaler.state_dict()
         meta = {"tokens_seen": tokens_seen, "train_time": train_time, "world_size": info.world_size,
                 "train_loss": losses["train"] if losses else None, "val_loss": losses["val"] if losses else None}
-        save_checkpoint(ckpt_root, step, model_state, train_state, meta)
+        save_checkpoint(ckpt_root, step, model_state, train_state, meta, tied=raw.tied)
         prune_checkpoints(ckpt_root, cfg.keep_last)
 
     it = start_iter
@@ -332,7 +364,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
             now = time.perf_counter()  # steps since the last log count as training time; evaluation does not
             window_time += now - t_step
             train_time += now - t_step
-            losses = evaluate(model, data, cfg, device, autocast, info)
+            losses = evaluate(model, data, cfg, device, autocast, info, eot_id)
             last_losses = losses
             if not val_history or val_history[-1][0] != it:
                 val_history.append((it, losses["train"], losses["val"]))
@@ -361,14 +393,13 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         if final:
             break
 
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rates(optimizer, it, cfg)
         for micro in range(accum):
             x, y = sampler.next_batch()
+            extra = {k: v.to(device, non_blocking=True) for k, v in model_inputs(x, cfg, eot_id).items()}
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with D.no_grad_sync(model, info, skip=micro < accum - 1), autocast:
-                loss = model(x, y).loss / accum
+                loss = model(x, y, **extra).loss / accum
             scaler.scale(loss).backward()
             loss_acc += loss.detach()
         if cfg.grad_clip:

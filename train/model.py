@@ -12,6 +12,12 @@ Two call paths share one set of weights:
 
 Attention *weights* are never materialised here; ``attention_weights`` recomputes them on a
 separate path for plots, so training and serving keep the fused SDPA kernel.
+
+Recipe options (``GPTConfig``; the defaults are GPT-2) each live inside one of the pieces the
+serving graph composes (``embed``, ``attn.qkv``, ``attn.c_proj``, ``mlp``, ``head``): rotary
+position embeddings and QK-norm in ``qkv``, ReLU^2 in ``mlp``, soft-capping and an untied head
+in ``head``. Attention itself stays plain causal SDPA with scale 1/sqrt(head_size) in every
+variant, so the serving graph can hand exactly that to ONNX Runtime's kernel.
 """
 
 from __future__ import annotations
@@ -59,6 +65,34 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
 
 
+def build_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention inside each document of a packed window.
+
+    document_ids: (B, T), equal for the tokens of one document. Returns a boolean (B, 1, T, T):
+    query i may see key j when j <= i and both belong to the same document (so the diagonal
+    is always visible and no row is fully masked).
+    """
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]  # (B, 1, T, T)
+
+
+def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate channel pairs (i, i + hs/2) of x (B, nh, T, hs) by position * base ** (-2i / hs).
+
+    position_ids: (B, T) or (1, T). The angles are computed here from the positions (in float32,
+    whatever x's dtype), not read from a table, so per-row positions (left padding) and any
+    context length work, and the exported graph holds no position-sized constant.
+    """
+    hs = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float32, device=x.device) / hs)  # (hs/2,)
+    angles = position_ids[:, None, :, None].to(torch.float32) * inv_freq  # (B, 1, T, hs/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2:]  # each (B, nh, T, hs/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -68,6 +102,14 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.rope_base = config.rope_base if config.pos_emb == "rope" else None
+        if config.qk_norm:
+            # A learned gain per channel, shared by the heads: with unit-RMS q and k and a fixed
+            # 1/sqrt(hs) scale, the gains are what lets attention sharpen.
+            self.q_norm = nn.RMSNorm(config.head_size, eps=1e-6)
+            self.k_norm = nn.RMSNorm(config.head_size, eps=1e-6)
+        else:
+            self.q_norm = self.k_norm = None
 
     def qkv(self, x: torch.Tensor, position_ids: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,6 +124,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, nh, T, hs), unit RMS times the gains
+        if self.rope_base is not None:
+            if position_ids is None:
+                raise ValueError("rotary position embeddings need position_ids")
+            q = apply_rotary(q, position_ids, self.rope_base)  # (B, nh, T, hs)
+            k = apply_rotary(k, position_ids, self.rope_base)  # (B, nh, T, hs)
         return q, k, v
 
     def forward(
@@ -105,11 +154,18 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x) ** 2 (Primer, So et al. 2021; the modded-nanogpt speedrun's MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = nn.GELU(approximate="tanh") if config.mlp_act == "gelu" else ReLUSquared()  # the activation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -148,19 +204,32 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos_emb == "learned" else {}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init:
+            # Every block starts as the identity on the residual stream, and an untied head
+            # predicts uniformly (loss exactly log(vocab)); gradients still reach these matrices
+            # at once, so they move on the first step.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not config.tie_embeddings):
+                    nn.init.zeros_(p)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the LM head shares the token embedding's tensor (GPT-2)."""
+        return self.lm_head.weight is self.transformer.wte.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -173,21 +242,29 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Token (and position) embeddings: input_ids (B, T), position_ids (B, T) or (1, T) -> (B, T, C)."""
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        """Token (and position) embeddings: input_ids (B, T), position_ids (B, T) or (1, T) -> (B, T, C).
+
+        With rotary embeddings there is no position table: positions enter in ``attn.qkv``.
+        """
+        x = self.transformer.wte(input_ids)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(position_ids)  # (B, T, C)
         return self.transformer.drop(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual stream (B, T, C) -> next-token logits (B, T, vocab_size)."""
+        """The residual stream (B, T, C) -> next-token logits (B, T, vocab_size), soft-capped if set."""
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, padded_vocab)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # (B, T, vocab)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * torch.tanh(logits / cap)  # (B, T, vocab), every logit inside (-cap, cap)
         return logits
 
     def forward(
@@ -199,16 +276,21 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Logits for every position, and the loss against ``targets`` when given.
 
         input_ids: (B, T) token ids; targets: (B, T) next-token ids (-100 is ignored).
         attention_mask: (B, past+T) 1 = real token, 0 = padding. position_ids: (B, T).
         past_key_values: per layer (key, value), each (B, nh, past, hs).
+        document_ids: (B, T), training path only: a token attends only to earlier tokens of its
+        own document (pass each token's position inside its document as position_ids).
         """
         B, T = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         cached = use_cache or past_key_values is not None or attention_mask is not None
+        if document_ids is not None and cached:
+            raise ValueError("document_ids is for the training path; the cached path takes attention_mask")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -T:]  # (B, T)
@@ -223,6 +305,8 @@ class GPT(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
             mask = build_attention_mask(attention_mask, T, past_len)  # (B, 1, T, past+T)
+        elif document_ids is not None:
+            mask = build_document_mask(document_ids)  # (B, 1, T, T)
 
         x = self.embed(input_ids, position_ids)  # (B, T, C)
         presents: KVCache = []
@@ -261,13 +345,14 @@ class GPT(nn.Module):
     def configure_optimizer(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
     ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices (and embeddings) only, never on biases or norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW with weight decay on matrices (and embeddings) only, never on biases or norms.
+
+        ``nextoken.train.optim.build_optimizer`` is the general form (it also builds Muon).
+        """
+        from nextoken.train.optim import adamw_groups
+
         extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        return torch.optim.AdamW(adamw_groups(self, weight_decay), lr=learning_rate, betas=betas, **extra)
 
     @torch.no_grad()
     def generate(
