@@ -5,8 +5,10 @@
     ARTIFACT/
       model.onnx              merged prefill + KV-cache decode graph (model.onnx.data beside it above 2 GB)
       tokenizer.json          Hugging Face tokenizers format
-      config.json             architecture, in GPT-2 config.json field names where they exist
+      config.json             a GPT-2 config.json (transformers reads it) plus the keys our server reads
       generation_config.json  default sampling settings
+      tokenizer_config.json   special tokens and model_max_length for AutoTokenizer (and special_tokens_map.json)
+      genai_config.json       lets onnxruntime-genai open the folder as it is
       manifest.json           format version, sha256 of every other file, source checkpoint, export options
 
 ``load_artifact`` refuses a folder whose files do not match their recorded hashes, so a
@@ -33,9 +35,17 @@ class ArtifactError(Exception):
 
 def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id: int | None, name: str,
                       version: str, tokenizer_kind: str, dtype: str = "float32") -> dict[str, Any]:
-    """config.json from a GPTConfig dict, with GPT-2's field names (n_positions, n_embd, ...)."""
+    """config.json from a GPTConfig dict: a GPT-2 config that transformers reads, plus our own keys.
+
+    ``model_type``/``architectures`` make transformers (and so Optimum, vLLM, lm-eval, llama.cpp's
+    converter) treat the folder as GPT-2; the remaining GPT-2 fields say what our model is in
+    GPT-2's terms (tanh GELU is ``gelu_new``; dropout everywhere is the run's one rate). Keys
+    GPT-2 lacks (name, version, head_dim, tokenizer_kind) are what our server reads;
+    transformers keeps unknown keys as attributes and ignores them.
+    """
     return {
-        "model_type": "nextoken-gpt",
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
         "name": name,
         "version": version,
         "vocab_size": model["vocab_size"],
@@ -48,6 +58,14 @@ def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id:
         "n_inner": 4 * model["n_embd"],
         "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": model.get("dropout", 0.0),
+        "embd_pdrop": model.get("dropout", 0.0),
+        "attn_pdrop": model.get("dropout", 0.0),
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "use_cache": True,
         "tie_word_embeddings": True,
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,

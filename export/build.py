@@ -23,6 +23,7 @@ import onnxscript
 import torch
 
 from nextoken.errors import UserError
+from nextoken.export import ecosystem
 from nextoken.export.artifact import FORMAT, gpt2_style_config, write_json, write_manifest
 from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, quantize_int8
 from nextoken.export.serving import export_serving_onnx, verify_serving
@@ -56,9 +57,7 @@ def _check_out(out: Path) -> None:
 
 def generation_config(model: GPTConfig, eos_token_id: int) -> dict[str, Any]:
     """Default sampling, the same as ``nextoken generate``'s flags."""
-    return {"do_sample": True, "temperature": 0.8, "top_k": None, "top_p": 1.0,
-            "max_new_tokens": min(256, model.block_size), "bos_token_id": eos_token_id,
-            "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+    return ecosystem.generation_config(block_size=model.block_size, eos_token_id=eos_token_id)
 
 
 def _place(tmp: Path, out: Path) -> None:
@@ -157,6 +156,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", generation_config(gpt_cfg, eos))
+        # tokenizer_config.json, special_tokens_map.json, genai_config.json: Optimum, AutoTokenizer and
+        # onnxruntime-genai open the folder unchanged (hashed in the manifest like every file)
+        ecosystem.write_artifact_extras(tmp, config)
         source = {"run": str(run_dir.resolve()), "checkpoint": ckpt.path.name, "step": ckpt.step,
                   "val_loss": meta.get("val_loss"), "weights_sha256": meta.get("files", {}).get("model.safetensors")}
         options = dict(graph, quantize=quantize, torch=torch.__version__, onnx=onnx.__version__,

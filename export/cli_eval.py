@@ -1,0 +1,60 @@
+"""`nextoken eval RUN_OR_ARTIFACT --data FILES`: loss, perplexity and bits per byte on held-out text.
+
+The windows are lm-evaluation-harness's ``loglikelihood_rolling`` ones (see
+``nextoken.export.evaluate``), so the figures compare with lm-eval's for the same tokenizer and
+window. An artifact is scored with ONNX Runtime alone; a run folder with its PyTorch checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from nextoken.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="RUN_OR_ARTIFACT",
+                        help="an artifact folder (ONNX Runtime, no PyTorch) or a run folder (PyTorch)")
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                        help="held-out text: files, folders or globs; each file is one document, each line of a "
+                             ".jsonl file one document")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default: text)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="input tokens per window (default: the model's context). lm-eval's hf backend with "
+                             "max_length=W and its local-completions backend with max_length=W+1 use the same windows")
+    parser.add_argument("--checkpoint", default=None,
+                        help="for a run folder: best (default), latest, a step, or a checkpoint folder")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for the forward passes (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nextoken.export.evaluate import evaluate_texts, iter_documents, make_scorer, resolve_files
+
+    if args.batch_size < 1:
+        raise UserError(f"must be >= 1, got {args.batch_size}", flag="--batch-size")
+    if args.threads < 1:
+        raise UserError(f"must be >= 1, got {args.threads}", flag="--threads")
+    files = resolve_files(args.data)
+    scorer = make_scorer(args.model, args.checkpoint, args.threads)
+    window = scorer.context if args.window is None else args.window
+    if not 1 <= window <= scorer.context:
+        raise UserError(f"must be in [1, {scorer.context}] (the model's context), got {window}", flag="--window")
+    res = evaluate_texts(scorer.forward, scorer.encode, iter_documents(files, args.text_field),
+                         prefix_token=scorer.eos_token_id, window=window, batch_size=args.batch_size)
+    figures = res.to_dict()
+    figures.pop("doc_logprobs")
+    if args.json:
+        print(json.dumps({"model": str(args.model), "source": scorer.source, **figures}))
+        return 0
+    print(f"{scorer.description}; {res.documents} document(s), {res.tokens:,} tokens, {res.bytes:,} bytes, "
+          f"{res.windows} window(s) of up to {window} tokens", file=sys.stderr)
+    rows = [("loss (nats/token)", f"{res.loss:.6f}"), ("perplexity", f"{res.perplexity:.4f}"),
+            ("bits per byte", f"{res.bits_per_byte:.6f}"), ("byte perplexity", f"{res.byte_perplexity:.6f}"),
+            ("word perplexity", f"{res.word_perplexity:.4f}")]
+    for name, value in rows:
+        print(f"{name:<20}{value:>16}")
+    return 0

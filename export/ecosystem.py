@@ -1,0 +1,127 @@
+"""The metadata files other tools look for in a model folder. Torch-free, like ``artifact.py``.
+
+Each file is what one loader reads, measured with the loader itself (field notes, "Interop"):
+
+* ``tokenizer_config.json`` + ``special_tokens_map.json``: transformers' ``AutoTokenizer`` (and
+  so Optimum, lm-eval's ``hf`` tokenizer, vLLM, onnxruntime-genai's tokenizer) read the class,
+  the special tokens and ``model_max_length`` here; without them eos/bos/pad load as ``None``.
+  The class is ``PreTrainedTokenizerFast``: it takes ``tokenizer.json`` as it is, for every
+  tokenizer kind, where ``GPT2TokenizerFast`` would rewrite the pre-tokenizer's options.
+* ``genai_config.json``: onnxruntime-genai opens a folder only through it. Its ``"phi"`` decoder
+  type takes the tensor names from the file, so our Optimum-style names go in as ``%d``
+  templates; its ``"gpt2"`` type expects other input names ("Model input was not found").
+  ``past_present_share_buffer`` is off: ``model.onnx`` returns ``concat(past, new)``.
+* ``generation_config.json``: transformers' ``GenerationConfig`` (and our server's defaults).
+
+The GPT-2 ``config.json`` itself is ``artifact.gpt2_style_config``. This module ignores weights
+and graphs; it only describes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nextoken.export.artifact import write_json
+
+EOT = "<|endoftext|>"  # the same string as nextoken.train.tokenizer.EOT (which imports the trainer)
+UNK = "<unk>"
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def _added_token(content: str) -> dict[str, Any]:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+
+
+def special_tokens(tokenizer_kind: str) -> dict[str, str]:
+    """bos/eos/pad are ``<|endoftext|>`` (as in GPT-2); unk is ``<unk>`` where the vocabulary has one."""
+    tokens = {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT}
+    # Byte-level BPE encodes any text, so it has no unknown token; GPT-2 names eos there too.
+    tokens["unk_token"] = EOT if tokenizer_kind == "bpe" else UNK
+    return tokens
+
+
+def tokenizer_config(tokenizer_kind: str, *, model_max_length: int, eos_token_id: int,
+                     unk_token_id: int | None) -> dict[str, Any]:
+    """``tokenizer_config.json`` for ``AutoTokenizer``: no BOS is added (GPT-2's convention).
+
+    Our server puts ``<|endoftext|>`` before every prompt itself (documents are separated by it in
+    training); a caller of another runtime who wants the server's tokens does the same.
+    """
+    decoder = {str(eos_token_id): _added_token(EOT)}
+    if tokenizer_kind != "bpe" and unk_token_id is not None:
+        decoder[str(unk_token_id)] = _added_token(UNK)
+    return {
+        "tokenizer_class": TOKENIZER_CLASS,
+        **special_tokens(tokenizer_kind),
+        "model_max_length": model_max_length,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": decoder,
+    }
+
+
+def generation_config(*, block_size: int, eos_token_id: int) -> dict[str, Any]:
+    """Default sampling, the same as ``nextoken generate``'s flags."""
+    return {"do_sample": True, "temperature": 0.8, "top_k": None, "top_p": 1.0,
+            "max_new_tokens": min(256, block_size), "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+
+
+def genai_config(config: dict[str, Any], *, filename: str = "model.onnx", threads: int | None = None
+                 ) -> dict[str, Any]:
+    """``genai_config.json`` for onnxruntime-genai over ``filename`` (the Optimum-style graph).
+
+    ``config`` is the artifact's ``config.json``. Search defaults are greedy (genai's own
+    defaults); callers set their own per generator.
+    """
+    session: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if threads is not None:
+        session.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    eos = config["eos_token_id"]
+    return {
+        "model": {
+            "type": "phi",
+            "vocab_size": config["vocab_size"],
+            "context_length": config["n_positions"],
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "decoder": {
+                "session_options": session,
+                "filename": filename,
+                "head_size": config["head_dim"],
+                "hidden_size": config["n_embd"],
+                "num_attention_heads": config["n_head"],
+                "num_key_value_heads": config["n_head"],
+                "num_hidden_layers": config["n_layer"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": config["n_positions"], "min_length": 0,
+                   "past_present_share_buffer": False, "num_return_sequences": 1, "top_k": 1, "top_p": 1.0,
+                   "temperature": 1.0, "repetition_penalty": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
+    }
+
+
+def write_tokenizer_files(folder: Path, config: dict[str, Any]) -> None:
+    """tokenizer_config.json and special_tokens_map.json beside an existing tokenizer.json."""
+    kind = config.get("tokenizer_kind", "bpe")
+    write_json(folder / "tokenizer_config.json", tokenizer_config(
+        kind, model_max_length=config["n_positions"], eos_token_id=config["eos_token_id"],
+        unk_token_id=config.get("unk_token_id")))
+    write_json(folder / "special_tokens_map.json", special_tokens(kind))
+
+
+def write_artifact_extras(folder: Path, config: dict[str, Any]) -> None:
+    """What an ONNX artifact needs beyond our own files so Optimum and onnxruntime-genai open it as is."""
+    write_tokenizer_files(folder, config)
+    write_json(folder / "genai_config.json", genai_config(config))
