@@ -15,7 +15,7 @@ Surface, for the engine process (one ``GrammarCompiler`` per model version)::
     compiler = GrammarCompiler(tokenizer_json, vocab_size, eos_id)
     spec = spec_from_request(body)            # None when the request asks for no structure
     matcher = compiler.compile(spec)          # GrammarError(message, param): answer 400 naming param
-    bias = np.zeros((B, vocab_size), np.float32)    # reused every step
+    bias = np.zeros((B, vocab_size), np.float32)    # reused every step (or bool: True = allowed)
     rows = compiler.fill_masks(matchers, bias)      # matchers: one Matcher | None per batch row
     apply_masks(logits, bias, rows)           # logits (B, V) float32, in place: -inf where not allowed
     ...sample...
@@ -23,7 +23,8 @@ Surface, for the engine process (one ``GrammarCompiler`` per model version)::
     matcher.is_terminated()                   # the grammar is complete: only EOS is allowed from now on
 
 ``validate(spec)`` is the cheap check for the HTTP process (no tokenizer, ~0.1-5 ms): it catches
-malformed payloads, invalid schemas, regexes and grammars before a request is admitted.
+malformed payloads, invalid schemas, regexes and grammars before a request is admitted. ``compile``
+may run on any thread (its cache is locked); ``fill_masks`` and a Matcher belong to one thread at a time.
 
 NOTE on the mask format: ``fill_masks`` writes an additive float32 bias (0 = allowed, -inf = not) rather
 than a bool mask (a bool one is available too). Adding it is branch-free: on (32, 4096) float32 logits
@@ -93,6 +94,8 @@ class StructuredSpec:
     ``schema``, optional ``strict`` and ``description``); guided_json -> a schema (dict, or its JSON text);
     guided_regex -> str; guided_choice -> list of str; guided_grammar -> Lark or GBNF text.
     ``whitespace`` (vLLM's guided_whitespace_pattern) replaces DEFAULT_WHITESPACE for the JSON kinds.
+    Every schema is enforced in full whatever ``strict`` says: a keyword llguidance cannot enforce is
+    refused (GrammarError), never dropped.
     """
 
     kind: str
