@@ -1,11 +1,13 @@
 """Launched by test_distributed.py under ``torchrun --nproc_per_node 2``: checks gradient averaging.
 
 Each rank runs ``ACCUM`` micro-steps on its own micro-batches through ``wrap_model`` and
-``no_grad_sync`` (the loop's own plumbing), then takes one AdamW step. Rank 0 repeats the step
-in a single process on the concatenation of every rank's micro-batches and compares the
+``no_grad_sync`` (the loop's own plumbing), then takes one optimizer step (AdamW, or Muon with
+AdamW for the rest: Muon orthogonalises each whole matrix, so under FSDP a rank must gather its
+shard's full gradient first, and a rank that orthogonalised only its shard would fail here). Every
+rank also repeats the step in a single process on the concatenation of every rank's micro-batches and compares the
 gathered gradients and updated weights. The ranks see different data, so a missing all-reduce
 (or a sum instead of a mean, or a sync skipped on the last micro-step) cannot pass. Writes a
-JSON report to argv[2]; exits 1 on a mismatch.
+JSON report to argv[2]; exits 1 on a mismatch. argv[1]: comma-separated ``strategy[:optimizer]``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from nextoken.train import distributed as D
 from nextoken.train.config import GPTConfig
 from nextoken.train.model import GPT
+from nextoken.train.optim import build_optimizer
 
 ACCUM, B, T, V = 2, 3, 16, 23
 CFG = GPTConfig(vocab_size=V, block_size=T, n_layer=2, n_head=2, n_embd=16)
@@ -38,14 +41,19 @@ def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def check(strategy: str, info: D.DistInfo) -> dict[str, float]:
+def make_optimizer(model: torch.nn.Module, optimizer: str) -> torch.optim.Optimizer:
+    return build_optimizer(model, optimizer=optimizer, learning_rate=1e-2, weight_decay=0.1, betas=(0.9, 0.99),
+                           device_type="cpu", muon_lr=0.05)
+
+
+def check(strategy: str, optimizer: str, info: D.DistInfo) -> dict[str, float]:
     data = batches(info.world_size)
     torch.manual_seed(0)
     raw = GPT(CFG)
     reference = GPT(CFG)
     reference.load_state_dict(raw.state_dict())
     model = D.wrap_model(raw, info, strategy, torch.device("cpu"))
-    opt = raw.configure_optimizer(0.1, 1e-2, (0.9, 0.99), "cpu")
+    opt = make_optimizer(raw, optimizer)
     for micro in range(ACCUM):
         w = data[info.rank, micro]  # (B, T+1)
         with D.no_grad_sync(model, info, skip=micro < ACCUM - 1):
@@ -56,7 +64,7 @@ def check(strategy: str, info: D.DistInfo) -> dict[str, float]:
     weights = D.full_model_state(model, info, strategy)  # collective under FSDP
 
     # One process, one batch: every rank's micro-batches concatenated, one mean loss.
-    ref_opt = reference.configure_optimizer(0.1, 1e-2, (0.9, 0.99), "cpu")
+    ref_opt = make_optimizer(reference, optimizer)
     allw = data.transpose(0, 1).reshape(-1, T + 1)  # (ACCUM * world * B, T+1)
     reference(allw[:, :-1], allw[:, 1:]).loss.backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
@@ -77,9 +85,10 @@ def main() -> int:
     assert info.world_size == 2, info
     ok = True
     report = {}
-    for strategy in sys.argv[1].split(","):
-        r = check(strategy, info)
-        report[strategy] = r
+    for spec in sys.argv[1].split(","):
+        strategy, _, optimizer = spec.partition(":")
+        r = check(strategy, optimizer or "adamw", info)
+        report[spec] = r
         ok &= r["grad_err"] < 1e-6 * max(1.0, r["grad_scale"]) and r["weight_err"] < 1e-5
     if info.is_main:
         with open(sys.argv[2], "w") as f:

@@ -45,9 +45,10 @@ def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 def test_gradients_are_averaged_across_ranks(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
-    torchrun(str(HERE / "dist_grad_check.py"), "ddp,fsdp", str(report_path))
+    specs = ("ddp", "fsdp", "ddp:muon", "fsdp:muon")
+    torchrun(str(HERE / "dist_grad_check.py"), ",".join(specs), str(report_path))
     report = json.loads(report_path.read_text())
-    for strategy in ("ddp", "fsdp"):
+    for strategy in specs:
         r = report[strategy]
         assert r["grad_scale"] > 1e-2, "gradients too small for the comparison to mean anything"
         assert r["grad_err"] < 1e-6, (strategy, r)
@@ -139,6 +140,31 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(tiny_run: Path, tmp_pa
     # The 1-process optimizer state was sharded into FSDP, stepped 3 times and gathered back whole.
     assert float(adam["step"]) == 33
     assert adam["exp_avg"].shape == load_file(ckpt.path / "model.safetensors")["transformer.wte.weight"].shape
+
+
+def test_fsdp_muon_run_gathers_whole_optimizer_state_and_resumes_in_one_process(tmp_path: Path,
+                                                                                 tiny_corpus: Path) -> None:
+    """The whole recipe under FSDP: Muon's momentum buffers come back whole (not one rank's shard)
+    and a single process continues them."""
+    run = tmp_path / "run"
+    recipe = ["--optimizer", "muon", "--pos-emb", "rope", "--qk-norm", "--mlp-act", "relu2", "--no-tie-embeddings",
+              "--zero-init", "--logit-softcap", "15", "--doc-mask"]
+    torchrun("-m", "nextoken", "train", "--data", str(tiny_corpus), "--out-dir", str(run), "--strategy", "fsdp",
+             *TINY_FLAGS, *recipe)
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    assert ckpt.step == 6 and ckpt.meta["world_size"] == 2
+    state = torch.load(ckpt.path / "state.pt", weights_only=True)["optimizer"]["state"]
+    weights = load_file(ckpt.path / "model.safetensors")
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"):
+        assert state[name]["momentum_buffer"].shape == weights[name].shape, name
+        assert "exp_avg" not in state[name]
+    assert state["lm_head.weight"]["exp_avg"].shape == weights["lm_head.weight"].shape
+    summary = train_tiny(run, tiny_corpus, resume="auto", max_iters=9, eval_interval=3, eval_iters=2,
+                         log_interval=3, warmup_iters=2, optimizer="muon", pos_emb="rope", qk_norm=True,
+                         mlp_act="relu2", tie_embeddings=False, zero_init=True, logit_softcap=15.0, doc_mask=True)
+    assert summary["steps"] == 9 and summary["world_size"] == 1
+    resumed = torch.load(list_checkpoints(run / "checkpoints")[-1].path / "state.pt", weights_only=True)
+    assert float(resumed["optimizer"]["state"]["lm_head.weight"]["step"]) == 9  # continued from the 2-rank 6
 
 
 def test_ranks_stop_together_on_max_time(tmp_path: Path, tiny_corpus: Path) -> None:

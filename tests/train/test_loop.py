@@ -25,8 +25,13 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["event"] == "train"}
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus) -> None:
-    common = dict(max_iters=16, lr_decay_iters=16, eval_interval=8, log_interval=1, dropout=0.1)
+RECIPE = dict(optimizer="muon", pos_emb="rope", qk_norm=True, mlp_act="relu2", tie_embeddings=False,
+              zero_init=True, logit_softcap=15.0, doc_mask=True)
+
+
+@pytest.mark.parametrize("recipe", [{}, RECIPE], ids=["adamw-gpt2", "muon-recipe"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_corpus, recipe) -> None:
+    common = dict(max_iters=16, lr_decay_iters=16, eval_interval=8, log_interval=1, dropout=0.1, **recipe)
     train_tiny(tmp_path / "full", tiny_corpus, **common)
     train_tiny(tmp_path / "split", tiny_corpus, **{**common, "max_iters": 8})
     train_tiny(tmp_path / "split", tiny_corpus, **{**common, "resume": "auto"})
