@@ -321,8 +321,8 @@ class Matcher:
         return self._ended or self._dead is not None or self._ll.is_stopped()
 
     def is_accepting(self) -> bool:
-        """What came so far is a complete match (EOS is allowed), though it may still be extended."""
-        return self._ended or self._dead is not None or self._ll.is_accepting()
+        """What came so far is a complete match (so EOS is allowed), though it may still be extended."""
+        return self._dead is None and self._ll.is_accepting()
 
     @property
     def error(self) -> str | None:

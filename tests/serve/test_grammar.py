@@ -275,17 +275,19 @@ def test_dead_end_in_a_vocabulary_ends_the_sequence() -> None:
     with pytest.raises(GrammarError) as e:
         compiler.compile(StructuredSpec("json_object"))
     assert e.value.param == "response_format" and "vocabulary" in e.value.message
-    m = compiler.compile(StructuredSpec("guided_regex", "ab[0-9]"))
-    bias = np.zeros((1, compiler.vocab_size), np.float32)
-    for c in "ab":
-        m.accept(tok.token_to_id(c))
-    compiler.fill_masks([m], bias)
-    assert np.flatnonzero(bias[0] == 0).tolist() == [compiler.eos_id]
-    assert m.is_terminated() and not m.is_accepting() and "vocabulary" in m.error
-    with pytest.raises(TokenRejected):
-        m.accept(tok.token_to_id("a"))
-    m.accept(compiler.eos_id)
-    assert m.is_terminated() and m.error
+    # llguidance ends "ab[0-9]" itself (EOS only); for a forced "{" it offers <unk>, which must not pass
+    for spec in (StructuredSpec("guided_regex", "ab[0-9]"), StructuredSpec("guided_choice", ["ab{"])):
+        m = compiler.compile(spec)
+        bias = np.zeros((1, compiler.vocab_size), np.float32)
+        for c in "ab":
+            m.accept(tok.token_to_id(c))
+        compiler.fill_masks([m], bias)
+        assert np.flatnonzero(bias[0] == 0).tolist() == [compiler.eos_id]
+        assert m.is_terminated() and not m.is_accepting() and "vocabulary" in m.error
+        with pytest.raises(TokenRejected):
+            m.accept(tok.token_to_id("a"))
+        m.accept(compiler.eos_id)
+        assert m.is_terminated() and m.error
 
 
 @pytest.mark.parametrize(("fields", "param", "words"), [
