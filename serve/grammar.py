@@ -206,9 +206,10 @@ def _grammar_text(spec: StructuredSpec, config: GrammarConfig) -> str:
     if spec.kind in JSON_KINDS:
         schema = _schema_of(spec)
         if spec.whitespace is not None:
-            error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_regex(spec.whitespace))
-            if error:
-                raise GrammarError(f"invalid guided_whitespace_pattern: {_one_line(error)}",
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
+                llg.LLMatcher.grammar_from_regex(spec.whitespace))
+            if is_error:
+                raise GrammarError(f"invalid guided_whitespace_pattern: {_one_line(messages[0] if messages else '')}",
                                    "guided_whitespace_pattern")
         # Unsupported schema keywords are refused (lenient=False), never silently unenforced.
         options = {"whitespace_pattern": spec.whitespace if spec.whitespace is not None else config.whitespace,
@@ -244,9 +245,9 @@ def validate(spec: StructuredSpec, config: GrammarConfig | None = None) -> None:
     passes can still be refused by ``compile`` when the model's vocabulary cannot start it.
     """
     text = _grammar_text(spec, config or GrammarConfig())
-    error = llg.LLMatcher.validate_grammar(text)
-    if error:
-        raise GrammarError(_error_message(spec, error), spec.param)
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
+    if is_error:
+        raise GrammarError(_error_message(spec, messages[0] if messages else ""), spec.param)
 
 
 def _error_message(spec: StructuredSpec, error: str) -> str:
@@ -256,6 +257,7 @@ def _error_message(spec: StructuredSpec, error: str) -> str:
 
 
 def _one_line(error: str, limit: int = 400) -> str:
+    error = error.split("<state>")[0]  # llguidance appends a dump of parser state and grammar: not for clients
     text = " ".join(line.strip() for line in error.strip().splitlines() if line.strip()) or "rejected"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
