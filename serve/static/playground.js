@@ -80,6 +80,7 @@ async function generate() {
   if (state.ctrl) return;
   const status = $("gen-status");
   status.classList.remove("error");
+  delete status.dataset.finish;
   markParam(null);
   const body = requestBody();
   $("request-json").textContent = JSON.stringify(body, null, 2);
@@ -153,7 +154,7 @@ function addChip(tok) {
     class: `chip${tok.text === EOT ? " eot" : ""}`,
     role: "button",
     tabindex: i === 0 ? "0" : "-1",
-    dataset: { i: String(i), p: String(p) },
+    dataset: { i: String(i), p: String(p), token: tok.text },
     "aria-label": `token ${i + 1}: ${quotedToken(tok.text)}, probability ${fmt(p, 3)}`,
   }, visibleToken(tok.text));
   probClass(chip, p);
@@ -251,7 +252,7 @@ function renderScore(text, lp) {
       class: `chip heat-chip${s === null ? " unscored" : ""}`,
       role: "button",
       tabindex: i === 0 ? "0" : "-1",
-      dataset: { i: String(i), surprise: s === null ? "" : String(s) },
+      dataset: { i: String(i), token: t.text, surprise: s === null ? "" : String(s) },
       "aria-label": s === null ? `token ${i + 1}: ${quotedToken(t.text)}, not scored (nothing before it)`
         : `token ${i + 1}: ${quotedToken(t.text)}, surprise ${fmt(s, 3)} nats`,
       title: s === null ? "not scored: no context before it" : `−log p = ${fmt(s, 3)}`,
@@ -336,7 +337,12 @@ function wireChips(container, kind) {
     state.pinned[kind] = i;
     container.querySelectorAll(".chip.pinned").forEach((c) => c.classList.remove("pinned"));
     const chip = container.querySelector(`.chip[data-i="${i}"]`);
-    if (chip) chip.classList.add("pinned");
+    if (chip) {
+      chip.classList.add("pinned");
+      // one tab stop for the whole text: the pinned token (arrow keys move from there)
+      container.querySelectorAll('.chip[tabindex="0"]').forEach((c) => c.setAttribute("tabindex", "-1"));
+      chip.setAttribute("tabindex", "0");
+    }
     showDetail(kind, i);
   };
   container.addEventListener("mouseover", (e) => {
@@ -348,7 +354,10 @@ function wireChips(container, kind) {
   });
   container.addEventListener("click", (e) => {
     const chip = chipAt(e.target);
-    if (chip) pin(Number(chip.dataset.i));
+    if (!chip) return;
+    pin(Number(chip.dataset.i));
+    // One column (phone width): the distribution sits below the text, so bring it into view.
+    if (window.matchMedia("(max-width: 860px)").matches) $("detail").scrollIntoView({ block: "nearest" });
   });
   container.addEventListener("focusin", (e) => {
     const chip = chipAt(e.target);
