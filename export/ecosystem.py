@@ -65,10 +65,14 @@ def tokenizer_config(tokenizer_kind: str, *, model_max_length: int, eos_token_id
 
 
 def generation_config(*, block_size: int, eos_token_id: int) -> dict[str, Any]:
-    """Default sampling, the same as ``nextoken generate``'s flags."""
-    return {"do_sample": True, "temperature": 0.8, "top_k": None, "top_p": 1.0,
-            "max_new_tokens": min(256, block_size), "bos_token_id": eos_token_id,
-            "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+    """Default sampling, the same as ``nextoken generate``'s flags.
+
+    ``max_length`` (prompt + new tokens) is the context: transformers stops there instead of
+    running past the position table. A ``max_new_tokens`` here would win over every caller's
+    ``max_length`` (lm-eval's ``generate_until`` passes one) and overflow it.
+    """
+    return {"do_sample": True, "temperature": 0.8, "top_k": None, "top_p": 1.0, "max_length": block_size,
+            "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
 
 
 def genai_config(config: dict[str, Any], *, filename: str = "model.onnx", threads: int | None = None
