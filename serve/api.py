@@ -51,12 +51,25 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus
 from starlette.requests import ClientDisconnect
 
+from nextoken.serve.bodies import read_json
 from nextoken.serve.core import ContextLengthError, GenerationCore, StepStats, TokenEvent
 from nextoken.serve.models import ModelSet
-from nextoken.serve.protocol import SSE_DONE, RequestError, ResponseBuilder, loads_json, parse_request, sse
+from nextoken.serve.protocol import (
+    SSE_DONE,
+    Choice,
+    ChoiceState,
+    GenerationRequest,
+    RequestError,
+    ResponseBuilder,
+    parse_request,
+    plan_choices,
+    sse,
+    structured_spec,
+)
+from nextoken.serve.tokenize_routes import check_model
 
 logger = logging.getLogger("nextoken.serve")
 
@@ -343,7 +356,7 @@ class ServerState:
     """Shared between the main process and the API process (created before the fork)."""
 
     def __init__(self, max_batch_size: int, max_queue: int) -> None:
-        self.inflight = mp.Value("i", 0)
+        self.inflight = mp.Value("i", 0)  # engine requests (choices) admitted and not finished
         self.draining = mp.Event()
         self.worker_failed = mp.Event()  # set by the main process when the inference worker died
         self.max_inflight = max_batch_size + max_queue
@@ -353,6 +366,8 @@ class ServedModel:
     """The HTTP side's view of the version taking new requests: tokenizer and limits."""
 
     def __init__(self, path: str) -> None:
+        import json
+
         from tokenizers import Tokenizer
 
         from nextoken.export.artifact import load_artifact
@@ -366,22 +381,128 @@ class ServedModel:
         self.eos_id = int(artifact.config["eos_token_id"])
         self.tokenizer = Tokenizer.from_file(str(artifact.tokenizer_path))
         self.created = int(artifact.onnx_path.stat().st_mtime)
+        self._vocab_size = self.tokenizer.get_vocab_size()
+        self._token_text: dict[int, str] = {}
+        self._tokenizer_config: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            cfg = json.loads((artifact.path / "tokenizer_config.json").read_text(encoding="utf-8"))
+            if isinstance(cfg, dict):
+                self._tokenizer_config = cfg
+        if not self._tokenizer_config.get("unk_token") and self.tokenizer.token_to_id("<unk>") is not None:
+            self._tokenizer_config["unk_token"] = "<unk>"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        t = self._token_text.get(token_id)
+        if t is None:
+            t = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return t
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        return dict(self._tokenizer_config)
+
+
+REQUEST_LOG = logging.getLogger("nextoken.serve.requests")
+
+
+class _Fanout:
+    """One HTTP request's engine requests (one per choice): their events, merged in arrival order.
+
+    Each choice has its own uid in the response buffer; every uid points at one shared queue, so a
+    single iterator yields ``(choice index, event)`` for all of them. A choice's admission slot is
+    released as soon as it finishes; whatever is left is cancelled and released by ``close``.
+    """
+
+    def __init__(self, spec: OpenAISpec, endpoint: str, choices: list[Choice], arrival: float, model_id: str) -> None:
+        self.spec = spec
+        self.items: deque = deque()  # (choice index, data, status)
+        self.event = asyncio.Event()
+        self.uids: dict[int, str] = {}  # choice index -> uid
+        self.open: set[int] = set()  # choice indexes still running
+        self.ctx: dict[int, _RequestCtx] = {}
+        stamp = time.monotonic_ns()
+        for c in choices:
+            uid = f"{endpoint}-{stamp}-{id(self)}-{c.index}"
+            self.uids[c.index] = uid
+            self.open.add(c.index)
+            self.ctx[c.index] = _RequestCtx(endpoint, arrival, len(c.prompt_ids), model_id)
+            spec.response_buffer[uid] = _SinkRef(self, c.index)
+
+    async def events(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        while self.open:
+            # Wake now and then to notice a dead worker: its tokens will never come, and LitServe
+            # would keep this connection open until uvicorn is killed.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.event.wait(), WORKER_CHECK_S)
+            if not self.event.is_set():
+                if self.spec.state.worker_failed.is_set():
+                    raise RuntimeError("the inference worker died")
+                continue
+            self.event.clear()
+            while self.items:
+                index, data, status = self.items.popleft()
+                if status == LitAPIStatus.ERROR:
+                    err = pickle.loads(data) if isinstance(data, bytes) else data
+                    raise RuntimeError(f"generation failed: {err}")
+                if status == LitAPIStatus.FINISH_STREAMING:
+                    self.finished(index)
+                yield index, data
+
+    def finished(self, index: int, outcome: str | None = None) -> None:
+        """A choice is done: free its slot at once (and record it, when its outcome is known here)."""
+        if index not in self.open:
+            return
+        self.open.discard(index)
+        self.spec.response_buffer.pop(self.uids[index], None)
+        self.spec.release(1)
+        if outcome is not None:
+            self.spec.record(self.ctx[index], outcome)
+
+    def close(self, outcome: str) -> None:
+        """Cancel every choice still running (the client left, or the request failed) and free their slots."""
+        left = sorted(self.open)
+        if left:
+            self.spec.cancel([self.uids[i] for i in left])
+        for i in left:
+            self.finished(i, outcome)
+
+
+class _SinkRef:
+    """A response-buffer entry: which fan-out and choice a uid's events belong to."""
+
+    __slots__ = ("fanout", "index")
+    worker_id = None  # LitServe's dead-worker sweep skips entries that name no worker (ours: server.py handles it)
+
+    def __init__(self, fanout: _Fanout, index: int) -> None:
+        self.fanout, self.index = fanout, index
 
 
 class OpenAISpec(LitSpec):
-    def __init__(self, *, artifact_dir: str, state: ServerState, pipes: Pipes) -> None:
+    """The OpenAI routes: validate, tokenize, admit, fan out one engine request per choice, answer."""
+
+    def __init__(self, *, artifact_dir: str, state: ServerState, pipes: Pipes, log_level: str = "warning") -> None:
         super().__init__()
         self.pipes = pipes
         self.artifact_dir = artifact_dir
         self.state = state
+        self.log_level = log_level
         self.shared: Any = None
         self._model: ServedModel | None = None
         self._model_checked = 0.0
         self._metrics = None
         self._dispatcher: threading.Thread | None = None
-        # One thread does every put on LitServe's request queue (a manager proxy: a blocking IPC
-        # round trip), so the event loop keeps serving streams meanwhile; one thread keeps them in
-        # order, so a request's cancel never overtakes the request.
+        # One thread does every put on the request pipe (a blocking write when the pipe is full), so
+        # the event loop keeps serving streams meanwhile; one thread keeps them in order, so a
+        # request's cancel never overtakes the request.
         self._putter: ThreadPoolExecutor | None = None
         self.api_path = "/v1/completions"  # LitServe keys the request queue by this path
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
@@ -390,6 +511,12 @@ class OpenAISpec(LitSpec):
     def setup(self, server: Any) -> None:
         super().setup(server)
         self.shared = server.workers_setup_status
+        if logging.getLevelName(self.log_level.upper()) <= logging.INFO and not REQUEST_LOG.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+            REQUEST_LOG.addHandler(handler)
+            REQUEST_LOG.setLevel(logging.INFO)
+            REQUEST_LOG.propagate = False
 
     def __getstate__(self) -> dict[str, Any]:
         # The worker gets a pickled copy: it needs none of the HTTP-side state.
@@ -434,54 +561,31 @@ class OpenAISpec(LitSpec):
 
     # --- boundary checks ---------------------------------------------------------------------
     async def read_json(self, request: Request) -> Any:
-        ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise RequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}", status=415,
-                               code="unsupported_media_type")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise RequestError(f"request body of {declared} bytes exceeds the limit of {MAX_BODY_BYTES}",
-                               status=413, code="request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > MAX_BODY_BYTES:
-                raise RequestError(f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", status=413,
-                                   code="request_too_large")
-        try:
-            return loads_json(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
-
-    def prompt_ids(self, req: Any, model: ServedModel) -> list[int]:
-        if req.prompt_ids is not None:
-            vocab = model.tokenizer.get_vocab_size()
-            bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}", param="prompt")
-            ids = list(req.prompt_ids)
-        else:
-            ids = model.tokenizer.encode(req.prompt, add_special_tokens=False).ids
-        ids = [model.eos_id] + ids  # a document starts after end-of-text, as in training
-        p = req.params
-        context = model.context
-        if p.max_tokens == 0:
-            p.max_tokens = context - len(ids)
-        if len(ids) + p.max_tokens > context:
-            if len(ids) >= context:
-                raise RequestError(f"the prompt is {len(ids)} tokens long; this model's context is {context} "
-                                   "tokens", param="prompt" if req.endpoint != "chat" else "messages",
-                                   code="context_length_exceeded")
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) = "
-                               f"{len(ids) + p.max_tokens} exceeds this model's context of {context} tokens",
-                               param="max_tokens", code="context_length_exceeded")
-        return ids
+        return await read_json(request, MAX_BODY_BYTES)
 
     def error(self, e: RequestError) -> JSONResponse:
         kind = {401: "unauthorised", 429: "overloaded", 503: "unavailable"}.get(e.status, "validation")
         if self.metrics is not None:
             self.metrics.error(self.model().id, kind)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    def admit(self, engine_requests: int, choices: int) -> None:
+        """Count a request's engine requests in, or refuse it (429) without waiting for the engine."""
+        limit = self.state.max_inflight
+        if choices > limit:  # could never be admitted: a 400, not a 429 to retry forever
+            raise RequestError(f"this request asks for {choices} choices (prompts x n); this server runs or queues "
+                               f"at most {limit} requests at once", param="n")
+        with self.state.inflight.get_lock():
+            if self.state.inflight.value + engine_requests > limit:
+                raise RequestError(f"the server is at capacity ({limit} requests running or queued); retry later",
+                                   status=429, type="rate_limit_error", code="overloaded",
+                                   headers={"Retry-After": "1"})
+            self.state.inflight.value += engine_requests
+
+    def release(self, engine_requests: int) -> None:
+        if engine_requests:
+            with self.state.inflight.get_lock():
+                self.state.inflight.value -= engine_requests
 
     # --- endpoints ---------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -503,70 +607,82 @@ class OpenAISpec(LitSpec):
 
     async def _handle(self, request: Request, endpoint: str) -> Response:
         arrival = time.time()
-        admitted = False
         try:
             if self.state.draining.is_set() or self.state.worker_failed.is_set():
                 raise RequestError("the server is shutting down", status=503, type="server_error",
                                    code="unavailable", headers={"Retry-After": "1"})
             body = await self.read_json(request)
-            req = parse_request(body, endpoint, default_max_tokens=None if endpoint == "completions" else 0)
+            req = parse_request(body, endpoint)
             model = self.model()
-            if req.model is not None and req.model not in (model.id, model.name):
-                raise RequestError(f"model {req.model!r} is not served here; this server serves {model.id!r}",
-                                   param="model", status=404, code="model_not_found")
-            ids = self.prompt_ids(req, model)
-            with self.state.inflight.get_lock():
-                if self.state.inflight.value >= self.state.max_inflight:
-                    raise RequestError(f"the server is at capacity ({self.state.max_inflight} requests running or "
-                                       "queued); retry later", status=429, type="rate_limit_error",
-                                       code="overloaded", headers={"Retry-After": "1"})
-                self.state.inflight.value += 1
-                admitted = True
+            check_model(req.model, model)
+            spec = structured_spec(req.structured)
+            choices = plan_choices(req, model, structured=spec)
+            running = [c for c in choices if c.needs_engine]
+            self.admit(len(running), len(choices))
         except RequestError as e:
             return self.error(e)
 
-        self._ensure_dispatcher()
-        uid = f"{endpoint}-{time.monotonic_ns()}-{id(request)}"
-        items: deque = deque()
-        event = asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=items)
-        payload = {"prompt_ids": ids, "text": req.prompt, "params": req.params.__dict__, "arrival": arrival,
-                   "model": model.id}
+        builder = ResponseBuilder(endpoint, model.id, echo=req.echo, logprobs=req.logprobs is not None,
+                                  service_tier=req.service_tier, token_text=model.token_text)
+        states = {c.index: ChoiceState(c) for c in choices}
+        for c in choices:
+            if not c.needs_engine:  # echo of the prompt alone: answered here
+                states[c.index].finish_reason = "length"
+        fan = _Fanout(self, endpoint, running, arrival, model.id)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._put_thread(), self.pipes.requests.put,
-                                                             (self.response_queue_id, uid, time.monotonic(), payload))
-        except Exception:
-            self._release(uid, admitted)
+            if running:
+                await self._submit(fan, running, model, arrival)
+        except BaseException:
+            fan.close("error")
             raise
-        events = self._events(uid, items, event)
-        ctx = _RequestCtx(endpoint, arrival, len(ids), model.id)
+        log = _RequestLog(builder.id, endpoint, model.id, req, len(choices))
         if req.stream:
-            # Wait for the first event before answering, so a late refusal can still be a 4xx; a client
-            # that leaves meanwhile (queued behind a full batch) gives up its place at once.
-            watcher = asyncio.create_task(_watch_disconnect(request))
-            try:
-                first = await _first_or_disconnect(events, watcher)
-            except BaseException:
-                self._cancel(uid)
-                self._release(uid, admitted)
-                raise
-            finally:
-                watcher.cancel()
-            if first is None:
-                self._cancel(uid)
-                self._record(ctx, "cancelled")
-                self._release(uid, admitted)
-                return Response(status_code=499)  # nobody reads it
-            if "error" in first:
-                self._release(uid, admitted)
-                return self.error(RequestError(first["error"]["error"]["message"],
-                                               param=first["error"]["error"]["param"],
-                                               code=first["error"]["error"]["code"], status=first["status"]))
-            builder = ResponseBuilder(endpoint, first.get("model") or model.id)
-            return StreamingResponse(self._stream(req, builder, _prepend(first, events), uid, ctx, admitted),
+            first: tuple[int, dict[str, Any]] | None = None
+            if running:
+                # Wait for the first event before answering, so a late refusal can still be a 4xx; a client
+                # that leaves meanwhile (queued behind a full batch) gives up its place at once.
+                events = fan.events()
+                watcher = asyncio.create_task(_watch_disconnect(request))
+                try:
+                    first = await _first_or_disconnect(events, watcher)
+                except BaseException:
+                    fan.close("error")
+                    raise
+                finally:
+                    watcher.cancel()
+                if first is None:
+                    fan.close("cancelled")
+                    log.write("cancelled")
+                    return Response(status_code=499)  # nobody reads it
+                if "error" in first[1]:
+                    fan.close("error")
+                    log.write("error")
+                    return self.error(_worker_error(first[1]))
+                builder.model = first[1].get("model") or model.id
+                events = _prepend(first, events)
+            else:
+                events = _no_events()
+            return StreamingResponse(self._stream(req, builder, states, events, fan, log),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._complete(req, endpoint, events, uid, ctx, admitted, request)
+        return await self._complete(builder, states, fan, request, log)
+
+    async def _submit(self, fan: _Fanout, running: list[Choice], model: ServedModel, arrival: float) -> None:
+        self._ensure_dispatcher()
+        items = []
+        for c in running:
+            # The worker tokenizes a text prompt again ([EOS] + text) when another version runs it; not when the
+            # text is fed alone, and not for echo, whose tokens are already in the answer's shape.
+            again = c.prompt_text is not None and len(c.prompt_ids) == len(c.echo_ids) + 1 and not c.echo_text
+            payload = {"prompt_ids": c.prompt_ids, "params": c.params.__dict__, "arrival": arrival, "model": model.id,
+                       "text": c.prompt_text if again else None}
+            items.append((self.response_queue_id, fan.uids[c.index], time.monotonic(), payload))
+
+        def put_all() -> None:
+            for item in items:
+                self.pipes.requests.put(item)
+
+        await asyncio.get_running_loop().run_in_executor(self._put_thread(), put_all)
 
     def _ensure_dispatcher(self) -> None:
         """Start the thread that reads the worker's batches and fans them out to each request."""
@@ -588,48 +704,25 @@ class OpenAISpec(LitSpec):
 
     def _deliver(self, batch: list[tuple[str, Any, str]]) -> None:
         for uid, data, status in batch:
-            item = self.response_buffer.get(uid)
-            if item is not None:  # gone = the client left; its cancel is on the way
-                item.response_queue.append((data, status))
-                item.event.set()
-
-    async def _events(self, uid: str, items: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            # Wake now and then to notice a dead worker: its tokens will never come, and LitServe
-            # would keep this connection open until uvicorn is killed.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), WORKER_CHECK_S)
-            if not event.is_set():
-                if self.state.worker_failed.is_set():
-                    raise RuntimeError("the inference worker died")
-                continue
-            event.clear()
-            while items:
-                data, status = items.popleft()
-                if status == LitAPIStatus.ERROR:
-                    err = pickle.loads(data) if isinstance(data, bytes) else data
-                    raise RuntimeError(f"generation failed: {err}")
-                yield data
-                if status == LitAPIStatus.FINISH_STREAMING:
-                    return
-
-    def _release(self, uid: str, admitted: bool) -> None:
-        self.response_buffer.pop(uid, None)
-        if admitted:
-            with self.state.inflight.get_lock():
-                self.state.inflight.value -= 1
+            ref = self.response_buffer.get(uid)
+            if ref is not None:  # gone = the client left; its cancel is on the way
+                ref.fanout.items.append((ref.index, data, status))
+                ref.fanout.event.set()
 
     def _put_thread(self) -> ThreadPoolExecutor:
         if self._putter is None:
             self._putter = ThreadPoolExecutor(1, thread_name_prefix="request-put")
         return self._putter
 
-    def _cancel(self, uid: str) -> None:
-        with contextlib.suppress(Exception):  # the worker is gone (shutdown): nothing left to cancel
-            self._put_thread().submit(self.pipes.requests.put,
-                                      (self.response_queue_id, uid, time.monotonic(), {CANCEL: True}))
+    def cancel(self, uids: list[str]) -> None:
+        def put_all() -> None:
+            for uid in uids:
+                self.pipes.requests.put((self.response_queue_id, uid, time.monotonic(), {CANCEL: True}))
 
-    def _record(self, ctx: _RequestCtx, outcome: str) -> None:
+        with contextlib.suppress(Exception):  # the worker is gone (shutdown): nothing left to cancel
+            self._put_thread().submit(put_all)
+
+    def record(self, ctx: _RequestCtx, outcome: str) -> None:
         if self.metrics is None:
             return
         self.metrics.observe_request(ctx.model, ctx.endpoint, outcome, arrival=ctx.arrival,
@@ -637,74 +730,124 @@ class OpenAISpec(LitSpec):
                                      prompt_tokens=ctx.prompt_tokens, generated_tokens=ctx.completion_tokens,
                                      queue_time_s=ctx.queue_time)
 
-    async def _stream(self, req: Any, builder: ResponseBuilder, events: AsyncIterator[dict[str, Any]], uid: str,
-                      ctx: _RequestCtx, admitted: bool) -> AsyncIterator[bytes]:
-        outcome = "cancelled"
-        first = True
-        try:
-            async for ev in events:
-                ctx.update(ev)
-                finish = ev.get("finish_reason")
-                if ev.get("token_ids") or finish or first:
-                    yield sse(builder.chunk(ev.get("text", ""), ev.get("token_ids", []), ev.get("logprobs"),
-                                            finish, first=first))
-                    first = False
-                if finish:
-                    outcome = finish
-                    if req.include_usage:
-                        yield sse(builder.usage_chunk(ctx.prompt_tokens, ctx.completion_tokens))
-                    yield SSE_DONE
-                    return
-        except RuntimeError as e:
-            outcome = "error"
-            logger.error("%s: %s", uid, e)
-            yield sse(INTERNAL_ERROR)
-        finally:
-            if outcome == "cancelled":
-                self._cancel(uid)
-            self._record(ctx, outcome)
-            self._release(uid, admitted)
+    @staticmethod
+    def _apply(st: ChoiceState, ctx: _RequestCtx, ev: dict[str, Any]) -> None:
+        ctx.update(ev)
+        st.text.append(ev.get("text", ""))
+        st.token_ids += ev.get("token_ids", [])
+        if ev.get("logprobs") is not None:
+            st.logprobs = (st.logprobs or []) + ev["logprobs"]
+        if ev.get("prompt_logprobs") is not None:
+            st.prompt_logprobs = ev["prompt_logprobs"]
+        st.completion_tokens = ctx.completion_tokens
+        if ev.get("finish_reason"):
+            st.finish_reason = ev["finish_reason"]
 
-    async def _complete(self, req: Any, endpoint: str, events: AsyncIterator[dict[str, Any]], uid: str,
-                        ctx: _RequestCtx, admitted: bool, request: Request) -> Response:
+    @staticmethod
+    def _prompt_tokens(states: dict[int, ChoiceState], fan: _Fanout) -> int:
+        """Each prompt's tokens once (not once per choice), as the worker last reported them."""
+        per_prompt: dict[int, int] = {}
+        for i, st in states.items():
+            ctx = fan.ctx.get(i)
+            per_prompt[st.choice.prompt_index] = ctx.prompt_tokens if ctx is not None else len(st.choice.prompt_ids)
+        return sum(per_prompt.values())
+
+    async def _stream(self, req: GenerationRequest, builder: ResponseBuilder, states: dict[int, ChoiceState],
+                      events: AsyncIterator[tuple[int, dict[str, Any]]], fan: _Fanout,
+                      log: _RequestLog) -> AsyncIterator[bytes]:
         outcome = "cancelled"
-        text, ids, lps = [], [], [] if req.logprobs else None
-        builder = ResponseBuilder(endpoint, ctx.model)
-        watcher = asyncio.create_task(_watch_disconnect(request))
         try:
-            async for ev in _until_disconnect(events, watcher):
-                if "error" in ev:
+            for st in states.values():  # echo-only choices are complete already
+                if not st.choice.needs_engine:
+                    yield sse(builder.chunk(st, "", [], None, st.finish_reason))
+            async for index, ev in events:
+                if "error" in ev:  # refused by the worker after the stream began (a version switch)
                     outcome = "error"
-                    e = ev["error"]["error"]
-                    return self.error(RequestError(e["message"], param=e["param"], code=e["code"],
-                                                   status=ev["status"]))
+                    yield sse(_worker_error(ev).body())
+                    return
+                st, ctx = states[index], fan.ctx[index]
                 ctx.update(ev)
                 builder.model = ctx.model
-                text.append(ev.get("text", ""))
-                ids += ev.get("token_ids", [])
-                if lps is not None:
-                    lps += ev.get("logprobs", [])
-                if ev.get("finish_reason"):
-                    outcome = ev["finish_reason"]
-                    return JSONResponse(builder.final("".join(text), ids, lps, outcome, ctx.prompt_tokens,
-                                                      ctx.completion_tokens))
-            return Response(status_code=499)  # the client went away; nobody reads this
+                if ev.get("prompt_logprobs") is not None:
+                    st.prompt_logprobs = ev["prompt_logprobs"]
+                st.completion_tokens = ctx.completion_tokens
+                finish = ev.get("finish_reason")
+                if ev.get("token_ids") or finish or not st.started:
+                    st.finish_reason = finish
+                    yield sse(builder.chunk(st, ev.get("text", ""), ev.get("token_ids", []), ev.get("logprobs"),
+                                            finish))
+                if finish:
+                    self.record(ctx, finish)
+            outcome = "finished"
+            if req.include_usage:
+                completion = sum(st.completion_tokens for st in states.values())
+                yield sse(builder.usage_chunk(self._prompt_tokens(states, fan), completion))
+            yield SSE_DONE
         except RuntimeError as e:
             outcome = "error"
-            logger.error("%s: %s", uid, e)
+            logger.error("%s: %s", builder.id, e)
+            yield sse(INTERNAL_ERROR)
+        finally:
+            fan.close(outcome if outcome != "finished" else "cancelled")
+            log.write(outcome, states, self._prompt_tokens(states, fan))
+
+    async def _complete(self, builder: ResponseBuilder, states: dict[int, ChoiceState], fan: _Fanout,
+                        request: Request, log: _RequestLog) -> Response:
+        outcome = "cancelled"
+        watcher = asyncio.create_task(_watch_disconnect(request))
+        try:
+            if fan.open:
+                async for index, ev in _until_disconnect(fan.events(), watcher):
+                    if "error" in ev:
+                        outcome = "error"
+                        return self.error(_worker_error(ev))
+                    st, ctx = states[index], fan.ctx[index]
+                    self._apply(st, ctx, ev)
+                    builder.model = ctx.model
+                    if st.finish_reason:
+                        self.record(ctx, st.finish_reason)
+                if fan.open:
+                    return Response(status_code=499)  # the client went away; nobody reads this
+            outcome = "finished"
+            return JSONResponse(builder.final(list(states.values()), self._prompt_tokens(states, fan)))
+        except RuntimeError as e:
+            outcome = "error"
+            logger.error("%s: %s", builder.id, e)
             if self.metrics is not None:
-                self.metrics.error(ctx.model, "internal")
+                self.metrics.error(builder.model, "internal")
             return JSONResponse(INTERNAL_ERROR, status_code=500)
         finally:
             watcher.cancel()
-            if outcome == "cancelled":
-                self._cancel(uid)
-            self._record(ctx, outcome)
-            self._release(uid, admitted)
+            fan.close(outcome if outcome != "finished" else "cancelled")
+            log.write(outcome, states, self._prompt_tokens(states, fan))
+
+
+def _worker_error(ev: dict[str, Any]) -> RequestError:
+    e = ev["error"]["error"]
+    return RequestError(e["message"], param=e["param"], code=e["code"], status=ev["status"])
+
+
+class _RequestLog:
+    """One line per generation request in the request log: what the client sent to be recorded, and the outcome."""
+
+    def __init__(self, rid: str, endpoint: str, model: str, req: GenerationRequest, choices: int) -> None:
+        self.rid, self.endpoint, self.model, self.req, self.choices = rid, endpoint, model, req, choices
+        self.done = False
+
+    def write(self, outcome: str, states: dict[int, ChoiceState] | None = None, prompt_tokens: int = 0) -> None:
+        if self.done or not REQUEST_LOG.isEnabledFor(logging.INFO):
+            return
+        self.done = True
+        import json
+
+        completion = sum(st.completion_tokens for st in states.values()) if states else 0
+        REQUEST_LOG.info(json.dumps({"id": self.rid, "endpoint": self.endpoint, "model": self.model,
+                                     "outcome": outcome, "choices": self.choices, "prompt_tokens": prompt_tokens,
+                                     "completion_tokens": completion, **self.req.recorded}, ensure_ascii=False))
 
 
 class _RequestCtx:
-    """Per-request timing and counts, for usage and metrics."""
+    """Per-choice timing and counts, for usage and metrics."""
 
     def __init__(self, endpoint: str, arrival: float, prompt_tokens: int, model: str) -> None:
         self.endpoint = endpoint
@@ -724,6 +867,11 @@ class _RequestCtx:
             self.queue_time = max(0.0, ev["queue_time"])
 
 
+async def _no_events() -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    return
+    yield  # an async generator that yields nothing
+
+
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for item in rest:
@@ -735,7 +883,7 @@ async def _watch_disconnect(request: Request) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _first_or_disconnect(events: AsyncIterator[dict[str, Any]], watcher: asyncio.Task) -> dict[str, Any] | None:
+async def _first_or_disconnect(events: AsyncIterator[Any], watcher: asyncio.Task) -> Any | None:
     """The first event, or None when the client disconnects before it comes."""
     nxt = asyncio.ensure_future(events.__anext__())
     done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -745,7 +893,7 @@ async def _first_or_disconnect(events: AsyncIterator[dict[str, Any]], watcher: a
     return None
 
 
-async def _until_disconnect(events: AsyncIterator[dict[str, Any]], watcher: asyncio.Task) -> AsyncIterator[Any]:
+async def _until_disconnect(events: AsyncIterator[Any], watcher: asyncio.Task) -> AsyncIterator[Any]:
     """Yield events until they end or the client disconnects, whichever comes first."""
     it = events.__aiter__()
     while True:
@@ -759,4 +907,3 @@ async def _until_disconnect(events: AsyncIterator[dict[str, Any]], watcher: asyn
         else:
             nxt.cancel()
             return
-

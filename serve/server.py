@@ -49,12 +49,14 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
     from nextoken.serve.api import MODEL_KEY, RELOAD, BatchingLoop, GenerationAPI, OpenAISpec, Pipes, ServerState
     from nextoken.serve.metrics import render_latest
     from nextoken.serve.middleware import ApiKeyMiddleware, LeaveSigintToMain, install_openai_errors
+    from nextoken.serve.openapi import Limits, install_openapi
     from nextoken.serve.playground import mount_playground
+    from nextoken.serve.tokenize_routes import mount_tokenizer_routes
 
     api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
     state = ServerState(opts.max_batch_size, opts.max_queue)
     pipes = Pipes(num_api_servers=1)
-    spec = OpenAISpec(artifact_dir=str(artifact.path), state=state, pipes=pipes)
+    spec = OpenAISpec(artifact_dir=str(artifact.path), state=state, pipes=pipes, log_level=opts.log_level)
     # The worker watches the path as given (e.g. models/current), so a newly published version is picked up.
     api = GenerationAPI(opts.artifact_dir, max_batch_size=opts.max_batch_size, device=opts.device,
                         threads=opts.threads, spec=spec, loop=BatchingLoop(), pipes=pipes)
@@ -75,8 +77,7 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
         status = {k: v for k, v in server.workers_setup_status.items() if not str(k).startswith("nextoken")}
         return bool(status) and all(getattr(v, "value", v) == "ready" for v in status.values())
 
-    @app.get("/health")
-    async def health() -> Response:
+    def readiness() -> Response:
         if state.worker_failed.is_set():
             return JSONResponse({"status": "failed", "error": "the inference worker died"}, status_code=503)
         if state.draining.is_set():
@@ -84,6 +85,15 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
         ready = workers_ready()
         return JSONResponse({"status": "ok" if ready else "loading", "model": spec.model().id if ready else None},
                             status_code=200 if ready else 503)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return readiness()
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: a model is loaded and the server is not draining (503 otherwise)."""
+        return readiness()
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -105,6 +115,9 @@ def build_server(opts: ServeOptions, artifact: Artifact) -> tuple[Any, Any]:
         body, ctype = render_latest()
         return Response(body, media_type=ctype)
 
+    mount_tokenizer_routes(app, spec.model, spec.error)
+    install_openapi(app, lambda: Limits(context=spec.model().context, vocab_size=spec.model().vocab_size,
+                                        capacity=state.max_inflight))
     mount_playground(app, spec.model, api_key_required=api_key is not None)  # last: its pages sit outside the key
     return server, state
 

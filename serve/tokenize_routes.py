@@ -1,0 +1,120 @@
+"""vLLM's tokenizer routes: ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``.
+
+Shapes as vLLM's ``serving_tokenization`` (request: ``prompt`` or ``messages``, ``add_special_tokens``,
+``return_token_strs``; response: ``tokens``, ``count``, ``max_model_len``, ``token_strs``; detokenize:
+``tokens`` -> ``prompt``). lm-evaluation-harness's remote tokenizer (``tokenizer_backend=remote``, which
+``local-completions`` picks on its own when both routes answer) reads ``eos_token``/``bos_token`` and
+``chat_template`` from ``/tokenizer_info`` and encodes with ``/tokenize`` (``add_special_tokens: false``),
+so it counts tokens exactly as the server feeds them.
+
+The tokens returned are the ones /v1/completions and /v1/chat/completions would feed for the same text:
+by default a text starts with ``<|endoftext|>`` (``add_special_tokens: false``: the text alone), and
+messages go through the same chat template. The routes answer from the HTTP process's tokenizer of the
+version serving now; nothing here touches the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from nextoken.serve import schema
+from nextoken.serve.bodies import read_json
+from nextoken.serve.protocol import CHAT_TEMPLATE, RequestError, chat_prompt, validate
+
+
+class TokenizerModel(Protocol):
+    """What the routes need from the served model (``api.ServedModel``)."""
+
+    id: str
+    name: str
+    context: int
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def tokenizer_config(self) -> dict[str, Any]: ...
+
+
+def check_model(requested: str | None, model: TokenizerModel) -> None:
+    if requested is not None and requested not in (model.id, model.name):
+        raise RequestError(f"model {requested!r} is not served here; this server serves {model.id!r}", param="model",
+                           status=404, code="model_not_found")
+
+
+def tokenize(body: Any, model: TokenizerModel) -> dict[str, Any]:
+    """vLLM's TokenizeCompletionRequest (``prompt``) or TokenizeChatRequest (``messages``) -> TokenizeResponse."""
+    if isinstance(body, dict) and "messages" in body:
+        r = validate(schema.TokenizeChatRequest, body)
+        check_model(r.model, model)
+        if r.continue_final_message and r.add_generation_prompt:
+            raise RequestError("continue_final_message and add_generation_prompt cannot both be true",
+                               param="continue_final_message")
+        text = chat_prompt(r.messages, add_generation_prompt=r.add_generation_prompt is not False
+                           and not r.continue_final_message, continue_final_message=bool(r.continue_final_message))
+    else:
+        r = validate(schema.TokenizeCompletionRequest, body)
+        check_model(r.model, model)
+        text = r.prompt
+    ids = model.encode(text)
+    if r.add_special_tokens is not False:
+        ids = [model.eos_id] + ids
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": model.context, "tokens": ids}
+    if r.return_token_strs:
+        out["token_strs"] = [model.token_text(t) for t in ids]
+    return out
+
+
+def detokenize(body: Any, model: TokenizerModel) -> dict[str, Any]:
+    r = validate(schema.DetokenizeRequest, body)
+    check_model(r.model, model)
+    vocab = model.vocab_size
+    bad = [t for t in r.tokens if t >= vocab]
+    if bad:
+        raise RequestError(f"tokens must be in [0, {vocab}), got {bad[0]}", param="tokens")
+    return {"prompt": model.decode(list(r.tokens))}
+
+
+def tokenizer_info(model: TokenizerModel) -> dict[str, Any]:
+    """The tokenizer_config.json a Hugging Face tokenizer would load, with what the server itself does."""
+    eos = model.token_text(model.eos_id)
+    info: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
+                            "pad_token": eos, "unk_token": None}
+    info.update({k: v for k, v in model.tokenizer_config().items() if k != "added_tokens_decoder"})
+    # What the server does wins over the file: these are how /tokenize and the completions routes behave.
+    info.update(model_max_length=model.context, vocab_size=model.vocab_size, add_bos_token=True,
+                chat_template=CHAT_TEMPLATE, eos_token=eos, bos_token=eos)
+    return info
+
+
+def mount_tokenizer_routes(app: FastAPI, get_model: Callable[[], TokenizerModel],
+                           answer_error: Callable[[RequestError], Response]) -> None:
+    """Add the three routes; ``answer_error`` turns a RequestError into the response (and counts it)."""
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        try:
+            return JSONResponse(tokenize(await read_json(request), get_model()))
+        except RequestError as e:
+            return answer_error(e)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        try:
+            return JSONResponse(detokenize(await read_json(request), get_model()))
+        except RequestError as e:
+            return answer_error(e)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request) -> Response:
+        return JSONResponse(tokenizer_info(get_model()))
