@@ -50,7 +50,7 @@ class PageWatch:
 
     def __init__(self, page: object) -> None:
         self.messages: list[str] = []
-        self.allowed: list[re.Pattern[str]] = []
+        self.allowed: list[tuple[re.Pattern[str], int | None]] = []
         page.on("console", self._console)
         page.on("pageerror", lambda e: self.messages.append(f"pageerror: {e}"))
 
@@ -58,19 +58,20 @@ class PageWatch:
         if msg.type in ("error", "warning"):
             self.messages.append(f"console.{msg.type}: {msg.text}")
 
-    def allow(self, pattern: str) -> None:
-        """Declare one expected message (e.g. the browser's log line for a 4xx the test provokes)."""
-        self.allowed.append(re.compile(pattern))
+    def allow(self, pattern: str, *, times: int | None = 1) -> None:
+        """Declare an expected message (e.g. the browser's log line for a 4xx the test provokes),
+        ``times`` times or (None) any number of times."""
+        self.allowed.append((re.compile(pattern), times))
 
     def check(self) -> None:
         unexpected = []
-        allowed = list(self.allowed)
+        budget = [[p, t] for p, t in self.allowed]
         for m in self.messages:
-            hit = next((a for a in allowed if a.search(m)), None)
+            hit = next((b for b in budget if b[0].search(m) and (b[1] is None or b[1] > 0)), None)
             if hit is None:
                 unexpected.append(m)
-            else:
-                allowed.remove(hit)
+            elif hit[1] is not None:
+                hit[1] -= 1
         assert unexpected == [], f"console errors or page errors: {unexpected}"
 
 

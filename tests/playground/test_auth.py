@@ -1,0 +1,69 @@
+"""The playground on a server started with --api-key-env: pages load, data needs the key, the key stays in the tab."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+KEY = "pg-secret-key"
+
+
+@pytest.fixture(scope="module")
+def key_server(pg_artifact: Path) -> Iterator[ServerProcess]:
+    s = ServerProcess(pg_artifact, "--api-key-env", "PG_TEST_KEY", env={"PG_TEST_KEY": KEY})
+    yield s
+    s.stop()
+
+
+def test_pages_load_without_the_key_and_every_data_route_needs_it(key_server) -> None:
+    url = key_server.url
+    for path in ("/", "/runs", "/ui/playground.js", "/ui/common.js", "/ui/style.css"):
+        assert httpx.get(url + path).status_code == 200, path  # a browser cannot attach the key to a page load
+    assert httpx.get(url + "/api/auth").json() == {"api_key_required": True}
+    for path in ("/api/model", "/api/runs", "/api/runs/served", "/v1/models", "/metrics"):
+        assert httpx.get(url + path).status_code == 401, path
+        assert httpx.get(url + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200, path
+    r = httpx.post(url + "/api/runs/served/attention", json={"text": "the"})
+    assert r.status_code == 401
+
+
+def test_the_page_asks_for_the_key_and_keeps_it_in_this_tab_only(key_server, open_page, browser) -> None:
+    url = key_server.url
+    page, watch = open_page(url + "/")
+    assert page.is_visible("#key-box") and page.inner_text("#key-note") == "this server needs an API key"
+    assert page.evaluate("() => document.activeElement.id") == "api-key"
+    assert page.locator("#model-facts dd").count() == 0
+    assert watch.messages == []  # nothing was sent without a key (no 401 logged)
+
+    watch.allow(r"status of 401", times=None)  # what a wrong key gets
+    page.fill("#api-key", "wrong")
+    page.press("#api-key", "Enter")
+    page.wait_for_selector('#key-note:text-is("the server refused this key (401)")')
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector('#model-facts dd[data-fact="name"]:text-is("pg")')
+    page.fill("#prompt", "the")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "8")
+    page.click("#generate")
+    page.wait_for_selector("#gen-status[data-finish]")
+    assert page.get_attribute("#gen-status", "data-finish") in ("length", "stop")
+    assert page.locator("#output .chip").count() >= 1
+    assert page.evaluate("() => sessionStorage.getItem('nextoken.apiKey')") == KEY
+    assert page.evaluate("() => [localStorage.length, document.cookie]") == [0, ""]  # nowhere that outlives the tab
+
+    page.goto(url + "/runs")  # the same tab keeps it
+    page.wait_for_selector("body[data-ready]")
+    page.wait_for_selector("svg.chart")
+    assert page.is_hidden("#run-status")
+
+    other, other_watch = open_page(url + "/")  # another tab (a fresh context) does not have it
+    assert other.evaluate("() => sessionStorage.getItem('nextoken.apiKey')") is None
+    assert other.is_visible("#key-box") and other.input_value("#api-key") == ""
+    assert other_watch.messages == []

@@ -1,0 +1,176 @@
+"""The playground's server side in-process: which files are served, to whom, and what the JSON routes read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from nextoken.serve.playground import (
+    ASSET_PREFIX,
+    CSP,
+    PAGES,
+    STATIC_DIR,
+    StaticPages,
+    describe_artifact,
+    mount_playground,
+    source_run,
+    static_files,
+)
+from nextoken.serve.runs import MAX_TRAIN_POINTS, find_runs, read_metrics, run_details
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _Model:
+    def __init__(self, path: Path, model_id: str = "pg:1") -> None:
+        self.path = str(path)
+        self.id = model_id
+
+
+def _app(model_path: Path, *, key: str | None = None) -> FastAPI:
+    from nextoken.serve.middleware import ApiKeyMiddleware
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"data": []}
+
+    if key:
+        app.add_middleware(ApiKeyMiddleware, api_key=key)
+    mount_playground(app, lambda: _Model(model_path), api_key_required=key is not None)
+    return app
+
+
+def test_only_the_static_folders_files_are_served_with_the_csp(tmp_path: Path) -> None:
+    files = static_files(PAGES)
+    assert set(PAGES) <= set(files)
+    for url, f in files.items():
+        assert f.resolve().is_relative_to(STATIC_DIR.resolve()) and f.is_file(), url
+    assert {"/ui/index.html", "/ui/playground.js", "/ui/common.js", "/ui/runs.js", "/ui/style.css"} <= set(files)
+    client = TestClient(_app(tmp_path, key="k"))
+    for url in ("/", "/runs", "/ui/playground.js"):
+        r = client.get(url)
+        assert r.status_code == 200 and r.headers["content-security-policy"] == CSP, url
+        assert r.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/ui/playground.js").headers["content-type"].startswith("text/javascript")  # modules need it
+    head = client.head("/")
+    assert head.status_code == 200 and head.content == b""
+    for sneaky in ("/ui/../playground.py", "/ui/%2e%2e/playground.py", "/ui/vendor/../../server.py", "/ui/",
+                   "/ui/.hidden", "/index.html"):
+        assert client.get(sneaky).status_code in (401, 404), sneaky  # never a file outside the list
+    assert client.post("/").status_code in (401, 404, 405)  # only GET/HEAD are answered outside the key
+
+
+def test_pages_skip_the_key_but_data_routes_do_not(tmp_path: Path) -> None:
+    client = TestClient(_app(tmp_path, key="k"))
+    assert client.get("/api/auth").json() == {"api_key_required": True}
+    assert client.get("/api/model").status_code == 401
+    assert client.get("/api/model", headers={"Authorization": "Bearer k"}).status_code == 200
+    assert TestClient(_app(tmp_path)).get("/api/auth").json() == {"api_key_required": False}
+
+
+def test_packaging_ships_every_static_file() -> None:
+    """`pip install .` (no editable source tree) must carry the pages: package-data globs cover each file."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["nextoken.serve"]
+    for f in STATIC_DIR.rglob("*"):
+        if f.is_file():
+            rel = f.relative_to(STATIC_DIR.parent).as_posix()
+            assert any(fnmatch(rel, g) and rel.count("/") == g.count("/") for g in data), rel
+
+
+def test_describe_artifact_reads_a_published_version(tmp_path: Path) -> None:
+    version = tmp_path / "models" / "3"
+    (version / "run").mkdir(parents=True)
+    (version / "run" / "config.json").write_text("{}")
+    (version / "config.json").write_text(json.dumps({"n_positions": 128, "vocab_size": 2048, "n_layer": 4,
+                                                     "n_head": 4, "n_embd": 128, "tokenizer_kind": "bpe"}))
+    (version / "manifest.json").write_text(json.dumps({
+        "name": "mini", "version": "3", "source": {"run": str(tmp_path / "gone"), "step": 1200, "val_loss": 4.1},
+        "verification": {"passed": True, "prefill_max_abs_diff": 1e-6, "greedy_steps": 64}}))
+    (version / "summary.json").write_text(json.dumps({"params": 3_200_000}))
+    d = describe_artifact(version, "mini:3")
+    assert (d["name"], d["version"], d["context"], d["vocab_size"], d["parameters"]) == ("mini", "3", 128, 2048,
+                                                                                         3_200_000)
+    assert d["parameters_from"] == "summary.json beside the artifact" and d["source"]["step"] == 1200
+    assert source_run(version) == version / "run"  # the original run folder is gone: the published copy
+    assert d["run_available"] and d["verification"]["passed"]
+
+
+def test_run_details_tolerate_a_log_being_written_and_thin_long_curves(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"vocab_size": 65, "block_size": 64},
+                                                 "tokenizer": {"kind": "char", "vocab_size": 65}}))
+    n = 2 * MAX_TRAIN_POINTS + 3
+    lines = [json.dumps({"event": "train", "step": i, "loss": 4.0 - i / n}) for i in range(1, n + 1)]
+    lines += [json.dumps({"event": "eval", "step": n, "train_loss": 1.0, "val_loss": 1.5}),
+              json.dumps({"event": "sample", "step": n, "text": "hi"})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"event": "train", "st')  # a line half written
+    assert len(read_metrics(run / "metrics.jsonl")) == n + 2
+    d = run_details("r", run)
+    assert d["train_points_total"] == n and len(d["train_points"]) <= MAX_TRAIN_POINTS + 1
+    assert d["train_points"][0][0] == 1 and d["train_points"][-1][0] == n  # both ends kept
+    assert d["log_vocab"] == pytest.approx(4.174387, abs=1e-6) and not d["finished"]
+    assert d["samples"] == [{"step": n, "texts": ["hi"]}] and d["checkpoints"] == []
+
+
+def test_find_runs_takes_run_folders_and_folders_of_runs(tmp_path: Path) -> None:
+    for p in ("a/run1", "a/run2", "b/run1", "c"):
+        (tmp_path / p).mkdir(parents=True)
+        (tmp_path / p / "config.json").write_text("{}")
+    (tmp_path / "a" / "notes").mkdir()
+    found = find_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    assert found == {"run1": tmp_path / "a/run1", "run2": tmp_path / "a/run2", "run1-2": tmp_path / "b/run1",
+                     "c": tmp_path / "c"}
+
+
+def test_serving_side_imports_no_training_code_until_attention_is_asked_for(pg_artifact: Path) -> None:
+    """In a fresh process: the playground and the run page (curve, samples) leave torch and nextoken.train
+    unimported; the first attention request imports them."""
+    code = f"""
+import sys
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+from nextoken.serve.playground import mount_playground
+
+class M:
+    path = {str(pg_artifact)!r}
+    id = "pg:1"
+
+app = FastAPI()
+mount_playground(app, lambda: M, api_key_required=False)
+c = TestClient(app)
+for p in ("/", "/runs", "/ui/playground.js", "/api/model", "/api/runs", "/api/runs/served"):
+    assert c.get(p).status_code == 200, p
+assert c.get("/api/model").json()["run_available"]
+heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("nextoken.train"))
+assert heavy == [], heavy
+r = c.post("/api/runs/served/attention", json={{"text": "the cat"}})
+assert r.status_code == 200, r.text
+assert "torch" in sys.modules and "nextoken.train.inspect" in sys.modules
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_static_pages_pass_other_requests_through() -> None:
+    seen = []
+
+    async def inner(scope, receive, send) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = TestClient(StaticPages(inner, api_key_required=False))
+    assert client.get(ASSET_PREFIX + "nope.js").status_code == 204 and client.get("/v1/models").status_code == 204
+    assert seen == [ASSET_PREFIX + "nope.js", "/v1/models"]
