@@ -160,6 +160,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int = 0  # 0 = max_iters
+    lr_schedule: str = "steps"  # steps: decay over lr_decay_iters; time: over max_time seconds of training
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -216,6 +217,12 @@ class TrainConfig:
         need(0 <= self.min_lr <= self.learning_rate, "--min-lr",
              f"must be in [0, --learning-rate={self.learning_rate}], got {self.min_lr}")
         need(self.warmup_iters >= 0, "--warmup-iters", f"must be >= 0, got {self.warmup_iters}")
+        need(self.lr_schedule in ("steps", "time"), "--lr-schedule",
+             f"must be steps or time, got {self.lr_schedule!r}")
+        if self.lr_schedule == "time":
+            need(self.max_time > 0, "--lr-schedule", "time decays the learning rate over --max-time, which is not set")
+            need(self.lr_decay_iters == 0, "--lr-decay-iters",
+                 "does not apply with --lr-schedule time (the decay ends at --max-time)")
         need(self.tokens_per_step >= 0, "--tokens-per-step", f"must be >= 0, got {self.tokens_per_step}")
         need(self.grad_clip >= 0, "--grad-clip", f"must be >= 0, got {self.grad_clip}")
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype",

@@ -200,6 +200,17 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: float, info: DistInfo) -> float:
+    """The largest of every rank's ``value`` (the same float on every rank)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     if not info.enabled:
         return obj

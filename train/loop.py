@@ -67,25 +67,37 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``learning_rate``, cosine decay to ``min_lr`` at ``lr_decay_iters``, then flat."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+def lr_at(it: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
+    """Linear warmup to ``learning_rate``, cosine decay to ``min_lr`` at ``lr_decay_iters``, then flat.
+
+    With ``lr_schedule="time"`` the decay follows ``time_fraction`` (training seconds so far over
+    ``max_time``) instead of the step, so a run cut by its time budget ends fully decayed
+    whatever the machine's speed (at the price of a resume that is exact only in the weights'
+    path up to the clock: the learning rate then depends on timing).
+    """
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    if cfg.lr_schedule == "time":
+        if time_fraction is None:
+            raise ValueError("lr_schedule='time' needs the fraction of max_time used")
+        ratio = min(1.0, max(0.0, time_fraction))
+    else:
+        decay_iters = cfg.lr_decay_iters or cfg.max_iters
+        if it >= decay_iters:
+            return cfg.min_lr
+        ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, it: int, cfg: TrainConfig) -> float:
+def set_learning_rates(optimizer: torch.optim.Optimizer, it: int, cfg: TrainConfig,
+                       time_fraction: float | None = None) -> float:
     """Every group at step ``it`` of the schedule, scaled from its own peak; returns AdamW's lr.
 
     AdamW groups get ``lr_at`` itself; Muon groups the same curve from ``muon_lr`` (warmup,
     cosine decay, and a floor at the same fraction ``min_lr / learning_rate``).
     """
-    lr = lr_at(it, cfg)
+    lr = lr_at(it, cfg, time_fraction)
     for group in optimizer.param_groups:
         group["lr"] = lr * (cfg.muon_lr / cfg.learning_rate) if group.get("muon", False) else lr
     return lr
@@ -393,7 +405,12 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         if final:
             break
 
-        lr = set_learning_rates(optimizer, it, cfg)
+        time_fraction = None
+        if cfg.lr_schedule == "time":
+            elapsed = train_time + (time.perf_counter() - t_step)  # training seconds, evaluation excluded
+            # every rank must step with the same learning rate: take the slowest clock's
+            time_fraction = D.max_over_ranks(elapsed, info) / cfg.max_time
+        lr = set_learning_rates(optimizer, it, cfg, time_fraction)
         for micro in range(accum):
             x, y = sampler.next_batch()
             extra = {k: v.to(device, non_blocking=True) for k, v in model_inputs(x, cfg, eot_id).items()}

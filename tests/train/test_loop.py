@@ -120,6 +120,29 @@ def test_warmup_then_cosine_to_the_floor() -> None:
     assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == 1e-4
 
 
+def test_time_schedule_decays_over_max_time() -> None:
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=10**6, max_time=60,
+                      lr_schedule="time")
+    assert lr_at(9, cfg, 0.5) < 1e-3  # warmup still counts steps
+    assert lr_at(10, cfg, 0.0) == pytest.approx(1e-3)
+    assert lr_at(10**5, cfg, 0.5) == pytest.approx(0.55e-3)  # half the time: half-way down the cosine
+    assert lr_at(20, cfg, 1.2) == pytest.approx(1e-4)
+    with pytest.raises(UserError, match="--max-time"):
+        TrainConfig(lr_schedule="time")
+    with pytest.raises(UserError) as e:
+        TrainConfig(lr_schedule="time", max_time=10, lr_decay_iters=100)
+    assert e.value.flag == "--lr-decay-iters"
+
+
+def test_a_time_scheduled_run_ends_decayed(tmp_path, tiny_corpus) -> None:
+    s = train_tiny(tmp_path / "r", tiny_corpus, max_iters=10**6, max_time=3.0, lr_schedule="time",
+                   eval_interval=10**6, log_interval=1, warmup_iters=2, min_lr=1e-4, learning_rate=3e-3)
+    assert s["stopped_by"] == "max_time" and s["steps"] > 5
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+           if '"train"' in line]
+    assert lrs[-1] < 1.1e-4 < 2.9e-3 < max(lrs)  # from the peak down to the floor within the budget
+
+
 def test_overfitting_is_reported() -> None:
     rising = [(0, 3.0, 3.0), (10, 2.0, 2.5), (20, 1.5, 2.6), (30, 1.0, 2.7), (40, 0.5, 2.8)]
     assert overfit_start(rising, patience=3) == 10
