@@ -1,0 +1,331 @@
+"""nextoken and llama.cpp's llama-server side by side on the same weights (issue 11's targets).
+
+1. Trains (or reuses, in ``--work``) a GPT-2-shaped model: 4 layers, 4 heads, 256 wide, context
+   256, byte-level BPE 2000, on tinyshakespeare (or the built-in corpus without it).
+2. Exports it twice: the ONNX artifact (``nextoken export``) and a GGUF file
+   (``nextoken export --format gguf --dtype f32``), the same checkpoint.
+3. Starts ``nextoken serve ART --max-batch-size 32`` and ``llama-server -m GGUF -np 32 -c 8192 -t 2``
+   on loopback, both up for the whole run.
+4. Parity: the same prompt, greedy, 48 tokens to eos, through both servers' HTTP APIs: the token
+   ids must be identical (this is also the GGUF's check against llama.cpp itself). Without
+   ``ignore_eos`` here, since llama.cpp implements it as a -inf bias on eos and ours generates eos
+   and goes on, which changes greedy tokens whenever eos is the argmax.
+5. Throughput: one async streaming client (httpx, SSE, the same request body on both sides:
+   ``/v1/completions``, 128 tokens, ``ignore_eos``, temperature 0, the same prompt tokens),
+   ``--requests`` per stream, at 1, 4, 16 and 32 concurrent streams, the two servers interleaved
+   run by run (A B, then B A, ...). Per stream count: output tok/s, TTFT p50, TPOT p50, ITL
+   p50/p99 for both and the ratios, as median and range over ``--runs``.
+
+    python benchmarks/bench_vs_llama.py --llama-server PATH [--runs 3] [--streams 1,4,16,32] [--work DIR]
+    python benchmarks/bench_vs_llama.py --llama-server PATH --check-only    # parity only
+
+Without a binary (``--llama-server`` or ``$NEXTOKEN_LLAMA_SERVER``) it says so and exits 0;
+``../shared/tools/build-llama-server.sh`` builds one (about 8 minutes on 2 cores). Quote figures
+from a quiet machine, with the ``uptime`` this prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama_peer import LlamaServer, find_binary, free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+PARITY_TOKENS = 48
+
+
+# --- the model --------------------------------------------------------------------------------
+
+def build(work: Path, max_iters: int) -> tuple[Path, Path]:
+    """(artifact folder, GGUF file) of the benchmark model, made once per ``work`` folder."""
+    from nextoken.export.build import export_run
+    from nextoken.export.gguf import export_gguf
+    from nextoken.train.config import TrainConfig
+    from nextoken.train.loop import train
+
+    run, artifact, gguf = work / "run", work / "artifact", work / "model-f32.gguf"
+    if not (run / "summary.json").is_file():
+        data = [str(SHAKESPEARE)] if SHAKESPEARE.is_file() else []
+        cfg = TrainConfig(data=data, tokenizer="bpe", vocab_size=2000, n_layer=4, n_head=4, n_embd=256,
+                          block_size=256, batch_size=8, max_iters=max_iters, eval_interval=max_iters, eval_iters=2,
+                          warmup_iters=10, learning_rate=2e-3, min_lr=2e-4, sample_tokens=0,
+                          max_corpus_chars=0 if data else 2_000_000, out_dir=str(run), progress=False,
+                          tensorboard=False, threads=2)
+        print(f"training the benchmark model ({max_iters} steps) into {run} ...", file=sys.stderr)
+        train(cfg, quiet=True)
+    if not (artifact / "manifest.json").is_file():
+        export_run(run, artifact, name="bench-vs-llama", version="1")
+    if not gguf.is_file():
+        export_gguf(run, gguf, dtype="f32", name="bench-vs-llama")
+    return artifact, gguf
+
+
+class NextokenServer:
+    """``nextoken serve`` on loopback and a free port, stopped by its process group."""
+
+    def __init__(self, artifact: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(work_log(f"nextoken-serve-{self.port}.log"), "w+")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen([sys.executable, "-m", "nextoken", "serve", str(artifact), "--port",
+                                      str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"nextoken serve exited with {self.proc.returncode}:\n{self.log.read()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("nextoken serve did not become healthy in 120 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def work_log(name: str) -> Path:
+    return Path(os.environ.get("TMPDIR", "/tmp")) / name
+
+
+# --- parity -----------------------------------------------------------------------------------
+
+def greedy_nextoken(url: str, prompt: str, n: int) -> list[int]:
+    r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0}, timeout=120)
+    r.raise_for_status()
+    return list(r.json()["choices"][0]["token_ids"])
+
+
+def greedy_llama(url: str, prompt_ids: list[int], n: int) -> list[int]:
+    body = {"prompt": prompt_ids, "n_predict": n, "temperature": 0, "top_k": 1, "repeat_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0, "return_tokens": True,
+            "cache_prompt": False}
+    r = httpx.post(url + "/completion", json=body, timeout=120)
+    r.raise_for_status()
+    return list(r.json()["tokens"])
+
+
+def parity(nt: NextokenServer, peer: LlamaServer, prompt_ids: list[int], eos: int) -> bool:
+    ours = greedy_nextoken(nt.url, PROMPT, PARITY_TOKENS)
+    theirs = greedy_llama(peer.url, prompt_ids, PARITY_TOKENS)
+
+    def cut(ids: list[int]) -> list[int]:
+        return ids[: ids.index(eos)] if eos in ids else ids
+
+    ours, theirs = cut(ours), cut(theirs)
+    same = ours == theirs
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+    print(f"greedy parity over HTTP ({len(ours)} / {len(theirs)} tokens to eos or {PARITY_TOKENS}): "
+          f"{'IDENTICAL' if same else f'DIFFERENT from token {first}'}")
+    if not same:
+        print(f"  nextoken   {ours}\n  llama.cpp  {theirs}")
+    return same
+
+
+# --- the streaming client ---------------------------------------------------------------------
+
+@dataclass
+class Record:
+    ttft: float
+    chunk_times: list[float]  # arrival of every chunk that carried text, from the request's start
+    tokens: int
+    error: str | None = None
+
+
+@dataclass
+class Level:
+    tok_s: float
+    ttft_p50: float
+    tpot_p50: float
+    itl_p50: float
+    itl_p99: float
+    requests: int
+    failed: int = 0
+    records: list[Record] = field(default_factory=list, repr=False)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Record:
+    t0 = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    usage = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return Record(0.0, [], 0, f"{r.status_code} {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                usage = msg.get("usage") or usage
+                choice = (msg.get("choices") or [{}])[0]
+                if choice.get("text"):
+                    times.append(time.perf_counter() - t0)
+                    tokens += len(choice.get("token_ids") or []) or 1
+    except httpx.HTTPError as e:
+        return Record(0.0, times, tokens, repr(e))
+    if usage and usage.get("completion_tokens"):
+        tokens = int(usage["completion_tokens"])
+    return Record(times[0] if times else 0.0, times, tokens)
+
+
+async def run_level(url: str, body: dict, streams: int, requests_per_stream: int) -> Level:
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
+        async def worker() -> list[Record]:
+            return [await stream_one(client, url, body) for _ in range(requests_per_stream)]
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[worker() for _ in range(streams)])
+        wall = time.perf_counter() - t0
+    records = [r for rs in results for r in rs]
+    ok = [r for r in records if r.error is None and r.chunk_times]
+    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
+    tpot = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    return Level(tok_s=sum(r.tokens for r in ok) / wall, ttft_p50=pct([r.ttft for r in ok], 0.5),
+                 tpot_p50=pct(tpot, 0.5), itl_p50=pct(itl, 0.5), itl_p99=pct(itl, 0.99), requests=len(records),
+                 failed=len(records) - len(ok), records=records)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _med_range(values: list[float], scale: float = 1.0, fmt: str = "{:,.0f}") -> str:
+    v = [x * scale for x in values]
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
+def report(results: dict[str, dict[int, list[Level]]], streams: list[int]) -> None:
+    print(f"\n{'streams':>7} | {'tok/s nextoken':>22} | {'tok/s llama':>22} | {'ratio':>16} | "
+          f"{'TTFT p50 ms nt / llama':>24} | {'TPOT p50 ms nt / llama':>24} | {'ITL p50/p99 ms nt':>18} | "
+          f"{'ITL p50/p99 ms llama':>20}")
+    for c in streams:
+        a, b = results["nextoken"][c], results["llama"][c]
+        ratios = [x.tok_s / y.tok_s for x, y in zip(a, b, strict=True) if y.tok_s]
+        failed = sum(x.failed for x in a) + sum(y.failed for y in b)
+        med = statistics.median
+        print(f"{c:>7} | {_med_range([x.tok_s for x in a]):>22} | {_med_range([y.tok_s for y in b]):>22} | "
+              f"{_med_range(ratios, fmt='{:.2f}'):>16} | "
+              f"{med([x.ttft_p50 for x in a]) * 1e3:>10.1f} / {med([y.ttft_p50 for y in b]) * 1e3:<11.1f} | "
+              f"{med([x.tpot_p50 for x in a]) * 1e3:>10.2f} / {med([y.tpot_p50 for y in b]) * 1e3:<11.2f} | "
+              f"{med([x.itl_p50 for x in a]) * 1e3:>8.2f} / {med([x.itl_p99 for x in a]) * 1e3:<7.2f} | "
+              f"{med([y.itl_p50 for y in b]) * 1e3:>8.2f} / {med([y.itl_p99 for y in b]) * 1e3:<9.2f}"
+              + (f"  FAILED {failed}" if failed else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-server", default=None, help="llama-server binary (default: $NEXTOKEN_LLAMA_SERVER)")
+    ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "nextoken-bench-vs-llama"),
+                    help="folder for the model, artifact and GGUF (reused when present)")
+    ap.add_argument("--max-iters", type=int, default=300, help="training steps for a new benchmark model")
+    ap.add_argument("--streams", default="1,4,16,32", help="concurrent streams, comma-separated")
+    ap.add_argument("--runs", type=int, default=3, help="interleaved runs per stream count")
+    ap.add_argument("--requests", type=int, default=2, help="requests per stream in each run")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--llama-threads", type=int, default=2)
+    ap.add_argument("--nextoken-flags", default="", help="extra `nextoken serve` flags, space-separated")
+    ap.add_argument("--check-only", action="store_true", help="greedy parity only, no throughput runs")
+    args = ap.parse_args(argv)
+    try:
+        binary = find_binary(args.llama_server)
+    except FileNotFoundError as e:
+        print(f"error: --llama-server: {e}", file=sys.stderr)
+        return 2
+    if binary is None:
+        print("skipped: no llama-server binary; pass --llama-server PATH or set $NEXTOKEN_LLAMA_SERVER "
+              "(../shared/tools/build-llama-server.sh builds one in about 8 minutes)")
+        return 0
+    streams = [int(s) for s in args.streams.split(",") if s]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    artifact, gguf = build(work, args.max_iters)
+
+    from tokenizers import Tokenizer
+
+    cfg = json.loads((artifact / "config.json").read_text())
+    eos = int(cfg["eos_token_id"])
+    tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    prompt_ids = [eos, *tok.encode(PROMPT).ids]  # what our server feeds for the text prompt
+    max_streams = max(streams)
+    nt = NextokenServer(artifact, "--max-batch-size", str(max(32, max_streams)), *args.nextoken_flags.split())
+    try:
+        peer = LlamaServer(binary, gguf, parallel=max(32, max_streams), ctx=max(32, max_streams) * cfg["n_positions"],
+                           threads=args.llama_threads)
+    except BaseException:
+        nt.stop()
+        raise
+    try:
+        print(f"nextoken serve pid {nt.proc.pid} at {nt.url}; llama-server pid {peer.pid} at {peer.url} "
+              f"({' '.join(peer.cmd[1:])})")
+        same = parity(nt, peer, prompt_ids, eos)
+        if args.check_only:
+            return 0 if same else 1
+        common = {"max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        bodies = {"nextoken": {**common, "prompt": PROMPT, "stream_options": {"include_usage": True}},
+                  "llama": {**common, "prompt": prompt_ids, "stream_options": {"include_usage": True}}}
+        urls = {"nextoken": nt.url, "llama": peer.url}
+        for name in urls:  # warm-up: first requests pay for allocation and caches
+            asyncio.run(run_level(urls[name], bodies[name], min(4, max_streams), 1))
+        results: dict[str, dict[int, list[Level]]] = {"nextoken": {c: [] for c in streams},
+                                                      "llama": {c: [] for c in streams}}
+        for r in range(args.runs):
+            for c in streams:
+                order = ["nextoken", "llama"] if (r + streams.index(c)) % 2 == 0 else ["llama", "nextoken"]
+                for name in order:
+                    lv = asyncio.run(run_level(urls[name], bodies[name], c, args.requests))
+                    results[name][c].append(lv)
+                    print(f"run {r + 1} streams {c:>2} {name:<8} {lv.tok_s:8,.0f} tok/s  TTFT p50 "
+                          f"{lv.ttft_p50 * 1e3:6.1f} ms  ITL p50 {lv.itl_p50 * 1e3:5.2f} ms"
+                          + (f"  failed {lv.failed}" if lv.failed else ""), file=sys.stderr)
+        print(f"\n{args.new_tokens} tokens per request, ignore_eos, temperature 0, {args.requests} request(s) per "
+              f"stream, {args.runs} interleaved run(s); median (range)")
+        report(results, streams)
+        print(f"\nuptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+        return 0 if same else 1
+    finally:
+        peer.stop()
+        nt.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
