@@ -64,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.version is not None:
         raise UserError("a GGUF file records no version; applies to --format onnx and hf", flag="--version")
-    from nextoken.export.gguf import export_gguf
+    try:
+        from nextoken.export.gguf import export_gguf
+    except ImportError as e:
+        raise UserError(f"needs the gguf package ({e.name} is not installed): pip install 'nextoken[interop]'",
+                        flag="--format") from None
 
     export_gguf(args.run, args.out, checkpoint=args.checkpoint, dtype=args.dtype or "f32", name=args.name,
                 verify=args.verify)
