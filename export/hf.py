@@ -24,6 +24,7 @@ vLLM, TGI, lm-eval's ``hf`` backend and llama.cpp's ``convert_hf_to_gguf.py`` re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -385,3 +386,17 @@ def load_hf_gpt2(folder: str | Path) -> HFModel:
           f"the tokenizer has {tok.get_vocab_size()} tokens but config.json's vocab_size is {config.vocab_size}")
     state = from_hf_state_dict(_read_weights(folder), config)
     return HFModel(config, state, tok, folder)
+
+
+def init_from_hf(folder: str | Path, *, dropout: float, block_size: int) -> HFModel:
+    """``load_hf_gpt2`` for ``nextoken train --init-from``: the folder fixes the architecture.
+
+    ``dropout`` is the run's training choice (GPT-2 folders record their own, not ours to keep);
+    ``block_size`` is the run's training window, which must fit the folder's position table.
+    """
+    model = load_hf_gpt2(folder)
+    if block_size > model.config.block_size:
+        raise UserError(f"{block_size} exceeds the n_positions ({model.config.block_size}) of {folder}",
+                        flag="--block-size")
+    model.config = dataclasses.replace(model.config, dropout=dropout)
+    return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -177,3 +178,38 @@ def test_conv1d_suffixes_cover_the_four_matrices() -> None:
     transposed = sorted(k for k in gpt2_shapes(cfg) if k.endswith(CONV1D_SUFFIXES))
     assert transposed == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
                           "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"]
+
+
+def test_init_from_hf_continues_where_the_checkpoint_stood(tiny_bpe_run: Path, tmp_path: Path) -> None:
+    """What `train --init-from` does with the folder: same loss as the checkpoint on the same batch (not
+    log(vocab) of a fresh model), and training steps from there lower it."""
+    from nextoken.export.hf import export_hf, init_from_hf
+    from nextoken.train.data import TokenData, windows
+
+    out = export_hf(tiny_bpe_run, tmp_path / "hf", log=None, verify=False)
+    with pytest.raises(UserError, match="n_positions") as e:
+        init_from_hf(out, dropout=0.0, block_size=64)
+    assert e.value.flag == "--block-size"
+    init = init_from_hf(out, dropout=0.1, block_size=16)
+    assert init.config.dropout == 0.1
+    model = GPT(init.config)
+    model.load_state_dict(init.state_dict)
+    original = load_run(tiny_bpe_run).model
+    data = TokenData(tiny_bpe_run / "data")
+    x, y = windows(data.train, list(range(0, 160, 20)), 16)
+    model.eval()
+    with torch.no_grad():
+        start = model(x, y).loss.item()
+        assert start == pytest.approx(original(x, y).loss.item(), abs=1e-6)
+    assert start < 0.8 * math.log(init.config.vocab_size)
+    model.train()
+    opt = model.configure_optimizer(0.0, 1e-3, (0.9, 0.99), "cpu")
+    for _ in range(5):
+        loss = model(x, y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert model(x, y).loss.item() < start
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied after loading
