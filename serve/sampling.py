@@ -59,6 +59,10 @@ GREEDY_BELOW = 1e-5
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for each logit_bias value
 CANDIDATES = 128  # first top-k / top-p candidate block; grows 8x per round for rows it does not settle
 DRAW_CHUNK = 64  # inverse-CDF draws over a full vocabulary: chunk sums first, then one chunk's cumsum
+# A row keeping more than this share of the vocabulary draws over its full row of weights (zeros where
+# dropped) instead of gathering its survivors: decided by the row alone, so the draw stays the same
+# in any batch.
+COMPACT_BELOW = 1 / 8
 
 
 class SamplingParamError(ValueError):
@@ -200,70 +204,80 @@ def _rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(None if seed is None else seed % (1 << 64) if seed < 0 else seed)
 
 
-def _cut_mask(z: np.ndarray, cut: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """(r, V) bool: per row, every value of ``z`` above ``cut`` plus the lowest-id ties with it, ``n`` in all.
+# Per-slot feature bits: one OR / AND over the batch's flags tells a step which transforms any row
+# (or every row) needs, so a step never pays for a feature no row in it uses.
+_GREEDY, _BIAS, _GRAMMAR, _REP, _PF, _BAN, _TOPK, _TOPP, _MINP, _SEEDED, _LOGPROBS = (1 << i for i in range(11))
+_CHANGES_LOGITS = _BIAS | _GRAMMAR | _REP | _PF  # a greedy row with one of these is not a plain argmax
+_CUT = _TOPK | _TOPP
+
+
+def _bits(f: np.ndarray) -> tuple[int, int]:
+    """The OR and the AND of a batch's flags (n,)."""
+    return int(np.bitwise_or.reduce(f)), int(np.bitwise_and.reduce(f))
+
+
+def _top_mask(z: np.ndarray, cut: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """(r, V) bool over ``z`` (r, V): per row every value above ``cut`` plus the lowest-id ties, ``n`` in all.
 
     ``cut`` (r,) is each row's n-th largest value, so the values above it number fewer than ``n``.
     """
-    keep = z > cut[:, None]
-    tie = z == cut[:, None]
-    room = n - keep.sum(axis=1)  # (r,) how many ties fit
-    over = np.flatnonzero(tie.sum(axis=1) > room)
-    if over.size:  # only rows with more ties than room pay for the running count
-        sub = tie[over]
-        tie[over] = sub & (np.cumsum(sub, axis=1) <= room[over, None])
-    return keep | tie
+    keep = z >= cut[:, None]
+    over = (keep.sum(axis=1) > n).nonzero()[0]
+    if over.size:  # more ties with the cut value than room: only those rows pay for a running count
+        sub = z[over]
+        above = sub > cut[over, None]
+        tie = sub == cut[over, None]
+        room = n[over] - above.sum(axis=1)
+        keep[over] = above | (tie & (tie.cumsum(axis=1) <= room[:, None]))
+    return keep
 
 
-def _top_n(z: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of the ``n[i]`` largest values of each row of ``z`` (r, V), most likely first, equal ones by id.
-
-    Returns ``(rows, cols)`` flat, grouped by row and ordered within each row (``n[i]`` entries for row i).
-    """
+def _top_n(z: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Flat ids of the ``n[i]`` largest values in each row of ``z`` (r, V): by row, high to low, equal ones by id."""
     r, V = z.shape
-    kth = np.unique(V - n)
-    part = np.partition(z, kth, axis=1)  # (r, V): values only (a fifth of argpartition's cost here)
-    th = part[np.arange(r), V - n]  # (r,) the n-th largest value of each row
-    rows, cols = np.nonzero(_cut_mask(z, th, n))  # grouped by row, ids ascending
-    vals = z[rows, cols]
-    order = np.lexsort((cols, -vals, rows))  # by row, then value high to low, then id
-    return rows[order], cols[order]
+    part = z.copy()
+    part.partition(sorted(set((V - n).tolist())), axis=1)  # (r, V) values only: a fifth of argpartition's cost
+    ids = _top_mask(z, part[np.arange(r), V - n], n).ravel().nonzero()[0]
+    return ids[np.lexsort((ids, -z.ravel()[ids], ids // V))]
 
 
 def _inverse_cdf(w: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Index drawn from each row of non-negative weights ``w`` (r, n) with uniforms ``u`` (r,) in [0, 1).
 
-    The first index whose running sum exceeds ``u`` x the row's total, found from chunk sums and then
-    the running sum inside one chunk (a full cumsum is a slow sequential pass); a rounding overshoot
-    falls back to the last positive weight, so a zero-weight index is never returned.
+    The first index whose running sum exceeds ``u`` x the row's total, from chunk sums and then one
+    chunk's running sum (a full cumsum is a slow sequential pass). Chunks start at fixed offsets, so
+    a row's sums do not depend on the batch or on zero padding after it: a seeded row draws the same
+    index anywhere. A rounding overshoot onto a zero weight steps back to the nearest positive one.
     """
     r, n = w.shape
     ar = np.arange(r)
     C = DRAW_CHUNK
-    if n <= 2 * C:
-        cdf = np.cumsum(w, axis=1)  # (r, n)
-        target = u * cdf[:, -1]
-        idx = np.count_nonzero(cdf <= target[:, None], axis=1)
-        base = np.zeros(r)
-        seg, start = w, np.zeros(r, dtype=np.int64)
-    else:
-        nb = -(-n // C)
-        wp = w if n == nb * C else np.pad(w, ((0, 0), (0, nb * C - n)))
-        blocks = wp.reshape(r, nb, C)  # (r, nb, C)
-        cb = np.cumsum(blocks.sum(axis=2), axis=1)  # (r, nb) running sums of chunk sums
-        target = u * cb[:, -1]
-        chunk = np.count_nonzero(cb <= target[:, None], axis=1)
-        over = chunk >= nb
-        if over.any():  # u x total rounded up to the total: the last chunk holding weight
-            chunk[over] = nb - 1 - np.argmax(blocks[over].sum(axis=2)[:, ::-1] > 0, axis=1)
-        base = np.where(chunk > 0, cb[ar, np.maximum(chunk - 1, 0)], 0.0)
-        seg = blocks[ar, chunk]  # (r, C)
-        start = chunk * C
-        idx = np.count_nonzero(base[:, None] + np.cumsum(seg, axis=1) <= target[:, None], axis=1)
-    over = idx >= seg.shape[1]
-    if over.any():
-        idx[over] = seg.shape[1] - 1 - np.argmax(seg[over][:, ::-1] > 0, axis=1)
-    return start + idx
+    nb = -(-n // C)
+    wp = w
+    if n != nb * C:
+        wp = np.zeros((r, nb * C), dtype=w.dtype)
+        wp[:, :n] = w
+    blocks = wp.reshape(r, nb, C)  # (r, nb, C)
+    if r == 1:  # the same sums as below, with fewer calls (batch 1 is the single-stream case)
+        b0 = blocks[0]
+        cb1 = b0.sum(axis=1).cumsum(dtype=np.float64)  # (nb,)
+        target1 = u[0] * cb1[-1]
+        c = min(int(cb1.searchsorted(target1, side="right")), nb - 1)
+        cs1 = b0[c].cumsum(dtype=np.float64)
+        cs1 += cb1[c - 1] if c > 0 else 0.0
+        i = c * C + min(int(cs1.searchsorted(target1, side="right")), C - 1)
+        if wp[0, i] <= 0:
+            i = int((wp[0, :i + 1] > 0).nonzero()[0][-1])
+        return np.array([i])
+    cb = blocks.sum(axis=2).cumsum(axis=1, dtype=np.float64)  # (r, nb) running sums of the chunk sums
+    target = u * cb[:, -1]
+    chunk = np.minimum((cb <= target[:, None]).sum(axis=1), nb - 1)
+    cs = blocks[ar, chunk].cumsum(axis=1, dtype=np.float64)  # (r, C) inside the chosen chunk
+    cs += np.where(chunk > 0, cb[ar, chunk - 1], 0.0)[:, None]
+    idx = chunk * C + np.minimum((cs <= target[:, None]).sum(axis=1), C - 1)
+    for b in (wp[ar, idx] <= 0).nonzero()[0]:  # rare: the sums of one chunk and of its entries disagree
+        idx[b] = (wp[b, :idx[b] + 1] > 0).nonzero()[0][-1]
+    return idx
 
 
 class BatchSampler:
@@ -275,34 +289,27 @@ class BatchSampler:
     """
 
     def __init__(self, max_slots: int, vocab_size: int, eos_id: int) -> None:
-        if max_slots < 1:
-            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-        if not 0 <= eos_id < vocab_size:
-            raise ValueError(f"eos_id must be in [0, {vocab_size}), got {eos_id}")
+        if not _is_int(max_slots) or max_slots < 1:
+            raise ValueError(f"max_slots must be an integer >= 1, got {max_slots!r}")
+        if not _is_int(vocab_size) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+        if not _is_int(eos_id) or not 0 <= eos_id < vocab_size:
+            raise ValueError(f"eos_id must be in [0, {vocab_size}), got {eos_id!r}")
         S, self.max_slots, self.vocab_size, self.eos_id = max_slots, max_slots, vocab_size, eos_id
         self.params: list[SamplingParams | None] = [None] * S
         self.active = np.zeros(S, dtype=bool)
-        self.temperature = np.ones(S)
-        self.greedy = np.zeros(S, dtype=bool)
+        self.flags = np.zeros(S, dtype=np.int64)  # the _GREEDY ... _LOGPROBS bits of each slot's request
+        self.temperature = np.ones(S, dtype=np.float32)
         self.top_k = np.zeros(S, dtype=np.int64)  # 0 = off (also when >= vocab_size)
         self.top_p = np.ones(S)
         self.min_p = np.zeros(S)
-        self.repetition = np.ones(S)
-        self.presence = np.zeros(S)
-        self.frequency = np.zeros(S)
+        self.repetition = np.ones(S, dtype=np.float32)
+        self.presence = np.zeros(S, dtype=np.float32)
+        self.frequency = np.zeros(S, dtype=np.float32)
         self.min_tokens = np.zeros(S, dtype=np.int64)
         self.generated = np.zeros(S, dtype=np.int64)  # tokens sampled so far per slot
         self.num_logprobs = np.full(S, -1, dtype=np.int64)  # -1 = not asked
-        self.has_bias = np.zeros(S, dtype=bool)
-        self.has_grammar = np.zeros(S, dtype=bool)
-        self.counted = np.zeros(S, dtype=bool)  # penalties need the counts below
-        self.seeded = np.zeros(S, dtype=bool)
-        # greedy and nothing changes its logits (min_tokens aside, checked per step): one argmax
-        self.plain = np.zeros(S, dtype=bool)
         self.bans: list[np.ndarray | None] = [None] * S  # slot -> ids at -inf while under min_tokens
-        self.has_ban = np.zeros(S, dtype=bool)
         self.rngs: list[np.random.Generator | None] = [None] * S  # seeded slots' own generators
         self.shared_rng = np.random.default_rng()
         # (S, V) arrays, allocated on first use: a server without penalties or biases never pays for them
@@ -323,23 +330,18 @@ class BatchSampler:
         p, V, s = params, self.vocab_size, slot
         self.params[s] = p
         self.temperature[s] = p.temperature if not p.greedy else 1.0
-        self.greedy[s] = p.greedy
         self.top_k[s] = p.top_k if p.top_k < V else 0
         self.top_p[s], self.min_p[s] = p.top_p, p.min_p
         self.repetition[s], self.presence[s], self.frequency[s] = (p.repetition_penalty, p.presence_penalty,
                                                                    p.frequency_penalty)
         self.min_tokens[s], self.generated[s] = p.min_tokens, 0
         self.num_logprobs[s] = -1 if p.logprobs is None else p.logprobs
-        self.has_grammar[s] = p.structured is not None
-        self.has_bias[s] = bool(p.logit_bias)
         if p.logit_bias:
             if self._bias is None:
                 self._bias = np.zeros((self.max_slots, V), dtype=np.float32)
             self._bias[s, list(p.logit_bias)] = list(p.logit_bias.values())
         ban = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else {self.eos_id}))
         self.bans[s] = np.asarray(ban, dtype=np.int64) if p.min_tokens > 0 and ban else None
-        self.has_ban[s] = self.bans[s] is not None
-        self.counted[s] = p.needs_counts
         if p.needs_counts:
             if self._counts is None:
                 self._counts = np.zeros((self.max_slots, V), dtype=np.int32)
@@ -347,9 +349,15 @@ class BatchSampler:
             self._counts[s] = 0
             self._seen[s] = False
             self._seen[s, prompt] = True
-        self.seeded[s] = p.seed is not None and not p.greedy
-        self.rngs[s] = _rng(p.seed) if self.seeded[s] else None
-        self.plain[s] = p.greedy and not p.logit_bias and not p.needs_counts and p.structured is None
+        seeded = p.seed is not None and not p.greedy  # a greedy row draws nothing
+        self.rngs[s] = _rng(p.seed) if seeded else None
+        self.flags[s] = ((_GREEDY if p.greedy else 0) | (_BIAS if p.logit_bias else 0)
+                         | (_GRAMMAR if p.structured is not None else 0)
+                         | (_REP if p.repetition_penalty != 1.0 else 0)
+                         | (_PF if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 else 0)
+                         | (_BAN if self.bans[s] is not None else 0) | (_TOPK if self.top_k[s] > 0 else 0)
+                         | (_TOPP if p.top_p < 1.0 else 0) | (_MINP if p.min_p > 0 else 0)
+                         | (_SEEDED if seeded else 0) | (_LOGPROBS if p.logprobs is not None else 0))
         self.active[s] = True
 
     def remove(self, slot: int) -> None:
@@ -357,10 +365,9 @@ class BatchSampler:
         self._check_slot(slot)
         if not self.active[slot]:
             raise ValueError(f"slot {slot} is not in use")
-        if self.has_bias[slot]:
+        if self.flags[slot] & _BIAS:
             self._bias[slot] = 0.0
-        self.active[slot] = self.has_bias[slot] = self.has_grammar[slot] = self.counted[slot] = False
-        self.seeded[slot] = self.has_ban[slot] = self.plain[slot] = False
+        self.active[slot], self.flags[slot] = False, 0
         self.params[slot] = self.rngs[slot] = self.bans[slot] = None
 
     def _check_slot(self, slot: int) -> None:
@@ -374,159 +381,181 @@ class BatchSampler:
         ``allowed`` (n, V) bool: the grammar's masks (True = allowed), read only in rows whose request
         has ``structured`` set; None when no row has one.
         """
-        logits = np.asarray(logits)
-        slots = np.asarray(slots, dtype=np.int64)
+        logits, slots = np.asarray(logits), np.asarray(slots)
         V = self.vocab_size
-        if logits.ndim != 2 or logits.shape[1] != V or not np.issubdtype(logits.dtype, np.floating):
+        if logits.ndim != 2 or logits.shape[1] != V or logits.dtype.kind != "f":
             raise ValueError(f"logits must be a float (n, {V}) array, got {logits.dtype} {logits.shape}")
         n = logits.shape[0]
-        if slots.shape != (n,):
-            raise ValueError(f"slots must have shape ({n},), got {slots.shape}")
-        if n and (slots.min() < 0 or slots.max() >= self.max_slots or not self.active[slots].all()):
-            raise ValueError(f"slots must be slots in use, got {slots.tolist()}")
-        if len(set(slots.tolist())) != n:
-            raise ValueError(f"slots must be distinct, got {slots.tolist()}")
+        if slots.shape != (n,) or (n and slots.dtype.kind not in "iu"):
+            raise ValueError(f"slots must be ({n},) integers, got {slots.dtype} {slots.shape}")
+        if n == 0:
+            return SampleResult(np.empty(0, dtype=np.int64), None, [], [])
+        sl = slots.tolist()
+        if min(sl) < 0 or max(sl) >= self.max_slots or len(set(sl)) != n or not self.active[slots].all():
+            raise ValueError(f"slots must be distinct slots in use, got {sl}")
         if allowed is not None and (allowed.shape != (n, V) or allowed.dtype != np.bool_):
             raise ValueError(f"allowed must be a bool ({n}, {V}) array, got {allowed.dtype} {allowed.shape}")
 
-        banned = self.has_ban[slots] & (self.generated[slots] < self.min_tokens[slots])  # (n,)
-        touched = ~self.plain[slots] | banned  # rows whose logits change or that draw
-        if not touched.any():  # the all-greedy fast path: one argmax
-            tokens = logits.argmax(axis=1)
+        f = self.flags[slots]  # (n,)
+        any_, all_ = _bits(f)
+        banned = None  # (n,) bool: rows still under their min_tokens
+        if any_ & _BAN:
+            banned = ((f & _BAN) != 0) & (self.generated[slots] < self.min_tokens[slots])
+            if not banned.any():
+                banned = None
+        if all_ & _GREEDY and not any_ & _CHANGES_LOGITS and banned is None:
+            tokens = logits.argmax(axis=1)  # the all-greedy fast path: one argmax
         else:
-            tokens = np.empty(n, dtype=np.int64)
-            rest = np.flatnonzero(~touched)
-            if rest.size:
-                tokens[rest] = logits[rest].argmax(axis=1)
-            rows = np.flatnonzero(touched)
-            tokens[rows] = self._transform_and_pick(logits[rows] if rest.size else logits, slots[rows],
-                                                    banned[rows], None if allowed is None else allowed[rows])
-        res = self._logprobs(logits, slots, tokens)
-        self._record(slots, tokens)
+            plain = None  # (n,) bool: rows needing nothing but an argmax
+            if any_ & _GREEDY:
+                plain = ((f & _GREEDY) != 0) & ((f & _CHANGES_LOGITS) == 0)
+                if banned is not None:
+                    plain &= ~banned
+            if plain is not None and plain.any():
+                tokens = np.empty(n, dtype=np.int64)
+                p, w = plain.nonzero()[0], (~plain).nonzero()[0]
+                tokens[p] = logits[p].argmax(axis=1)
+                fw = f[w]
+                tokens[w] = self._pick(logits[w].astype(np.float32, copy=False), slots[w], fw, _bits(fw),
+                                       None if banned is None else banned[w], None if allowed is None else allowed[w])
+            else:
+                tokens = self._pick(logits.astype(np.float32), slots, f, (any_, all_), banned, allowed)
+        if any_ & _LOGPROBS:
+            res = self._logprobs(logits, slots, tokens)
+        else:
+            res = SampleResult(tokens, None, [None] * n, [None] * n)
+        self.generated[slots] += 1
+        if any_ & (_REP | _PF):
+            c = (f & (_REP | _PF)).nonzero()[0]
+            self._counts[slots[c], tokens[c]] += 1  # slots are distinct: no (slot, token) pair repeats
+            self._seen[slots[c], tokens[c]] = True
         return res
 
-    def _transform_and_pick(self, logits: np.ndarray, s: np.ndarray, banned: np.ndarray,
-                            allowed: np.ndarray | None) -> np.ndarray:
-        """Steps 1-9 and the draw for rows ``logits`` (w, V) of slots ``s`` (w,); returns (w,) token ids."""
-        x = logits.astype(np.float64)  # (w, V) a copy; float64 keeps top-p's running sums exact enough
-        i = np.flatnonzero(self.has_bias[s])
-        if i.size:
+    def _pick(self, x: np.ndarray, s: np.ndarray, f: np.ndarray, bits: tuple[int, int], banned: np.ndarray | None,
+              allowed: np.ndarray | None) -> np.ndarray:
+        """Steps 1-9 and the draw for rows ``x`` (w, V) float32 (owned, changed in place) of slots ``s`` (w,).
+
+        ``bits``: the OR and the AND of the rows' flags ``f`` (w,).
+        """
+        any_, all_ = bits
+        if any_ & _BIAS:
+            i = (f & _BIAS).nonzero()[0]
             x[i] += self._bias[s[i]]
-        g = np.flatnonzero(self.has_grammar[s])
-        if g.size and allowed is None:
-            raise ValueError(f"slot {int(s[g[0]])} has a grammar but sample() got no allowed mask")
-        for j in np.flatnonzero(banned):
-            ban = self.bans[s[j]]
-            left = allowed[j].sum() - allowed[j, ban].sum() if self.has_grammar[s[j]] else self.vocab_size - ban.size
-            if left == 0:
-                continue  # only tokens that end the sequence are allowed (the grammar is complete): they win
-            x[j, ban] = -np.inf
-        i = np.flatnonzero(self.repetition[s] != 1.0)
-        if i.size:
+        if any_ & _GRAMMAR and allowed is None:
+            raise ValueError(f"slot {int(s[np.argmax(f & _GRAMMAR)])} has a grammar but sample() got no allowed mask")
+        if banned is not None:
+            for j in banned.nonzero()[0]:
+                ban = self.bans[s[j]]
+                live = allowed[j] if f[j] & _GRAMMAR else None
+                left = self.vocab_size - ban.size if live is None else live.sum() - live[ban].sum()
+                if left > 0:  # else only tokens that end the sequence are allowed (a complete grammar): they win
+                    x[j, ban] = -np.inf
+        if any_ & _REP:
+            i = (f & _REP).nonzero()[0]
             sub, pen = x[i], self.repetition[s[i], None]
             x[i] = np.where(self._seen[s[i]], np.where(sub > 0, sub / pen, sub * pen), sub)
-        i = np.flatnonzero((self.presence[s] != 0) | (self.frequency[s] != 0))
-        if i.size:
+        if any_ & _PF:
+            i = (f & _PF).nonzero()[0]
             c = self._counts[s[i]]  # (k, V)
             x[i] -= self.presence[s[i], None] * (c > 0) + self.frequency[s[i], None] * c
-        if g.size:
+        if any_ & _GRAMMAR:
+            g = (f & _GRAMMAR).nonzero()[0]
             a = allowed[g]
-            empty = ~a.any(axis=1)
-            if empty.any():
-                raise ValueError(f"the grammar mask of slot {int(s[g[np.argmax(empty)]])} allows no token")
+            empty = (~a.any(axis=1)).nonzero()[0]
+            if empty.size:
+                raise ValueError(f"the grammar mask of slot {int(s[g[empty[0]]])} allows no token")
             x[g] = np.where(a, x[g], -np.inf)
-
+        if all_ & _GREEDY:
+            return x.argmax(axis=1)
+        if not any_ & _GREEDY:
+            return self._draw(x, s, f, bits)
         out = np.empty(len(s), dtype=np.int64)
-        greedy = self.greedy[s]
-        i = np.flatnonzero(greedy)
-        if i.size:
-            out[i] = x[i].argmax(axis=1)
-        i = np.flatnonzero(~greedy)
-        if i.size:
-            y = x if i.size == len(s) else x[i]
-            out[i] = self._draw(y, s[i])
+        g, d = (f & _GREEDY).nonzero()[0], ((f & _GREEDY) == 0).nonzero()[0]
+        out[g] = x[g].argmax(axis=1)
+        out[d] = self._draw(x[d], s[d], f[d], _bits(f[d]))
         return out
 
-    def _uniforms(self, s: np.ndarray) -> np.ndarray:
+    def _uniforms(self, s: np.ndarray, any_: int, all_: int, f: np.ndarray) -> np.ndarray:
         """One uniform per row: from the slot's own generator when seeded, else from the shared one."""
+        if not any_ & _SEEDED:
+            return self.shared_rng.random(len(s))
+        if all_ & _SEEDED:
+            return np.fromiter((self.rngs[j].random() for j in s.tolist()), dtype=np.float64, count=len(s))
         u = np.empty(len(s))
-        seeded = self.seeded[s]
-        for j in np.flatnonzero(seeded):
+        seeded = (f & _SEEDED) != 0
+        for j in seeded.nonzero()[0]:
             u[j] = self.rngs[s[j]].random()
-        k = np.flatnonzero(~seeded)
-        if k.size:
-            u[k] = self.shared_rng.random(k.size)
+        k = (~seeded).nonzero()[0]
+        u[k] = self.shared_rng.random(k.size)
         return u
 
-    def _draw(self, y: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """Steps 6-9 and the draw for sampled rows ``y`` (m, V) float64 (modified in place)."""
-        m, V = y.shape
-        y /= self.temperature[s, None]
-        u = self._uniforms(s)
-        out = np.empty(m, dtype=np.int64)
-        k, top_p, min_p = self.top_k[s], self.top_p[s], self.min_p[s]
-        cut = (k > 0) | (top_p < 1.0)
-        f = np.flatnonzero(~cut)
-        if f.size:  # temperature (and min-p) only: weights over the whole vocabulary
-            z = y[f]
-            e = np.exp(z - z.max(axis=1, keepdims=True))  # (r, V), the max weighs exactly 1
-            mp = min_p[f]
-            if (mp > 0).any():
-                e[e < mp[:, None]] = 0.0
-            out[f] = _inverse_cdf(e, u[f])
-        f = np.flatnonzero(cut)
-        if f.size:
-            out[f] = self._draw_cut(y[f] if f.size < m else y, k[f], top_p[f], min_p[f], u[f])
+    def _draw(self, x: np.ndarray, s: np.ndarray, f: np.ndarray, bits: tuple[int, int]) -> np.ndarray:
+        """Steps 6-9 and the draw for sampled rows ``x`` (m, V) float32 (owned)."""
+        any_, all_ = bits
+        u = self._uniforms(s, any_, all_, f)
+        t = self.temperature[s]
+        if all_ & _CUT:
+            return _draw_cut(x, t, self.top_k[s], self.top_p[s], self.min_p[s], u, bits)
+        if not any_ & _CUT:
+            return self._draw_full(x, t, s, any_, u)
+        out = np.empty(len(s), dtype=np.int64)
+        c, w = (f & _CUT).nonzero()[0], ((f & _CUT) == 0).nonzero()[0]
+        sc = s[c]
+        out[c] = _draw_cut(x[c], t[c], self.top_k[sc], self.top_p[sc], self.min_p[sc], u[c], _bits(f[c]))
+        out[w] = self._draw_full(x[w], t[w], s[w], _bits(f[w])[0], u[w])
         return out
 
-    @staticmethod
-    def _draw_cut(y: np.ndarray, k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """Top-k, top-p and min-p on rows ``y`` (r, V), then the draw over the survivors."""
-        keep, L, mx = _keep_mask(y, k, top_p, min_p)
-        rows, cols = np.nonzero(keep)  # survivors in id order, grouped by row
-        start = np.cumsum(L) - L
-        w = np.zeros((len(y), int(L.max())))  # (r, Lmax) survivors' weights, zero-padded
-        w[rows, np.arange(rows.size) - np.repeat(start, L)] = np.exp(y[rows, cols] - mx[rows])
-        return cols[start + _inverse_cdf(w, u)]
+    def _draw_full(self, x: np.ndarray, t: np.ndarray, s: np.ndarray, any_: int, u: np.ndarray) -> np.ndarray:
+        """Temperature (and min-p) only: a draw over the whole vocabulary; ``x`` (r, V) is overwritten."""
+        x /= t[:, None]  # (r, V) tempered logits
+        x -= x.max(axis=1, keepdims=True)
+        np.exp(x, out=x)  # weights relative to the most likely token, which weighs exactly 1
+        if any_ & _MINP:
+            x[x < self.min_p[s, None]] = 0.0
+        return _inverse_cdf(x, u)
 
-    # --- logprobs and bookkeeping ------------------------------------------------------------
+    # --- logprobs ----------------------------------------------------------------------------
     def _logprobs(self, logits: np.ndarray, slots: np.ndarray, tokens: np.ndarray) -> SampleResult:
-        n = len(slots)
+        n, V = len(slots), self.vocab_size
         top_ids: list[np.ndarray | None] = [None] * n
         top_lps: list[np.ndarray | None] = [None] * n
         N = self.num_logprobs[slots]
-        a = np.flatnonzero(N >= 0)
-        if not a.size:
-            return SampleResult(tokens, None, top_ids, top_lps)
-        z = logits[a].astype(np.float32, copy=False)  # (k, V) the model's own distribution
+        a = (N >= 0).nonzero()[0]
+        every = a.size == n
+        z = (logits if every else logits[a]).astype(np.float32, copy=False)  # (k, V) the model's own distribution
         mx = z.max(axis=1, keepdims=True)
-        lse = (np.log(np.exp(z - mx).sum(axis=1, keepdims=True)) + mx)[:, 0]  # (k,) log-sum-exp
-        chosen = np.full(n, np.nan, dtype=np.float32)
-        chosen[a] = z[np.arange(a.size), tokens[a]] - lse
-        for j in a[N[a] == 0]:
-            top_ids[j], top_lps[j] = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        w = np.flatnonzero(N[a] > 0)
+        tmp = z - mx
+        lse = (np.log(np.exp(tmp, out=tmp).sum(axis=1, keepdims=True)) + mx)[:, 0]  # (k,) log-sum-exp
+        picked = z[np.arange(a.size), tokens if every else tokens[a]] - lse
+        if every:
+            chosen = picked
+        else:
+            chosen = np.empty(n, dtype=np.float32)
+            chosen.fill(np.nan)
+            chosen[a] = picked
+        Na = N if every else N[a]
+        w = (Na > 0).nonzero()[0]
+        if w.size < a.size:
+            for j in a[Na == 0].tolist():
+                top_ids[j], top_lps[j] = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
         if w.size:
-            rows, cols = _top_n(z[w], N[a[w]])
-            lps = (z[w][rows, cols] - lse[w][rows]).astype(np.float32)
-            bounds = np.cumsum(N[a[w]])[:-1]
-            for j, ids, lp in zip(a[w], np.split(cols, bounds), np.split(lps, bounds), strict=True):
-                top_ids[j], top_lps[j] = ids, lp
+            whole = w.size == a.size
+            zw, Nw = (z, Na) if whole else (z[w], Na[w])
+            ids = _top_n(zw, Nw)
+            lps = zw.ravel()[ids] - (lse if whole else lse[w])[ids // V]
+            cols, start = ids % V, 0
+            for j, m in zip((a if whole else a[w]).tolist(), Nw.tolist(), strict=True):
+                top_ids[j], top_lps[j] = cols[start:start + m], lps[start:start + m]
+                start += m
         return SampleResult(tokens, chosen, top_ids, top_lps)
-
-    def _record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
-        self.generated[slots] += 1
-        c = np.flatnonzero(self.counted[slots])
-        if c.size:
-            self._counts[slots[c], tokens[c]] += 1  # slots are distinct: no repeated (slot, token) pair
-            self._seen[slots[c], tokens[c]] = True
 
     def prompt_logprobs(self, logits: np.ndarray, targets: np.ndarray,
                         n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log-probabilities of ``targets`` (T,) under ``logits`` (T, V) (row t predicts targets[t]).
 
-        Returns ``lp`` (T,) float32, and the ``n`` most likely tokens per position, most likely first:
-        ``top_ids`` (T, n) int64 and ``top_lps`` (T, n) float32. The model's own distribution.
+        Returns ``lp`` (T,) float32, and the ``n`` most likely tokens per position, most likely first
+        (equal ones by id): ``top_ids`` (T, n) int64 and ``top_lps`` (T, n) float32. The model's own
+        distribution, as for generated tokens.
         """
         logits = np.asarray(logits)
         targets = np.asarray(targets, dtype=np.int64)
@@ -542,75 +571,169 @@ class BatchSampler:
         chosen = lp[np.arange(T), targets]
         if n == 0 or T == 0:
             return chosen, np.empty((T, n), dtype=np.int64), np.empty((T, n), dtype=np.float32)
-        rows, cols = _top_n(lp, np.full(T, n))
-        ids = cols.reshape(T, n)
-        return chosen, ids, lp[rows, cols].reshape(T, n)
+        ids = _top_n(lp, np.repeat(n, T))
+        return chosen, (ids % V).reshape(T, n), lp.ravel()[ids].reshape(T, n)
 
 
-def _keep_mask(y: np.ndarray, k: np.ndarray, top_p: np.ndarray,
-               min_p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which tokens of rows ``y`` (r, V) (tempered logits) survive top-k, top-p and min-p.
+def _draw_cut(x: np.ndarray, t: np.ndarray, k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
+              u: np.ndarray, bits: tuple[int, int] = (_CUT | _MINP, 0)) -> np.ndarray:
+    """Temperature, top-k, top-p and min-p on rows ``x`` (r, V), then the draw over the survivors."""
+    r, V = x.shape
+    keep, L, y_top, e_full = _survivors_of(x, t, k, top_p, min_p, bits)
+    wide = L > COMPACT_BELOW * V  # (r,) rows keeping much of the vocabulary
+    if not wide.any():
+        c = None  # every row draws over its gathered survivors
+    else:
+        out = np.empty(r, dtype=np.int64)
+        i = wide.nonzero()[0]
+        need = i if e_full is None else i[np.isnan(e_full[i, 0])]  # top-k rows have no full weights yet
+        if need.size:
+            e = x[need] / t[need, None]
+            e -= y_top[need, None]
+            np.exp(e, out=e)
+            if e_full is None:
+                e_full = np.full(x.shape, np.nan, dtype=np.float32)
+            e_full[need] = e
+        out[i] = _inverse_cdf(np.where(keep[i], e_full[i], 0.0), u[i])
+        if i.size == r:
+            return out
+        c = (~wide).nonzero()[0]
+        x, t, y_top, keep, L, u = x[c], t[c], y_top[c], keep[c], L[c], u[c]
+    ids = keep.ravel().nonzero()[0]  # survivors, by row, in id order
+    if len(L) == 1:
+        pick = ids[_inverse_cdf(np.exp(x.ravel()[ids] / t[0] - y_top[0])[None], u)]
+    else:
+        rows = ids // V
+        start = L.cumsum() - L
+        w = np.zeros((len(L), int(L.max())), dtype=np.float32)  # zero-padded: the draw is the same unpadded
+        w[rows, np.arange(ids.size) - start.repeat(L)] = np.exp(x.ravel()[ids] / t[rows] - y_top[rows])
+        pick = ids[start + _inverse_cdf(w, u)] - np.arange(len(L)) * V
+    if c is None:
+        return pick
+    out[c] = pick
+    return out
 
-    Returns the mask (r, V) bool, the survivors per row (r,) and each row's max (r,). ``k`` (r,)
-    0 = off, ``top_p`` (r,) 1 = off, ``min_p`` (r,) 0 = off.
+
+def _survivors_of(x: np.ndarray, t: np.ndarray, k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
+                  bits: tuple[int, int] = (_CUT | _MINP, 0)) -> tuple[np.ndarray, ...]:
+    """Which tokens of rows ``x`` (r, V) (logits before temperature ``t`` (r,)) survive top-k, top-p, min-p.
+
+    Returns the mask (r, V) bool, the count per row (r,), each row's largest tempered logit (r,), and
+    the weights exp(x / t - largest) (r, V) float32 of the rows without top-k (NaN rows for the others,
+    None if every row has top-k: those never needed them). ``k`` 0, ``top_p`` 1 and ``min_p`` 0 are
+    off. ``bits``: the OR and AND of the rows' flags (a superset OR and a subset AND are safe: they only
+    skip work no row needs). Ranking is on ``x`` itself (temperature does not change the order); only
+    the values that take part in a sum are tempered, ``x / t`` as a full tempered row would hold them.
     """
-    r, V = y.shape
-    mx = y.max(axis=1)  # (r,)
-    # Rows without top-k normalise over the whole vocabulary (pairwise sum in id order); rows
-    # with it over their survivors (running sum over the sorted values, in _survivors).
-    z_full = np.full(r, np.nan)
-    nk = np.flatnonzero(k == 0)
-    if nk.size:
-        z_full[nk] = np.exp(y[nk] - mx[nk, None]).sum(axis=1)
-    L = np.zeros(r, dtype=np.int64)  # survivors per row
-    cut_value = np.empty(r)  # the smallest surviving value per row
-    todo = np.arange(r)
-    width = min(V, max(CANDIDATES, int(k.max()) + 1))  # k + 1 values show whether the k-th has ties
-    while todo.size:
-        if width * 2 > V:  # the rest get a full sort
+    r, V = x.shape
+    any_, all_ = bits
+    y_top = x.max(axis=1) / t  # (r,) the largest tempered logit
+    # Rows without top-k normalise over the whole vocabulary (a float32 pairwise sum in id order: a
+    # casting sum would depend on buffer boundaries); rows with it over their survivors (in _survivors).
+    e_full = z_full = None
+    if not all_ & _TOPK:
+        nk = (k == 0).nonzero()[0] if any_ & _TOPK else None
+        if nk is None or nk.size == r:
+            e_full = x / t[:, None]
+            e_full -= y_top[:, None]
+            np.exp(e_full, out=e_full)
+            z_full = e_full.sum(axis=1)
+        elif nk.size:
+            e_full = np.empty(x.shape, dtype=np.float32)
+            e_full.fill(np.nan)
+            z_full = np.zeros(r)
+            e = x[nk] / t[nk, None]
+            e -= y_top[nk, None]
+            e_full[nk] = np.exp(e, out=e)
+            z_full[nk] = e.sum(axis=1)
+    L = cut = None
+    # (rows, block width) still to settle; k + 1 values show whether the k-th value has ties
+    tasks = [(None, min(V, max(CANDIDATES, int(k.max()) + 1 if any_ & _TOPK else 0)))]
+    while tasks:
+        todo, width = tasks.pop()
+        if width * 2 > V:  # a block over half the row costs about a full sort
             width = V
-        sub = y[todo]
-        block = np.partition(sub, V - width, axis=1)[:, V - width:] if width < V else sub
-        v = np.sort(block, axis=1)[:, ::-1]  # (t, width) the largest values, high to low
-        n, last, sure = _survivors(v, mx[todo], k[todo], top_p[todo], min_p[todo], z_full[todo])
-        settled = sure | (width == V)
-        L[todo[settled]], cut_value[todo[settled]] = n[settled], last[settled]
-        todo = todo[~settled]
-        width *= 8
-    return _cut_mask(y, cut_value, L), L, mx
+        v = x.copy() if todo is None else x[todo]
+        if width < V:
+            v.partition(V - width, axis=1)
+            v = v[:, V - width:]
+        v.sort(axis=1)
+        v = v[:, ::-1]  # (b, width) the largest values, high to low
+        if todo is None:
+            n, sure, sums = _survivors(v, t, y_top, k, top_p, min_p, z_full, bits)
+        else:
+            n, sure, sums = _survivors(v, t[todo], y_top[todo], k[todo], top_p[todo], min_p[todo],
+                                       None if z_full is None else z_full[todo], bits)
+        if width == V:
+            sure[:] = True
+        last = v[np.arange(len(v)), n - 1]
+        if todo is None:
+            if sure.all():  # the usual case: one block settles every row
+                return _top_mask(x, last, n), n, y_top, e_full
+            todo, L, cut = np.arange(r), n, last
+        else:
+            L[todo], cut[todo] = n, last  # rows not settled are overwritten by a later task
+            if sure.all():
+                continue
+        # NOTE: entries beyond the block weigh at most its smallest one, so the first w' - 1 entries hold
+        # at most mass + (w' - 1 - width) x low: a top-p row that cannot close in w' goes straight to V.
+        open_, wider = ~sure, width * 8
+        left = todo[open_]
+        hopeless = np.zeros(left.size, dtype=bool)
+        if sums is not None:
+            cs, e, z = sums
+            bound = cs[open_, -1] + (wider - 1 - width) * e[open_, -1] / z[open_]
+            hopeless = (bound < top_p[left]) & (k[left] == 0)
+        if hopeless.any():
+            tasks.append((left[hopeless], V))
+            left = left[~hopeless]
+        if left.size:
+            tasks.append((left, wider))
+    return _top_mask(x, cut, L), L, y_top, e_full
 
 
-def _survivors(v: np.ndarray, mx: np.ndarray, k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
-               z_full: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """How many of the values ``v`` (t, w) (each row's largest, high to low) survive top-k, top-p, min-p.
+_LOWEST = np.finfo(np.float32).min  # below every live logit, above -inf (masked)
 
-    Returns the count (t,), the smallest survivor (t,), and whether the block settles the row (t,)
-    bool: the kept prefix ends strictly inside it, so values beyond the block cannot matter.
-    ``z_full`` (t,): the row's normaliser over the whole vocabulary; NaN for top-k rows (normalised
-    over their survivors, summed here high to low: the same sum whatever the block width).
+
+def _survivors(v: np.ndarray, t: np.ndarray, y_top: np.ndarray, k: np.ndarray, top_p: np.ndarray,
+               min_p: np.ndarray, z_full: np.ndarray | None, bits: tuple[int, int]) -> tuple:
+    """How many of the values ``v`` (b, w) (each row's largest logits, high to low) survive top-k, top-p, min-p.
+
+    Returns the count (b,), whether the block settles the row (b,) bool (the kept prefix ends strictly
+    inside it, so values beyond the block cannot matter), and for top-p the running masses (b, w), the
+    weights (b, w) and the normalisers (b,) (None without top-p). ``z_full`` (b,): the row's normaliser
+    over the whole vocabulary, unused in top-k rows (normalised over their survivors, summed here high
+    to low: the same sum whatever the block width). Masked tokens (-inf) never survive.
     """
-    t, w = v.shape
-    ar = np.arange(t)
-    has_k = k > 0
-    live = v > -np.inf  # masked tokens (grammar, min_tokens) never survive
-    n = np.count_nonzero(live, axis=1)
-    th = np.where(has_k, v[ar, np.clip(k - 1, 0, w - 1)], -np.inf)  # (t,) the k-th largest value
-    n_k = np.count_nonzero(live & (v >= th[:, None]), axis=1)  # ties with the k-th value survive
-    n = np.where(has_k, n_k, n)
-    e = np.exp(v - mx[:, None])  # (t, w) unnormalised probabilities, high to low; the top one weighs 1
-    e[v < th[:, None]] = 0.0
-    z = np.where(has_k, np.cumsum(e, axis=1)[ar, n - 1], z_full)
-    sure = n < w  # a top-k row's normaliser is exact only when all its survivors are in the block
-    p_rows = top_p < 1.0
-    if p_rows.any():
-        before = np.cumsum(e / z[:, None], axis=1)[:, :-1]  # (t, w-1) mass strictly before entries 1..w-1
-        n_p = 1 + np.count_nonzero(before < top_p[:, None], axis=1)
-        n = np.where(p_rows, np.minimum(n, n_p), n)
-    mp_rows = min_p > 0
-    if mp_rows.any():
-        n = np.where(mp_rows, np.minimum(n, np.count_nonzero(e >= min_p[:, None], axis=1)), n)
-    sure = np.where(has_k, sure, n < w)
-    return n, v[ar, n - 1], sure
+    any_, all_ = bits
+    b, w = v.shape
+    ar = np.arange(b)
+    e = v / t[:, None]
+    e -= y_top[:, None]
+    np.exp(e, out=e)  # (b, w) weights relative to the most likely token, high to low
+    if all_ & _TOPK or (any_ & _TOPK and (k > 0).any()):
+        # the k-th largest value (width > k); rows without top-k get the lowest live value
+        th = np.maximum(v[ar, k - 1] if all_ & _TOPK else np.where(k > 0, v[ar, k - 1], _LOWEST), _LOWEST)
+        drop = v < th[:, None]  # ties with the k-th value survive
+        n = w - drop.sum(axis=1)
+        e[drop] = 0.0
+        zk = e.cumsum(axis=1, dtype=np.float64)[ar, n - 1]
+        z = zk if all_ & _TOPK or z_full is None else np.where(k > 0, zk, z_full)
+        sure_k = n < w  # a top-k row's normaliser is exact only when all its survivors are in the block
+    else:
+        n = (v >= _LOWEST).sum(axis=1)
+        z, sure_k = z_full, None
+    sums = None
+    if any_ & _TOPP:
+        cs = (e / z[:, None]).cumsum(axis=1)  # (b, w) float64 mass up to and including each entry
+        tp = top_p if all_ & _TOPP else np.where(top_p < 1.0, top_p, np.inf)  # off: nothing is cut
+        n = np.minimum(n, 1 + (cs[:, :-1] < tp[:, None]).sum(axis=1))
+        sums = (cs, e, z)
+    if any_ & _MINP:
+        n = np.minimum(n, (e >= min_p[:, None]).sum(axis=1))  # min_p 0 keeps every live entry
+    if sure_k is None:
+        return n, n < w, sums
+    return n, (sure_k if all_ & _TOPK else np.where(k > 0, sure_k, n < w)), sums
 
 
 # --- the per-row sampler the engine uses until it moves to BatchSampler ------------------------------

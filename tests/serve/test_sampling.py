@@ -113,6 +113,17 @@ def test_logprobs_are_the_models_own_distribution() -> None:
     assert res.top_ids[1] is None and math.isnan(res.logprobs[1])
 
 
+def test_logprobs_with_a_different_count_per_row() -> None:
+    x = logits(4, seed=13)
+    bs = sampler(*[SamplingParams(temperature=0.7, logprobs=n, seed=n) for n in (2, 0, 5, 1)])
+    res = step(bs, x)
+    ref = log_softmax64(x)
+    for r, n in enumerate((2, 0, 5, 1)):
+        assert res.logprobs[r] == pytest.approx(ref[r, res.token_ids[r]], abs=1e-5)
+        assert res.top_ids[r].tolist() == np.argsort(-ref[r], kind="stable")[:n].tolist()
+        assert res.top_logprobs[r] == pytest.approx(ref[r, res.top_ids[r]], abs=1e-5)
+
+
 def test_top_k_then_top_p_in_hugging_face_order() -> None:
     x = np.full((1, V), -30.0, dtype=np.float32)
     x[0, [3, 4, 5, 6]] = np.log([0.4, 0.3, 0.2, 0.1])
@@ -241,73 +252,102 @@ def test_penalty_counts_belong_to_their_slot_and_are_cleared_with_it() -> None:
 
 
 # --- top-p exactness against a simple reference ----------------------------------------------------
-def reference_keep(y: np.ndarray, k: int, top_p: float, min_p: float) -> np.ndarray:
-    """Hugging Face's warpers on one row of tempered logits, with a full sort: the kept tokens (V,) bool."""
-    x = y.astype(np.float64).copy()
-    if 0 < k < len(x):
-        x[x < np.sort(x)[::-1][k - 1]] = -np.inf
-    probs = np.exp(x - x.max())
-    probs /= probs.sum()
-    keep = x > -np.inf
+def reference_keep(x: np.ndarray, T: float, k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Hugging Face's warpers on one row of float32 logits with a full sort: the kept tokens (V,) bool.
+
+    The sampler's numeric policy: ranks by logit (equal ones by id), weights exp(x/T - max) in
+    float32, the normaliser a float32 sum over the row (over the sorted survivors in float64 with
+    top-k), running masses in float64.
+    """
+    V = len(x)
+    T32 = np.float32(T)
+    order = np.argsort(-x, kind="stable")  # high to low, equal logits by id
+    xs = x[order]
+    keep = xs > -np.inf  # masked tokens never survive
+    if 0 < k < V:
+        keep &= xs >= xs[k - 1]  # ties with the k-th value survive
+    top = x.max() / T32
+    e = np.exp(xs / T32 - top)  # (V,) float32, sorted
+    e[~keep] = 0.0
+    z = float(np.cumsum(e, dtype=np.float64)[-1]) if 0 < k < V else float(np.exp(x / T32 - top).sum())
     if top_p < 1.0:
-        order = np.argsort(-x, kind="stable")  # high to low, equal values by id
-        before = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])  # mass strictly before each
-        keep[order[before >= top_p]] = False
+        before = np.concatenate([[0.0], np.cumsum(e.astype(np.float64) / z)[:-1]])  # mass strictly before each
+        keep &= before < top_p
     if min_p > 0:
-        keep &= probs >= min_p * probs.max()
-    return keep
+        keep &= e >= min_p  # e is relative to the most likely token
+    out = np.zeros(V, dtype=bool)
+    out[order[keep]] = True
+    return out
+
+
+def keep_mask(x: np.ndarray, T: np.ndarray, k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
+    """The sampler's kept set, computed twice: assuming every transform may be mixed, and with the
+    batch's own flags as BatchSampler passes them (the branches for uniform batches)."""
+    flags = ((k > 0) * sampling._TOPK) | ((top_p < 1) * sampling._TOPP) | ((min_p > 0) * sampling._MINP)
+    masks = []
+    for bits in ((sampling._CUT | sampling._MINP, 0), sampling._bits(flags)):
+        mask, L, _, _ = sampling._survivors_of(x, T.astype(np.float32), k, top_p, min_p, bits)
+        assert (mask.sum(axis=1) == L).all()
+        masks.append(mask)
+    assert np.array_equal(*masks)
+    return masks[1]
 
 
 @st.composite
-def cut_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def cut_rows(draw: st.DrawFn) -> tuple[np.ndarray, ...]:
     vocab = draw(st.integers(2, 700))
     rows = draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     kind = draw(st.sampled_from(["normal", "flat", "peaked", "integers"]))
     if kind == "normal":
-        y = rng.normal(size=(rows, vocab)) * draw(st.floats(0.1, 8))
+        x = rng.normal(size=(rows, vocab)) * draw(st.floats(0.1, 8))
     elif kind == "flat":  # wide nuclei: the candidate block does not settle them
-        y = rng.normal(size=(rows, vocab)) * 0.01
+        x = rng.normal(size=(rows, vocab)) * 0.01
     elif kind == "peaked":
-        y = rng.normal(size=(rows, vocab))
-        y[:, rng.integers(0, vocab, 5)] += 8
+        x = rng.normal(size=(rows, vocab))
+        x[:, rng.integers(0, vocab, 5)] += 8
     else:  # many exact ties, also at the cut
-        y = rng.integers(-3, 3, size=(rows, vocab)).astype(np.float64)
+        x = rng.integers(-3, 3, size=(rows, vocab)).astype(np.float64)
     if draw(st.booleans()):  # tokens masked by a grammar or min_tokens
-        y[rng.random((rows, vocab)) < 0.3] = -np.inf
-        y[:, 0] = 0.0  # at least one live token per row
-    y = y.astype(np.float32).astype(np.float64)  # what the sampler sees: float32 logits widened
+        x[rng.random((rows, vocab)) < 0.3] = -np.inf
+        x[:, 0] = 0.0  # at least one live token per row
+    x = x.astype(np.float32)
+    T = np.array([draw(st.sampled_from([1.0, 0.7, 1.3, draw(st.floats(1e-3, 3.0))])) for _ in range(rows)])
     k = np.array([draw(st.sampled_from([0, 0, 1, 2, 5, 50, 200, vocab - 1])) for _ in range(rows)])
     k = np.where(k >= vocab, 0, k)
     top_p = np.array([draw(st.sampled_from([1.0, 0.9, 0.5, 0.99, draw(st.floats(0.01, 1.0))])) for _ in range(rows)])
     min_p = np.array([draw(st.sampled_from([0.0, 0.0, 0.05, 0.3])) for _ in range(rows)])
-    return y, k, top_p, min_p
+    return x, T, k, top_p, min_p
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(cut_rows())
 def test_top_k_top_p_min_p_keep_exactly_the_reference_set(case) -> None:
-    y, k, top_p, min_p = case
-    keep, L, _ = sampling._keep_mask(y, k, top_p, min_p)
-    for r in range(len(y)):
-        ref = reference_keep(y[r], int(k[r]), float(top_p[r]), float(min_p[r]))
-        assert keep[r].tolist() == ref.tolist(), f"row {r}: k={k[r]} top_p={top_p[r]} min_p={min_p[r]}"
-        assert L[r] == ref.sum()
+    x, T, k, top_p, min_p = case
+    keep = keep_mask(x, T, k, top_p, min_p)
+    for r in range(len(x)):
+        ref = reference_keep(x[r], float(T[r]), int(k[r]), float(top_p[r]), float(min_p[r]))
+        assert keep[r].tolist() == ref.tolist(), f"row {r}: T={T[r]} k={k[r]} top_p={top_p[r]} min_p={min_p[r]}"
     # a row's kept set does not depend on its neighbours (a large top-k widens everyone's block)
-    alone = [sampling._keep_mask(y[r:r + 1], k[r:r + 1], top_p[r:r + 1], min_p[r:r + 1])[0][0] for r in range(len(y))]
+    alone = [keep_mask(x[r:r + 1], T[r:r + 1], k[r:r + 1], top_p[r:r + 1], min_p[r:r + 1])[0] for r in range(len(x))]
     assert np.array_equal(np.stack(alone), keep)
 
 
 def test_flat_rows_reach_the_full_sort_and_stay_exact() -> None:
     rng = np.random.default_rng(1)
     Vb = 4096
-    y = np.concatenate([rng.normal(size=(2, Vb)) * 0.01, rng.normal(size=(2, Vb)) * 4]).astype(np.float64)
-    k, top_p, min_p = np.array([0, 0, 0, 3000]), np.array([0.999, 0.3, 0.9, 0.95]), np.zeros(4)
-    keep, L, _ = sampling._keep_mask(y, k, top_p, min_p)
-    assert L[0] > Vb // 2 and L[1] > sampling.CANDIDATES * 8  # wider than both candidate blocks
+    x = np.concatenate([rng.normal(size=(2, Vb)) * 0.01, rng.normal(size=(2, Vb)) * 4]).astype(np.float32)
+    T, k, top_p, min_p = np.ones(4), np.array([0, 0, 0, 3000]), np.array([0.999, 0.3, 0.9, 0.95]), np.zeros(4)
+    keep = keep_mask(x, T, k, top_p, min_p)
+    assert keep[0].sum() > Vb // 2 and keep[1].sum() > sampling.CANDIDATES * 8  # wider than both candidate blocks
     for r in range(4):
-        assert np.array_equal(keep[r], reference_keep(y[r], int(k[r]), float(top_p[r]), 0.0))
+        assert np.array_equal(keep[r], reference_keep(x[r], 1.0, int(k[r]), float(top_p[r]), 0.0))
+    # top-k ties running past the candidate block: its partial sum must not settle top-p
+    tied = np.zeros((1, Vb), dtype=np.float32)
+    tied[0, rng.choice(Vb, 300, replace=False)] = 5.0  # 300 tokens share the top value
+    keep = keep_mask(tied, np.ones(1), np.array([5]), np.array([0.5]), np.zeros(1))
+    assert keep[0].sum() == 150 and np.array_equal(keep[0], reference_keep(tied[0], 1.0, 5, 0.5, 0.0))
 
 
 # --- draws, seeds, and one uniform per row --------------------------------------------------------
@@ -333,6 +373,27 @@ def test_draws_follow_softmax_over_a_wide_vocabulary(params: SamplingParams) -> 
     assert counts[np.setdiff1d(np.arange(Vw), support)].sum() == 0
     p = np.exp(row[support] / 0.8) / np.exp(row[support] / 0.8).sum()
     assert chi_square(counts[support], p) < CHI2_999[9]
+
+
+def test_draws_follow_softmax_when_the_nucleus_is_most_of_the_vocabulary() -> None:
+    Vw, B, T = 1000, 64, 1.0
+    row = np.linspace(0.0, -1.0, Vw, dtype=np.float32)  # a gentle slope: top-p 0.95 keeps most tokens
+    bs = BatchSampler(B, Vw, 1)
+    for s in range(B):
+        bs.add(s, SamplingParams(temperature=T, top_p=0.95), [2])
+    bs.shared_rng = np.random.default_rng(7)
+    kept = keep_mask(row[None], np.ones(1), np.zeros(1, dtype=np.int64), np.array([0.95]), np.zeros(1))[0]
+    assert kept.sum() > sampling.COMPACT_BELOW * Vw  # the full-row draw, not the gathered survivors
+    counts = np.zeros(Vw, dtype=np.int64)
+    x = np.tile(row, (B, 1))
+    for _ in range(150):
+        counts += np.bincount(bs.sample(x, np.arange(B)).token_ids, minlength=Vw)
+    assert counts[~kept].sum() == 0
+    p = np.where(kept, np.exp(row / T), 0.0)
+    p /= p.sum()
+    bins = np.arange(0, Vw, 100)  # ten bins of 100 ids, across draw-chunk boundaries
+    got, want = np.add.reduceat(counts, bins), np.add.reduceat(p, bins)
+    assert chi_square(got[want > 0], want[want > 0] / want.sum()) < CHI2_999[9]
 
 
 def test_a_seeded_request_draws_the_same_tokens_in_any_batch_and_slot() -> None:
@@ -363,6 +424,21 @@ def test_a_seeded_request_draws_the_same_tokens_in_any_batch_and_slot() -> None:
         assert got == ref, p
 
 
+@pytest.mark.parametrize("width", [1, 7, 64, 129, 2000, 4096])
+def test_the_draw_of_a_row_does_not_depend_on_the_batch(width: int) -> None:
+    rng = np.random.default_rng(width)
+    w = rng.random((200, width)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0.0  # masked tokens
+    w[:, rng.integers(0, width)] = 1.0  # at least one positive weight per row
+    u = rng.random(200)
+    u[:5] = [0.0, 1 - 2**-53, 0.5, 1e-300, 0.999999]
+    together = sampling._inverse_cdf(w, u)
+    alone = [int(sampling._inverse_cdf(w[i:i + 1], u[i:i + 1])[0]) for i in range(200)]
+    padded = sampling._inverse_cdf(np.pad(w, ((0, 0), (0, 37))), u)  # zero padding after a row changes nothing
+    assert together.tolist() == alone == padded.tolist()
+    assert (w[np.arange(200), together] > 0).all()
+
+
 def test_one_uniform_per_sampled_row_per_step() -> None:
     bs = sampler(SamplingParams(seed=3), SamplingParams(), SamplingParams(), SamplingParams(temperature=0),
                  SamplingParams(temperature=0, seed=4))
@@ -385,7 +461,7 @@ def test_all_greedy_batch_is_one_argmax(monkeypatch: pytest.MonkeyPatch) -> None
     def no_transform(*a, **k):
         raise AssertionError("an all-greedy batch without penalties, bias or mask must not be transformed")
 
-    monkeypatch.setattr(BatchSampler, "_transform_and_pick", no_transform)
+    monkeypatch.setattr(BatchSampler, "_pick", no_transform)
     res = step(bs, x)
     assert res.token_ids.tolist() == x.argmax(-1).tolist() and res.logprobs is None
     bs.remove(2)
