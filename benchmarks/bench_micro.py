@@ -3,7 +3,9 @@
     pytest benchmarks/bench_micro.py --benchmark-only
 
 - tokenizer encode / decode of ~8 KB of text (a byte-level BPE trained here, vocab 512)
-- the server's sampler over a batch of 32 rows of logits (serve/sampling.py)
+- the server's sampler (serve/sampling.py): the per-row loop at batch 32, and BatchSampler at batch 1
+  and 32 over vocabularies of 2048 and 4096 (greedy, temperature, top-k + top-p, top-p on flat and
+  peaked logits, penalties, logprobs 5); benchmarks/bench_sampler.py runs old and new interleaved
 - one engine decode step at batch 1 and batch 32 (serve/engine.py, a small artifact built here)
 - SSE: the server's chunk encoding (serve/protocol.py) and the client's decoding of a 64-token stream
 
@@ -22,6 +24,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package (shared fixtures)
 
+from benchmarks.bench_sampler import CASES as SAMPLER_CASES
+from benchmarks.bench_sampler import make_logits as make_sampler_logits
 from nextoken_client._streaming import SSEDecoder, _EventBuilder
 
 TEXT = ("the cat sat on the mat. the dog lay on the rug. a quick brown fox jumps over the lazy dog.\n"
@@ -78,6 +82,7 @@ def test_sse_server_chunk_encoding(benchmark: Any) -> None:
 
 
 def test_sampler_batch_32(benchmark: Any) -> None:
+    """The per-row sampler (until the engine moves to BatchSampler): the "before" of the cases below."""
     import numpy as np
 
     from nextoken.serve.sampling import RowState, SamplingParams, sample
@@ -87,6 +92,25 @@ def test_sampler_batch_32(benchmark: Any) -> None:
     rows = [RowState(SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i), V, [1, 2, 3]) for i in range(32)]
     out = benchmark(sample, logits, rows)
     assert out.token_ids.shape == (32,)
+
+
+@pytest.mark.parametrize("vocab", [2048, 4096])
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("case", list(SAMPLER_CASES))
+def test_batch_sampler(benchmark: Any, case: str, batch: int, vocab: int) -> None:
+    """BatchSampler.sample, one step over ``batch`` slots (benchmarks/bench_sampler.py: old vs new, interleaved)."""
+    import numpy as np
+
+    from nextoken.serve.sampling import BatchSampler
+
+    params, kind = SAMPLER_CASES[case]
+    logits = make_sampler_logits(kind, batch, vocab)
+    bs = BatchSampler(batch, vocab, eos_id=0)
+    for i in range(batch):
+        bs.add(i, params(i), list(range(1, 17)))
+    out = benchmark(bs.sample, logits, np.arange(batch))
+    assert out.token_ids.shape == (batch,)
+    assert (out.logprobs is not None) == (params(0).logprobs is not None)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,20 @@ Each row's logits are transformed in Hugging Face ``generate``'s order:
 5. grammar mask (tokens the row's grammar forbids set to -inf; the masks come from serve/grammar.py),
 6. temperature (below 1e-5 = greedy: the argmax of 1-5, and 7-9 are skipped),
 7. top-k (ties with the k-th value survive, as in Hugging Face),
-8. top-p (nucleus over the probabilities sorted high to low, equal ones by token id; a token is kept
-   while the mass strictly before it is below top_p, so the most likely token always survives),
+8. top-p (nucleus over the tokens sorted by probability high to low, equal ones by token id; a token
+   is kept while the mass strictly before it is below top_p, so the most likely token always survives),
 9. min-p (tokens whose probability is below min_p x the most likely one's are dropped),
 
 then one token is drawn per sampled row by inverse CDF over the surviving tokens in token-id order,
 from one uniform of the row's own generator when it is seeded (so a seeded request gives the same
-tokens alone or in any batch, in any slot); unseeded rows share one generator.
+tokens alone or in any batch, in any slot); unseeded rows share one generator. Greedy rows draw
+nothing. Masked tokens (-inf) never survive any filter.
+
+Numbers: logits are transformed in float32 (what the model emits), probabilities are float32
+``exp(x / T - max)``, and every running sum (normaliser, top-p mass, CDF) is float64. Every sum a
+row's token depends on is computed from that row alone, in an order fixed by the row (chunks at
+fixed offsets, no casting reductions whose buffering could split a row), which is what makes seeded
+draws independent of the batch; tests check this bit for bit.
 
 Log-probabilities reported to clients (chosen token, top alternatives, prompt logprobs) are those of
 the model's own distribution, ``log_softmax`` of the raw logits, before every transform above and
@@ -30,11 +37,13 @@ because they are what scoring needs (echo / prompt logprobs, lm-eval's loglikeli
 changed them would make the same prompt score differently depending on sampling settings.
 
 NOTE on top-p without a sort per row: the rows needing top-k or top-p are partitioned once for their
-largest values (``np.partition``, values only) and only that candidate block is sorted. The block
-settles a row exactly when the kept prefix ends strictly inside it; rows whose nucleus is wider
-(flat distributions) go on to a block eight times larger, and finally to a full sort. Every path
-computes the same sums in the same order, so which path a row takes (it depends on its neighbours'
-top-k) never changes its token.
+largest values (``np.partition``, values only: a fifth of ``argpartition``'s cost) and only that
+candidate block (128 values, or k + 1) is sorted. The block settles a row exactly when the kept
+prefix ends strictly inside it; a row whose nucleus is wider (a flat distribution) goes on to a
+block eight times larger, or straight to a full sort when the block's mass bounds what the larger
+one could hold. Every path computes the same sums in the same order, so which path a row takes (it
+depends on its neighbours' top-k) never changes its token. The survivors' ids then come from one
+comparison against the row's smallest survivor over the whole row (ties at the cut: lowest ids).
 
 A conflict between min_tokens and a grammar that allows only EOS or stop tokens (the structure is
 complete) is settled for the grammar: the ban is lifted for that row rather than leave no token.
@@ -314,7 +323,7 @@ class BatchSampler:
         self.shared_rng = np.random.default_rng()
         # (S, V) arrays, allocated on first use: a server without penalties or biases never pays for them
         self._bias: np.ndarray | None = None  # float32 logit_bias per slot
-        self._counts: np.ndarray | None = None  # int32 generated-token counts (presence/frequency)
+        self._counts: np.ndarray | None = None  # float32 generated-token counts (exact to 2**24; presence/frequency)
         self._seen: np.ndarray | None = None  # bool: token in prompt or output (repetition penalty)
 
     # --- slots -------------------------------------------------------------------------------
@@ -344,7 +353,7 @@ class BatchSampler:
         self.bans[s] = np.asarray(ban, dtype=np.int64) if p.min_tokens > 0 and ban else None
         if p.needs_counts:
             if self._counts is None:
-                self._counts = np.zeros((self.max_slots, V), dtype=np.int32)
+                self._counts = np.zeros((self.max_slots, V), dtype=np.float32)
                 self._seen = np.zeros((self.max_slots, V), dtype=bool)
             self._counts[s] = 0
             self._seen[s] = False
@@ -378,7 +387,8 @@ class BatchSampler:
     def sample(self, logits: np.ndarray, slots: np.ndarray, allowed: np.ndarray | None = None) -> SampleResult:
         """Pick one token per row of ``logits`` (n, V) for the requests in ``slots`` (n,) and record it.
 
-        ``allowed`` (n, V) bool: the grammar's masks (True = allowed), read only in rows whose request
+        ``allowed`` (n, V): the grammar's masks, bool (True = allowed) or serve/grammar.py's additive
+        float32 bias (0 = allowed, -inf = not; the cheaper to apply), read only in rows whose request
         has ``structured`` set; None when no row has one.
         """
         logits, slots = np.asarray(logits), np.asarray(slots)
@@ -393,8 +403,9 @@ class BatchSampler:
         sl = slots.tolist()
         if min(sl) < 0 or max(sl) >= self.max_slots or len(set(sl)) != n or not self.active[slots].all():
             raise ValueError(f"slots must be distinct slots in use, got {sl}")
-        if allowed is not None and (allowed.shape != (n, V) or allowed.dtype != np.bool_):
-            raise ValueError(f"allowed must be a bool ({n}, {V}) array, got {allowed.dtype} {allowed.shape}")
+        if allowed is not None and (allowed.shape != (n, V) or allowed.dtype not in (np.bool_, np.float32)):
+            raise ValueError(f"allowed must be a ({n}, {V}) bool mask or float32 bias, got {allowed.dtype} "
+                             f"{allowed.shape}")
 
         f = self.flags[slots]  # (n,)
         any_, all_ = _bits(f)
@@ -446,25 +457,31 @@ class BatchSampler:
         if banned is not None:
             for j in banned.nonzero()[0]:
                 ban = self.bans[s[j]]
-                live = allowed[j] if f[j] & _GRAMMAR else None
+                live = None
+                if f[j] & _GRAMMAR:
+                    live = allowed[j] if allowed.dtype == np.bool_ else allowed[j] == 0.0
                 left = self.vocab_size - ban.size if live is None else live.sum() - live[ban].sum()
                 if left > 0:  # else only tokens that end the sequence are allowed (a complete grammar): they win
                     x[j, ban] = -np.inf
         if any_ & _REP:
-            i = (f & _REP).nonzero()[0]
-            sub, pen = x[i], self.repetition[s[i], None]
-            x[i] = np.where(self._seen[s[i]], np.where(sub > 0, sub / pen, sub * pen), sub)
+            i = slice(None) if all_ & _REP else (f & _REP).nonzero()[0]
+            si = s[i]
+            sub, pen = x[i], self.repetition[si, None]
+            x[i] = np.where(self._seen[si], np.where(sub > 0, sub / pen, sub * pen), sub)
         if any_ & _PF:
-            i = (f & _PF).nonzero()[0]
-            c = self._counts[s[i]]  # (k, V)
-            x[i] -= self.presence[s[i], None] * (c > 0) + self.frequency[s[i], None] * c
+            i = slice(None) if all_ & _PF else (f & _PF).nonzero()[0]
+            si = s[i]
+            c = self._counts[si]  # (k, V) float32 counts
+            x[i] -= self.presence[si, None] * (c > 0) + self.frequency[si, None] * c
         if any_ & _GRAMMAR:
-            g = (f & _GRAMMAR).nonzero()[0]
-            a = allowed[g]
-            empty = (~a.any(axis=1)).nonzero()[0]
-            if empty.size:
-                raise ValueError(f"the grammar mask of slot {int(s[g[empty[0]]])} allows no token")
-            x[g] = np.where(a, x[g], -np.inf)
+            g = slice(None) if all_ & _GRAMMAR else (f & _GRAMMAR).nonzero()[0]
+            if allowed.dtype == np.bool_:
+                x[g] = np.where(allowed[g], x[g], -np.inf)
+            else:  # an additive bias (0 allowed, -inf not): branch-free, the cheapest to apply
+                x[g] += allowed[g]
+            dead = (x[g].max(axis=1) == -np.inf).nonzero()[0]
+            if dead.size:
+                raise ValueError(f"the grammar mask of slot {int(s[g][dead[0]])} allows no token")
         if all_ & _GREEDY:
             return x.argmax(axis=1)
         if not any_ & _GREEDY:

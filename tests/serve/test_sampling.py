@@ -193,15 +193,21 @@ def test_min_tokens_keeps_eos_and_stop_ids_away_exactly_until_the_count() -> Non
     assert [int(step(bs, x2).token_ids[0]) for _ in range(3)] == [20, 20, 13]
 
 
-def test_min_tokens_gives_way_to_a_grammar_that_only_allows_ending() -> None:
+def as_bias(allowed: np.ndarray) -> np.ndarray:
+    """serve/grammar.py's additive form of a mask: 0 where allowed, -inf where not."""
+    return np.where(allowed, np.float32(0), np.float32(-np.inf)).astype(np.float32)
+
+
+@pytest.mark.parametrize("form", [lambda a: a, as_bias], ids=["bool", "bias"])
+def test_min_tokens_gives_way_to_a_grammar_that_only_allows_ending(form) -> None:
     x = logits(1, seed=2)
     allowed = np.zeros((1, V), dtype=bool)
     allowed[0, EOS] = True
     bs = sampler(SamplingParams(temperature=0, min_tokens=5, structured="any spec"))
-    assert int(step(bs, x, allowed=allowed).token_ids[0]) == EOS
+    assert int(step(bs, x, allowed=form(allowed)).token_ids[0]) == EOS
     allowed[0, 3] = True  # another token allowed: the ban holds
     bs = sampler(SamplingParams(temperature=0, min_tokens=5, structured="any spec"))
-    assert int(step(bs, x, allowed=allowed).token_ids[0]) == 3
+    assert int(step(bs, x, allowed=form(allowed)).token_ids[0]) == 3
 
 
 def test_min_p_drops_tokens_below_its_share_of_the_top_one() -> None:
@@ -215,7 +221,8 @@ def test_min_p_drops_tokens_below_its_share_of_the_top_one() -> None:
         assert chi_square(draws[:3], np.array([0.5, 0.3, 0.15]) / 0.95) < CHI2_999[3]
 
 
-def test_grammar_mask_is_applied_only_to_rows_with_a_grammar() -> None:
+@pytest.mark.parametrize("form", [lambda a: a, as_bias], ids=["bool", "bias"])
+def test_grammar_mask_is_applied_only_to_rows_with_a_grammar(form) -> None:
     x = logits(3, seed=9)
     rng = np.random.default_rng(0)
     allowed = rng.random((3, V)) < 0.3
@@ -223,14 +230,16 @@ def test_grammar_mask_is_applied_only_to_rows_with_a_grammar() -> None:
     bs = sampler(SamplingParams(temperature=1.0, structured="g", seed=1), SamplingParams(temperature=0),
                  SamplingParams(temperature=0, structured="g"))
     for _ in range(100):
-        t = step(bs, x, allowed=allowed).token_ids
+        t = step(bs, x, allowed=form(allowed)).token_ids
         assert allowed[0, t[0]] and t[1] == x[1].argmax()
         assert t[2] == np.flatnonzero(allowed[2])[np.argmax(x[2, allowed[2]])]
     with pytest.raises(ValueError, match="no allowed mask"):
         step(bs, x)
     allowed[2] = False
     with pytest.raises(ValueError, match="allows no token"):
-        step(bs, x, allowed=allowed)
+        step(bs, x, allowed=form(allowed))
+    with pytest.raises(ValueError, match="bool mask or float32 bias"):
+        step(bs, x, allowed=allowed.astype(np.int8))
 
 
 def test_penalty_counts_belong_to_their_slot_and_are_cleared_with_it() -> None:
