@@ -43,15 +43,20 @@ def run(args: argparse.Namespace) -> int:
     window = scorer.context if args.window is None else args.window
     if not 1 <= window <= scorer.context:
         raise UserError(f"must be in [1, {scorer.context}] (the model's context), got {window}", flag="--window")
-    res = evaluate_texts(scorer.forward, scorer.encode, iter_documents(files, args.text_field),
-                         prefix_token=scorer.eos_token_id, window=window, batch_size=args.batch_size)
+    from tqdm import tqdm
+
+    # documents scored so far, on stderr (tqdm hides itself when stderr is not a terminal)
+    with tqdm(desc="scoring", unit="doc", disable=None, file=sys.stderr) as bar:
+        res = evaluate_texts(scorer.forward, scorer.encode, iter_documents(files, args.text_field),
+                             prefix_token=scorer.eos_token_id, window=window, batch_size=args.batch_size,
+                             progress=lambda _n: bar.update(1))
     figures = res.to_dict()
     figures.pop("doc_logprobs")
     if args.json:
         print(json.dumps({"model": str(args.model), "source": scorer.source, **figures}))
         return 0
     print(f"{scorer.description}; {res.documents} document(s), {res.tokens:,} tokens, {res.bytes:,} bytes, "
-          f"{res.windows} window(s) of up to {window} tokens", file=sys.stderr)
+          f"{res.windows} window(s) of up to {window} tokens")
     rows = [("loss (nats/token)", f"{res.loss:.6f}"), ("perplexity", f"{res.perplexity:.4f}"),
             ("bits per byte", f"{res.bits_per_byte:.6f}"), ("byte perplexity", f"{res.byte_perplexity:.6f}"),
             ("word perplexity", f"{res.word_perplexity:.4f}")]
