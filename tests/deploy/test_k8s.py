@@ -364,3 +364,12 @@ def test_adapter_rule_gives_the_hpa_each_pods_queue_depth(deployed: ServerProces
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_kubernetes_and_compose_run_the_same_server_and_job(base: list[dict[str, Any]]) -> None:
+    """One deployment story: the pods run what `docker compose` runs (only the thread count is pinned
+    to the pod's CPU request here, where compose leaves the default)."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    k8s, dc = vars(parse(container(base)["args"])), vars(parse(compose["server"]["command"]))
+    assert {k: v for k, v in k8s.items() if k != "threads"} == {k: v for k, v in dc.items() if k != "threads"}
+    assert vars(parse(container(base, "CronJob")["args"])) == vars(parse(compose["retrain"]["command"]))
