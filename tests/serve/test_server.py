@@ -47,6 +47,7 @@ def metric(url: str, name: str, **labels: str) -> float:
 # --- happy paths -------------------------------------------------------------------------------
 def test_health_and_models(server: ServerProcess) -> None:
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert httpx.get(server.url + "/ready").json() == {"status": "ok", "model": "tiny-serve:1"}
     data = httpx.get(server.url + "/v1/models").json()["data"]
     assert data[0]["id"] == "tiny-serve:1" and data[0]["version"] == "1" and data[0]["context_length"] == 512
 
@@ -174,7 +175,14 @@ def test_concurrent_requests_share_engine_steps(server: ServerProcess) -> None:
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "x", "seed": "abc"}, "seed"),
     ({"prompt": "x", "logprobs": 50}, "logprobs"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),  # n = 2 is served now (one engine request per choice)
+    ({"prompt": "x", "n": 129}, "n"),
+    ({"prompt": "x", "n": 25}, "n"),  # more choices than the server runs or queues (8 + 16): never admissible
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "logit_bias": {"1000": 5}}, "logit_bias"),
+    ({"prompt": "x", "echo": True, "max_tokens": 512}, "max_tokens"),
+    ({"prompt": [[1, 2], "x"]}, "prompt"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": 12}, "prompt"),
     ({}, "prompt"),
@@ -305,6 +313,26 @@ def test_overload_gets_429_with_retry_after_at_once(narrow: ServerProcess) -> No
     assert max(r[1] for r in rejected) < min(r[1] for r in ok)  # refused at once, never queued
 
 
+def test_admission_counts_every_choice_as_one_engine_request(serve_artifact) -> None:
+    """Capacity 2 (one running, one queued): with one stream running, n = 2 is refused at once, n = 1 is not."""
+    s = ServerProcess(serve_artifact, "--max-batch-size", "1", "--max-queue", "1")
+    try:
+        assert post(s.url, {"prompt": "x", "n": 3}).json()["error"]["param"] == "n"  # could never fit: 400
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "the", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
+            next(r.iter_lines())  # running: one of the two places is taken
+            refused = post(s.url, {"prompt": "x", "n": 2, "max_tokens": 1})
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "overloaded"
+        deadline = time.monotonic() + 5  # the stream's client left: its place frees within a step
+        while (r := post(s.url, {"prompt": "x", "n": 2, "max_tokens": 1})).status_code == 429:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    finally:
+        s.stop()
+
+
 def test_disconnect_frees_the_slot(narrow: ServerProcess) -> None:
     generated = metric(narrow.url, "nextoken_generation_tokens_total")
     cancelled = metric(narrow.url, "nextoken_requests_total", outcome="cancelled")
@@ -375,9 +403,12 @@ def test_api_key(serve_artifact) -> None:
     s = ServerProcess(serve_artifact, "--api-key-env", "NT_TEST_KEY", env={"NT_TEST_KEY": "sekret"})
     try:
         assert httpx.get(s.url + "/health").status_code == 200  # open, for load balancers
-        for path in ("/v1/models", "/metrics", "/litserve/info", "/docs", "/openapi.json"):
+        for path in ("/v1/models", "/metrics", "/litserve/info", "/docs", "/openapi.json", "/ready", "/tokenizer_info"):
             r = httpx.get(s.url + path)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+            assert post(s.url, body, path).status_code == 401
+            assert post(s.url, body, path, headers={"Authorization": "Bearer sekret"}).status_code == 200
         r = post(s.url, {"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         ok = post(s.url, {"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer sekret"})

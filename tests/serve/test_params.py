@@ -1,0 +1,263 @@
+"""Every request parameter is honoured or refused with a 400 naming it: none is accepted and ignored.
+
+The parameters come from the installed ``openai`` package's request TypedDicts (completions and chat)
+and from the server's own request models (vLLM's extensions and the fields it refuses), so a new
+OpenAI parameter or a new field of ours fails ``test_every_parameter_is_classified`` until it is
+decided here. For each parameter:
+
+- ``refused``: bodies that must get a 4xx whose ``error.param`` names it;
+- ``honoured``: a body that must be served (200), and the test in test_openai_compat.py that shows
+  its effect through the real server.
+
+Metadata-only fields (``user``, ``metadata``, ``safety_identifier``, ``prompt_cache_key``) count as
+honoured because they are recorded in the request log; test_openai_compat checks the log line.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nextoken.serve import schema
+from nextoken.serve.protocol import RequestError, parse_request
+from tests.conftest import ServerProcess
+from tests.serve import test_openai_compat as compat
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@dataclass
+class Decision:
+    honoured: dict | None = None  # extra body fields of a request that must be served
+    test: str | None = None  # the test in test_openai_compat.py that shows the effect
+    refused: list[dict] = field(default_factory=list)  # bodies (extra fields) that must be refused naming it
+    status: int = 400  # the refusals' status
+
+
+def H(value: dict, test: str, *refused: dict) -> Decision:  # noqa: N802
+    return Decision(value, test, list(refused))
+
+
+def R(*refused: dict, status: int = 400) -> Decision:  # noqa: N802
+    return Decision(None, None, list(refused), status)
+
+
+SHARED = {
+    "model": Decision({"model": "<the served id>"}, "test_model_names_the_served_version", [{"model": "gpt-9"}], 404),
+    "temperature": H({"temperature": 0.7}, "test_temperature_zero_is_the_argmax", {"temperature": 3},
+                     {"temperature": "hot"}),
+    "top_p": H({"top_p": 0.5}, "test_top_p_top_k_min_p_narrow_to_the_argmax", {"top_p": 0}),
+    "top_k": H({"top_k": 5}, "test_top_p_top_k_min_p_narrow_to_the_argmax", {"top_k": -5}),
+    "min_p": H({"min_p": 0.1}, "test_top_p_top_k_min_p_narrow_to_the_argmax", {"min_p": 1.5}),
+    "repetition_penalty": H({"repetition_penalty": 1.3}, "test_penalties_change_a_repetitive_greedy_output",
+                            {"repetition_penalty": 0}),
+    "presence_penalty": H({"presence_penalty": 1.0}, "test_penalties_change_a_repetitive_greedy_output",
+                          {"presence_penalty": 3}),
+    "frequency_penalty": H({"frequency_penalty": 1.0}, "test_penalties_change_a_repetitive_greedy_output",
+                           {"frequency_penalty": -3}),
+    "min_tokens": H({"min_tokens": 1}, "test_min_tokens_holds_back_end_of_text", {"min_tokens": 5, "max_tokens": 2},
+                    {"min_tokens": -1}),
+    "stop": H({"stop": ["\n"]}, "test_stop_strings_through_the_openai_client", {"stop": ["a", "b", "c", "d", "e"]},
+              {"stop": [""]}),
+    "stop_token_ids": H({"stop_token_ids": [3]}, "test_stop_token_ids_end_the_output", {"stop_token_ids": [10 ** 6]},
+                        {"stop_token_ids": [-1]}),
+    "seed": H({"seed": 7}, "test_seed_reproduces_and_n_choices_differ", {"seed": "abc"}),
+    "n": H({"n": 2}, "test_seed_reproduces_and_n_choices_differ", {"n": 0}, {"n": 129}),
+    "logit_bias": H({"logit_bias": {"3": 5.0}}, "test_logit_bias_forces_and_bans_tokens",
+                    {"logit_bias": {"3": 101}}, {"logit_bias": {"x": 1}}, {"logit_bias": {"99999": 1}}),
+    "ignore_eos": H({"ignore_eos": True}, "test_ignore_eos_generates_past_end_of_text", {"ignore_eos": "yes"}),
+    "stream": H({"stream": True}, "test_streamed_choices_carry_their_index_and_usage_sums_them", {"stream": "yes"}),
+    "stream_options": H({"stream": True, "stream_options": {"include_usage": True}},
+                        "test_streamed_choices_carry_their_index_and_usage_sums_them",
+                        {"stream_options": {"include_usage": True}},
+                        {"stream": True, "stream_options": {"include_obfuscation": True}}),
+    "add_special_tokens": H({"add_special_tokens": False}, "test_add_special_tokens_false_feeds_the_text_alone",
+                            {"add_special_tokens": 1}),
+    "response_format": H({"response_format": {"type": "json_object"}, "max_tokens": 4},
+                         "test_response_format_json_schema_is_enforced", {"response_format": {"type": "xml"}},
+                         {"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}),
+    "guided_json": H({"guided_json": {"type": "object"}, "max_tokens": 4}, "test_guided_regex_choice_and_json",
+                     {"guided_json": "{not json"}),
+    "guided_regex": H({"guided_regex": "[ab]+", "max_tokens": 4}, "test_guided_regex_choice_and_json",
+                      {"guided_regex": "(unclosed"}),
+    "guided_choice": H({"guided_choice": ["yes", "no"]}, "test_guided_regex_choice_and_json",
+                       {"guided_choice": []}),
+    "guided_grammar": H({"guided_grammar": 'start: "yes" | "no"'}, "test_guided_regex_choice_and_json",
+                        {"guided_grammar": "start: ((("}),
+    "guided_whitespace_pattern": H({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " ?",
+                                    "max_tokens": 4}, "test_guided_regex_choice_and_json",
+                                   {"guided_whitespace_pattern": " ?"}),
+    "user": H({"user": "alice"}, "test_metadata_is_recorded_in_the_request_log", {"user": 5}),
+    "use_beam_search": R({"use_beam_search": True}),
+    "length_penalty": R({"length_penalty": 0.5}),
+    "include_stop_str_in_output": R({"include_stop_str_in_output": True}, {"include_stop_str_in_output": 0}),
+    "truncate_prompt_tokens": R({"truncate_prompt_tokens": 4}),
+    "allowed_token_ids": R({"allowed_token_ids": [1, 2]}),
+    "bad_words": R({"bad_words": ["the"]}),
+    "prompt_logprobs": R({"prompt_logprobs": 1}),
+}
+COMPLETIONS = {
+    **SHARED,
+    "prompt": H({"prompt": ["the", "a"]}, "test_batched_prompts_are_indexed_as_openai_does", {"prompt": 12},
+                {"prompt": [[]]}, {"prompt": ""}),
+    "max_tokens": H({"max_tokens": 3}, "test_max_tokens_is_the_length", {"max_tokens": 0}, {"max_tokens": 10 ** 6}),
+    "logprobs": H({"logprobs": 2}, "test_logprobs_give_the_top_alternatives", {"logprobs": 21}),
+    "echo": H({"echo": True}, "test_echo_prepends_the_prompt_and_scores_it", {"echo": "yes"}),
+    "best_of": H({"best_of": 2, "n": 2}, "test_seed_reproduces_and_n_choices_differ", {"best_of": 3},
+                 {"best_of": 1, "n": 2}),
+    "suffix": R({"suffix": "the end"}),
+}
+CHAT = {
+    **SHARED,
+    "messages": H({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]},
+                  "test_chat_is_the_template_through_completions", {"messages": []},
+                  {"messages": [{"role": "tool", "content": "x"}]}),
+    "max_tokens": H({"max_tokens": 3}, "test_max_tokens_is_the_length", {"max_tokens": 0}),
+    "max_completion_tokens": H({"max_completion_tokens": 3}, "test_max_tokens_is_the_length",
+                               {"max_completion_tokens": 0}),
+    "logprobs": H({"logprobs": True}, "test_logprobs_give_the_top_alternatives", {"logprobs": 2}),
+    "top_logprobs": H({"logprobs": True, "top_logprobs": 2}, "test_logprobs_give_the_top_alternatives",
+                      {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}),
+    "tools": R({"tools": [TOOL]}, {"tools": [TOOL], "tool_choice": "auto"}),
+    "tool_choice": R({"tool_choice": "required"}, {"tool_choice": {"type": "function",
+                                                                  "function": {"name": "get_weather"}}}),
+    "parallel_tool_calls": R({"parallel_tool_calls": True}),
+    "functions": R({"functions": [TOOL["function"]]}),
+    "function_call": R({"function_call": "auto"}),
+    "audio": R({"audio": {"voice": "alloy", "format": "wav"}}),
+    "modalities": R({"modalities": ["text", "audio"]}, {"modalities": ["audio"]}),
+    "prediction": R({"prediction": {"type": "content", "content": "hi"}}),
+    "reasoning_effort": R({"reasoning_effort": "low"}),
+    "verbosity": R({"verbosity": "low"}),
+    "web_search_options": R({"web_search_options": {}}),
+    "moderation": R({"moderation": {"model": "omni-moderation-latest"}}),
+    "store": R({"store": True}),
+    "service_tier": H({"service_tier": "auto"}, "test_service_tier_is_reported", {"service_tier": "flex"}),
+    "prompt_cache_retention": R({"prompt_cache_retention": "24h"}),
+    "prompt_cache_options": R({"prompt_cache_options": {"mode": "explicit", "ttl": "30m"}}),
+    "metadata": H({"metadata": {"team": "eval"}}, "test_metadata_is_recorded_in_the_request_log",
+                  {"metadata": {f"k{i}": "v" for i in range(17)}}),
+    "safety_identifier": H({"safety_identifier": "u-1"}, "test_metadata_is_recorded_in_the_request_log",
+                           {"safety_identifier": 5}),
+    "prompt_cache_key": H({"prompt_cache_key": "k"}, "test_metadata_is_recorded_in_the_request_log",
+                          {"prompt_cache_key": 5}),
+    "echo": R({"echo": True}),
+}
+ENDPOINTS = {"completions": ("/v1/completions", COMPLETIONS, {"prompt": "the", "max_tokens": 2, "temperature": 0}),
+             "chat": ("/v1/chat/completions", CHAT, {"messages": MESSAGES, "max_tokens": 2, "temperature": 0})}
+
+
+def openai_params(endpoint: str) -> set[str]:
+    """The request parameters of the installed openai package (streaming and not)."""
+    if endpoint == "chat":
+        from openai.types.chat import completion_create_params as params
+    else:
+        from openai.types import completion_create_params as params
+    return set(typing.get_type_hints(params.CompletionCreateParamsBase)) | {"stream"}
+
+
+def our_fields(endpoint: str) -> set[str]:
+    model = schema.ChatCompletionRequest if endpoint == "chat" else schema.CompletionRequest
+    return {f.alias or name for name, f in model.model_fields.items()}
+
+
+CASES = [(ep, name) for ep, (_, table, _) in ENDPOINTS.items() for name in sorted(table)]
+
+
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS))
+def test_every_parameter_is_classified(endpoint: str) -> None:
+    pytest.importorskip("openai")
+    table = ENDPOINTS[endpoint][1]
+    missing = (openai_params(endpoint) | our_fields(endpoint)) - set(table)
+    assert not missing, f"{endpoint}: decide each of {sorted(missing)} (honoured with a test, or refused)"
+    unknown = set(table) - openai_params(endpoint) - our_fields(endpoint)
+    assert not unknown, f"{endpoint}: {sorted(unknown)} are neither OpenAI's nor the server's fields"
+    for name, d in table.items():
+        assert d.honoured is not None or d.refused, f"{endpoint}.{name}: neither honoured nor refused"
+        if d.honoured is not None:
+            assert d.test and callable(getattr(compat, d.test, None)), \
+                f"{endpoint}.{name}: honoured, but test_openai_compat has no {d.test}"
+
+
+@pytest.fixture(scope="module")
+def params_server(tiny_bpe_artifact: Path) -> Iterator[ServerProcess]:
+    # byte-level BPE: its vocabulary has every character JSON needs (structured output)
+    s = ServerProcess(tiny_bpe_artifact, "--max-batch-size", "8", "--max-queue", "8")
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize(("endpoint", "name"), CASES)
+def test_parameter_is_honoured_or_refused_naming_it(params_server: ServerProcess, endpoint: str, name: str) -> None:
+    path, table, base = ENDPOINTS[endpoint]
+    d = table[name]
+    for extra in d.refused:
+        body = {**base, **extra}
+        r = httpx.post(params_server.url + path, json=body, timeout=60)
+        assert r.status_code == d.status, (body, r.status_code, r.text)
+        err = r.json()["error"]
+        # a nested field is named by its path (response_format.json_schema.name)
+        assert err["param"] == name or err["param"].startswith((name + ".", name + "[")), (body, err)
+        assert err["message"], (body, err)
+    if d.honoured is not None:
+        body = {**base, **d.honoured}
+        if name == "model":
+            body["model"] = httpx.get(params_server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        r = httpx.post(params_server.url + path, json=body, timeout=60)
+        assert r.status_code == 200, (body, r.status_code, r.text[:500])
+
+
+# --- the 400 messages, without a server ---------------------------------------------------------
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({"prompt": "x", "temperature": 3}, "temperature", "temperature must be in [0, 2], got 3"),
+    ({"prompt": "x", "top_p": 0}, "top_p", "top_p must be in (0, 1], got 0"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens", "max_tokens must be an integer, got 2.5"),
+    ({"prompt": "x", "stream": "yes"}, "stream", 'stream must be a boolean, got "yes"'),
+    ({"prompt": "x", "stop": ["a"] * 5}, "stop", "stop may hold at most 4 items, got 5"),
+    ({"prompt": "x", "stop": 5}, "stop", "stop must be a string or a list of at most 4 strings"),
+    ({"prompt": [1, "a"]}, "prompt", "prompt must be an integer"),
+    ({"prompt": [[1], [-1]]}, "prompt", "prompt must be >= 0, got -1"),
+    ({}, "prompt", "prompt is required"),
+    ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias", "logit_bias keys must be token ids"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "logit_bias must be in [-100, 100], got 101"),
+    ({"prompt": "x", "best_of": 2}, "best_of", "best_of must equal n (1)"),
+    ({"prompt": "x", "seed": 1 << 70}, "seed", "seed must be in"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search", "beam search is not supported"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "0 only with echo"),
+])
+def test_completions_errors_name_the_field_and_the_value(body: dict, param: str, message: str) -> None:
+    with pytest.raises(RequestError) as e:
+        parse_request(body, "completions")
+    assert e.value.param == param and message in e.value.message, (e.value.param, e.value.message)
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "messages[0].role must be"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+     "messages[0].content must be a string or a list of text parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content",
+     "messages[0].content must be 'text'"),
+    ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content", "not valid Unicode"),
+    ({"messages": MESSAGES, "tools": [TOOL]}, "tools", "function calling is not supported"),
+    ({"messages": MESSAGES, "audio": {"voice": "x"}}, "audio", "audio output is not supported"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+    ({"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format.json_schema",
+     "response_format.json_schema is required"),
+])
+def test_chat_errors_name_the_field(body: dict, param: str, message: str) -> None:
+    with pytest.raises(RequestError) as e:
+        parse_request(body, "chat")
+    assert e.value.param == param and message in e.value.message, (e.value.param, e.value.message)
+
+
+def test_unknown_fields_are_ignored_and_tool_choice_none_is_served_without_tools() -> None:
+    req = parse_request({"messages": MESSAGES, "tools": [TOOL], "tool_choice": "none", "x_unknown": {"a": 1}}, "chat")
+    assert req.prompts[0].text == "User: hi\nAssistant:"
