@@ -34,6 +34,7 @@ _HELP = {
     "muon_lr": "Muon's peak learning rate (same warmup/decay shape as --learning-rate)",
     "muon_momentum": "Muon's (Nesterov) momentum",
     "muon_ns_steps": "Newton-Schulz iterations per Muon update",
+    "fused_adamw": "AdamW's fused kernel on CPU too (faster step; CUDA always uses it)",
 }
 
 

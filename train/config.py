@@ -152,6 +152,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's peak learning rate (the same warmup and decay shape as --learning-rate)
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5  # Newton-Schulz iterations per update
+    fused_adamw: bool = False  # AdamW's fused kernel on CPU too (CUDA always uses it; rounding differs ~1e-6)
     batch_size: int = 12
     tokens_per_step: int = 0  # 0 = batch_size * block_size * world_size (no accumulation)
     max_iters: int = 2000

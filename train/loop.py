@@ -296,7 +296,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
     model = D.wrap_model(raw, info, cfg.strategy, device)
     optimizer = build_optimizer(raw, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
                                 weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), device_type=device.type,
-                                muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, muon_ns_steps=cfg.muon_ns_steps)
+                                muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, muon_ns_steps=cfg.muon_ns_steps,
+                                fused_adamw=cfg.fused_adamw)
     if state:
         D.load_optimizer_state(model, optimizer, state["optimizer"], info, cfg.strategy)
     if cfg.compile:

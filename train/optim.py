@@ -54,18 +54,43 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = NS_EPS,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
     """Approximately orthogonalise each matrix of G (k, m, n): U S V^T -> U S' V^T, S' ~ 1.
 
-    Runs in G's dtype. The iteration works on the short side (X X^T is min(m, n) square), so
-    tall matrices are transposed in and out; each is first scaled to Frobenius norm 1, which
-    bounds its spectral norm by 1, where the polynomial converges.
+    Runs in G's dtype. Each matrix is first scaled to Frobenius norm 1 (which bounds its spectral
+    norm by 1, where the polynomial converges), then iterated on its short side:
+    X <- a X + b (X X^T) X + c (X X^T)^2 X.
+
+    NOTE on cost: the textbook loop spends two (short x short x long) products per step. For a
+    clearly rectangular matrix (long side >= 2x the short one: c_attn, c_fc, mlp.c_proj) this runs
+    the same polynomial on the Gram matrix A = X X^T instead: every step's factor
+    M = a + b A + c A^2 is a polynomial in A, so they all commute, and
+    X_k = (M_{k-1} ... M_0) X_0 with A_{k+1} = M_k^2 A_k: only (short x short) products until one
+    final product with X_0. At 128 x 512 that is ~45% fewer FLOPs for the same result (float32:
+    agreement to ~1e-6 with the textbook loop; tests/train/test_optim.py checks both).
     """
     a, b, c = coefficients
-    X = G.mT if G.shape[-2] > G.shape[-1] else G  # (k, short, long)
+    transposed = G.shape[-2] > G.shape[-1]
+    X = G.mT if transposed else G  # (k, short, long)
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        A = X @ X.mT  # (k, short, short)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
-    return X.mT if G.shape[-2] > G.shape[-1] else X
+    if X.shape[-1] >= 2 * X.shape[-2]:
+        X = _newton_schulz_gram(X, steps, a, b, c)
+    else:
+        for _ in range(steps):
+            A = X @ X.mT  # (k, short, short)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    return X.mT if transposed else X
+
+
+def _newton_schulz_gram(X: torch.Tensor, steps: int, a: float, b: float, c: float) -> torch.Tensor:
+    """The quintic iteration of ``newton_schulz`` through the Gram matrix; X (k, short, long)."""
+    A = X @ X.mT  # (k, s, s)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+    Q = None  # (k, s, s): the product of the factors so far
+    for i in range(steps):
+        M = torch.baddbmm(b * A + a * eye, A, A, alpha=c)  # a + b A + c A^2
+        Q = M if Q is None else M @ Q
+        if i < steps - 1:
+            A = (M @ M) @ A  # the Gram matrix of M X
+    return Q @ X  # (k, s, long)
 
 
 def muon_lr_scale(shape: torch.Size | tuple[int, ...]) -> float:
@@ -179,15 +204,19 @@ def orthogonalise_all(mats: list[torch.Tensor], steps: int) -> list[torch.Tensor
 
 def build_optimizer(model: nn.Module, *, optimizer: str, learning_rate: float, weight_decay: float,
                     betas: tuple[float, float], device_type: str, muon_lr: float = 0.02,
-                    muon_momentum: float = 0.95, muon_ns_steps: int = 5) -> torch.optim.Optimizer:
+                    muon_momentum: float = 0.95, muon_ns_steps: int = 5,
+                    fused_adamw: bool = False) -> torch.optim.Optimizer:
     """The run's optimizer over ``model``'s parameters (``model`` unwrapped: DDP's or not, FSDP's in place).
 
-    ``adamw``: ``torch.optim.AdamW`` exactly as GPT-2-style runs always had it (fused on CUDA).
+    ``adamw``: ``torch.optim.AdamW`` exactly as GPT-2-style runs always had it (fused on CUDA;
+    the for-loop kernel on CPU unless ``fused_adamw``: one fused kernel instead of ~10 ops per
+    parameter, ~3x less time in the step, rounding different in the last bits).
     ``muon``: ``MuonAdamW`` with the hidden matrices in one Muon group at ``muon_lr`` and the
     rest in AdamW groups at ``learning_rate``, decayed like AdamW's.
     """
+    fused = device_type == "cuda" or fused_adamw
     if optimizer == "adamw":
-        extra = {"fused": True} if device_type == "cuda" else {}
+        extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(adamw_groups(model, weight_decay), lr=learning_rate, betas=betas, **extra)
     if optimizer != "muon":
         raise ValueError(f"optimizer must be adamw or muon, got {optimizer!r}")
@@ -199,5 +228,5 @@ def build_optimizer(model: nn.Module, *, optimizer: str, learning_rate: float, w
         {"params": [p for n, p in named if n not in hidden and p.dim() < 2], "weight_decay": 0.0},
     ]
     return MuonAdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, momentum=muon_momentum,
-                     ns_steps=muon_ns_steps, fused=device_type == "cuda")
+                     ns_steps=muon_ns_steps, fused=fused)
 
