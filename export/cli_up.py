@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from nextoken.export.up import UpOptions, up
     from nextoken.train.cli_train import overrides_from_args
 
-    result = up(UpOptions(preset=args.preset, config=args.config, overrides=overrides_from_args(args),
+    # --out-dir is ours (the run folder); every other TrainConfig field given as a flag overrides training.
+    overrides = {k: v for k, v in overrides_from_args(args).items() if k not in ("out_dir", "resume")}
+    result = up(UpOptions(preset=args.preset, config=args.config, overrides=overrides,
                           out_dir=args.out_dir, artifact_dir=args.artifact_dir, models_dir=args.models_dir,
                           name=args.name, keep=args.keep, serve=args.serve, host=args.host, port=args.port,
                           api_key_env=args.api_key_env, max_batch_size=args.max_batch_size))
