@@ -68,6 +68,8 @@ GREEDY_BELOW = 1e-5
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for each logit_bias value
 CANDIDATES = 128  # first top-k / top-p candidate block; grows 8x per round for rows it does not settle
 DRAW_CHUNK = 64  # inverse-CDF draws over a full vocabulary: chunk sums first, then one chunk's cumsum
+_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32 > 0: penalties are stored as float32
 # A row keeping more than this share of the vocabulary draws over its full row of weights (zeros where
 # dropped) instead of gathering its survivors: decided by the row alone, so the draw stays the same
 # in any batch.
@@ -341,7 +343,8 @@ class BatchSampler:
         self.temperature[s] = p.temperature if not p.greedy else 1.0
         self.top_k[s] = p.top_k if p.top_k < V else 0
         self.top_p[s], self.min_p[s] = p.top_p, p.min_p
-        self.repetition[s], self.presence[s], self.frequency[s] = (p.repetition_penalty, p.presence_penalty,
+        self.repetition[s], self.presence[s], self.frequency[s] = (max(p.repetition_penalty, _FLOAT32_TINY),
+                                                                   p.presence_penalty,
                                                                    p.frequency_penalty)
         self.min_tokens[s], self.generated[s] = p.min_tokens, 0
         self.num_logprobs[s] = -1 if p.logprobs is None else p.logprobs
@@ -467,7 +470,11 @@ class BatchSampler:
             i = slice(None) if all_ & _REP else (f & _REP).nonzero()[0]
             si = s[i]
             sub, pen = x[i], self.repetition[si, None]
-            x[i] = np.where(self._seen[si], np.where(sub > 0, sub / pen, sub * pen), sub)
+            # A penalty near 0 (any float > 0 is valid) would divide a logit to inf: saturate at float32's max
+            # instead, so the boosted tokens tie rather than turn the row's weights into NaN.
+            with np.errstate(over="ignore"):
+                boosted = np.minimum(sub / pen, _FLOAT32_MAX)
+            x[i] = np.where(self._seen[si], np.where(sub > 0, boosted, sub * pen), sub)
         if any_ & _PF:
             i = slice(None) if all_ & _PF else (f & _PF).nonzero()[0]
             si = s[i]

@@ -29,7 +29,6 @@ class TextStream:
         self.prefix_offset = 0
         self.read_offset = 0
         self.pending = ""  # decoded text not yet released (a possible stop-string prefix)
-        self.emitted = ""
 
     def _decode_new(self) -> str:
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
@@ -40,9 +39,13 @@ class TextStream:
             return full[len(prefix):]
         return ""
 
-    def push(self, token_id: int) -> TextDelta:
+    def push(self, token_id: int, check_stops: bool = True) -> TextDelta:
+        """Add a token; ``check_stops=False`` releases its text unscanned (before ``min_tokens``)."""
         self.ids.append(token_id)
         self.pending += self._decode_new()
+        if not check_stops:
+            out, self.pending = self.pending, ""
+            return TextDelta(out, False)
         return self._release(final=False)
 
     def finish(self) -> str:
@@ -55,12 +58,10 @@ class TextStream:
             if hit is not None:
                 out = self.pending[: hit[0]]
                 self.pending = ""
-                self.emitted += out
                 return TextDelta(out, True)
         keep = 0 if final else self._held_back()
         out = self.pending[: len(self.pending) - keep]
         self.pending = self.pending[len(self.pending) - keep:]
-        self.emitted += out
         return TextDelta(out, False)
 
     def _held_back(self) -> int:

@@ -553,3 +553,15 @@ def test_legacy_sampler_refuses_what_it_does_not_implement() -> None:
     rows = [RowState(SamplingParams(temperature=0), V, [1]), RowState(SamplingParams(top_k=3, seed=1), V, [1])]
     out = sample(x, rows).token_ids
     assert out[0] == x[0].argmax() and out[1] in np.argsort(-x[1])[:3]
+
+
+def test_a_vanishing_repetition_penalty_saturates_instead_of_breaking_the_draw() -> None:
+    """Any penalty > 0 is valid; 5e-324 (a denormal, 0 in float32) once turned a row's weights into NaN
+    (found by schemathesis through the server). The seen tokens' logits saturate and tie instead."""
+    s = BatchSampler(2, 40, eos_id=0)
+    s.add(0, SamplingParams(repetition_penalty=5e-324, max_tokens=8, seed=1), [5, 6, 7])
+    logits = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32) * 3
+    boosted = [i for i in (5, 6, 7) if logits[0, i] > 0]
+    for _ in range(8):
+        tok = int(s.sample(logits, np.array([0])).token_ids[0])
+        assert tok in boosted  # only the seen tokens with positive logits can win, and they do

@@ -1,0 +1,123 @@
+"""``ServeConfig``: every default and tuning knob of the server in one dataclass; the CLI is built from it.
+
+Each field's metadata holds its flag help (and choices); ``add_arguments`` turns the fields into
+``nextoken serve`` flags (``max_batch_size`` -> ``--max-batch-size``) and ``from_args`` reads
+them back, so a knob exists in exactly one place. ``validate`` checks what argparse cannot and
+names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from nextoken.errors import UserError
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServeConfig:
+    artifact_dir: str = field(default="", metadata={"positional": "ARTIFACT_DIR", "help": (
+        "artifact folder written by `nextoken export`, or a models folder's `current` pointer "
+        "(new versions published there are loaded without dropping requests)")})
+    # network
+    host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 for all interfaces)",
+                     choices=("127.0.0.1", "0.0.0.0", "::"))
+    port: int = _opt(8000, "TCP port (1024-65535)")
+    api_key_env: str | None = _opt(None, "environment variable holding the API key; every route but the probes "
+                                         "and the playground's static files then needs it", metavar="NAME")
+    # capacity
+    max_batch_size: int = _opt(32, "sequences decoded together: the KV cache holds this many slots")
+    max_queue: int = _opt(256, "requests waiting for a slot beyond the batch (more get 429 at once)")
+    max_model_len: int = _opt(0, "longest sequence (prompt + output) the cache holds per slot; 0 = the model's "
+                                 "context. Cache memory = slots x this x layers x 2 x width x 4 bytes")
+    max_num_batched_tokens: int = _opt(256, "tokens one engine step may process: one per decoding row, the rest "
+                                            "for prompt chunks (chunked prefill; bounds the pause a burst of "
+                                            "prompts puts on running streams)")
+    prefix_cache_mb: float = _opt(64.0, "host memory for cached prompt prefixes (0 turns prefix caching off)")
+    prefix_block_size: int = _opt(16, "tokens per prefix-cache block")
+    # compute
+    device: str = _opt("cpu", "where ONNX Runtime runs the model", choices=("cpu", "cuda"))
+    threads: int = _opt(0, "ONNX Runtime intra-op threads (0 = one less than the cores, at most 4)")
+    # lifecycle
+    drain_timeout: float = _opt(30.0, "seconds in-flight requests may take to finish after SIGTERM/SIGINT")
+    reload_poll_s: float = _opt(1.0, "how often the engine looks for a new model version")
+    # transport and limits
+    max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
+    message_rate: float = _opt(1000.0, "engine -> HTTP messages per second at most (tokens produced meanwhile "
+                                       "travel together; a first or last token never waits)")
+    worker_check_s: float = _opt(0.5, "how often a waiting request checks that the engine process is alive")
+    metrics_compat: str | None = _opt(None, "also expose queue and cache gauges under another engine's names "
+                                            "(vllm: what Gateway API inference extensions scrape)",
+                                      choices=("vllm",))
+    log_level: str = _opt("warning", "log level", choices=("debug", "info", "warning", "error"))
+
+    @property
+    def max_inflight(self) -> int:
+        return self.max_batch_size + self.max_queue
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return int(self.prefix_cache_mb * (1 << 20))
+
+    def validate(self) -> ServeConfig:
+        def need(ok: bool, flag: str, msg: str) -> None:
+            if not ok:
+                raise UserError(msg, flag=flag)
+
+        need(1024 <= self.port <= 65535, "--port", f"must be in 1024..65535, got {self.port}")
+        need(self.max_batch_size >= 1, "--max-batch-size", f"must be >= 1, got {self.max_batch_size}")
+        need(self.max_queue >= 0, "--max-queue", f"must be >= 0, got {self.max_queue}")
+        need(self.max_model_len >= 0, "--max-model-len", f"must be >= 0, got {self.max_model_len}")
+        need(self.max_num_batched_tokens >= self.max_batch_size, "--max-num-batched-tokens",
+             f"must be >= --max-batch-size ({self.max_batch_size}): every decoding row needs a token of it each "
+             f"step; got {self.max_num_batched_tokens}")
+        need(self.prefix_cache_mb >= 0, "--prefix-cache-mb", f"must be >= 0, got {self.prefix_cache_mb}")
+        need(self.prefix_block_size >= 1, "--prefix-block-size", f"must be >= 1, got {self.prefix_block_size}")
+        need(not (self.device == "cuda" and self.prefix_cache_mb > 0), "--prefix-cache-mb",
+             "prefix caching copies KV through host memory and is CPU-only for now; pass --prefix-cache-mb 0 with "
+             "--device cuda")
+        need(self.threads >= 0, "--threads", f"must be >= 0, got {self.threads}")
+        need(self.drain_timeout >= 0, "--drain-timeout", f"must be >= 0, got {self.drain_timeout}")
+        need(self.reload_poll_s > 0, "--reload-poll-s", f"must be > 0, got {self.reload_poll_s}")
+        need(self.max_body_bytes >= 1024, "--max-body-bytes", f"must be >= 1024, got {self.max_body_bytes}")
+        need(self.message_rate > 0, "--message-rate", f"must be > 0, got {self.message_rate}")
+        need(self.worker_check_s > 0, "--worker-check-s", f"must be > 0, got {self.worker_check_s}")
+        if self.api_key_env:
+            need(bool(os.environ.get(self.api_key_env)), "--api-key-env",
+                 f"environment variable {self.api_key_env} is not set or empty")
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ServeConfig field (its default and help from the field); ``skip`` leaves some out."""
+    for f in dataclasses.fields(ServeConfig):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        if "positional" in meta:
+            parser.add_argument(f.name, metavar=meta["positional"], help=meta["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+        kwargs: dict[str, Any] = {"default": f.default, "help": f"{meta['help']} (default: {f.default})"}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(_flag(f.name), type=kind, dest=f.name, **kwargs)
+
+
+def from_args(args: argparse.Namespace, **overrides: Any) -> ServeConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
+    values.update(overrides)
+    return ServeConfig(**values)

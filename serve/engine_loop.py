@@ -1,0 +1,263 @@
+"""The engine process: its main loop, the pipes to the HTTP side, and the thread that sends results.
+
+The loop blocks while there is nothing to do (an idle server uses no CPU), takes every message
+that arrived during the last step (adds, cancels, reload requests) so cancels apply between
+steps, runs one step on each loaded model version, and hands the step's outputs to the sender
+thread. A failing ``add`` fails that request alone (a 400 for a request the serving version
+cannot take, a 500 for a bug); a failing step fails the requests it held and the loop goes on.
+
+NOTE on messages: every message costs the sender a pipe write and the HTTP process a wake-up, and
+sending from the engine's thread stalled every step for it. The sender ships everything that
+accumulated since its last send as one message (a list), at most ``message_rate`` times a second,
+but at once when it holds a first or last token or a failure; the engine never waits for it.
+
+This module knows nothing about HTTP or LitServe (``litserve_adapter`` runs it in LitServe's worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from typing import Any
+
+from nextoken.export.artifact import Artifact
+from nextoken.serve.config import ServeConfig
+from nextoken.serve.core_v2 import EngineCore, EngineOptions, RequestRejected, StepStats
+from nextoken.serve.models_v2 import ModelSet
+from nextoken.serve.wire import AddRequest, CancelRequest, ModelStatus, ReloadRequest, RequestFailed, StepOutput
+
+logger = logging.getLogger("nextoken.serve")
+
+
+class Pipes:
+    """Direct queues between the HTTP process(es) and the engine process, made before either starts.
+
+    ``requests``: wire messages in (``AddRequest`` | ``CancelRequest`` | ``ReloadRequest``), with the
+    sending HTTP process's index: ``(frontend, message)``. ``responses[i]``: lists of wire messages
+    out to HTTP process ``i``. Plain pipes (~1 us a put), not manager proxies: the engine process,
+    spawned, receives them pickled; the HTTP process, forked, inherits them.
+    """
+
+    def __init__(self, num_frontends: int = 1) -> None:
+        ctx = mp.get_context("spawn")  # a fork-context lock may not be shared with a spawned process
+        self.requests = ctx.SimpleQueue()
+        self.responses = [ctx.SimpleQueue() for _ in range(num_frontends)]
+
+
+def engine_options(config: ServeConfig) -> EngineOptions:
+    return EngineOptions(max_slots=config.max_batch_size, max_model_len=config.max_model_len,
+                         max_num_batched_tokens=config.max_num_batched_tokens,
+                         prefix_cache_bytes=config.prefix_cache_bytes, prefix_block_size=config.prefix_block_size,
+                         device=config.device, threads=config.threads)
+
+
+class Sender:
+    """The thread that ships outputs to the HTTP process(es); see the module note."""
+
+    def __init__(self, pipes: Pipes, message_rate: float) -> None:
+        self.pipes = pipes
+        self.min_gap = 1.0 / message_rate
+        self.cv = threading.Condition()
+        self.outbox: list[list[Any]] = [[] for _ in pipes.responses]  # per frontend: messages not yet sent
+        self.urgent = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="engine-sender")
+        self.thread.start()
+
+    def put(self, frontend: int | None, message: Any, urgent: bool) -> None:
+        """Queue ``message`` for one frontend (or every one when None)."""
+        with self.cv:
+            targets = range(len(self.outbox)) if frontend is None else (frontend,)
+            for i in targets:
+                self.outbox[i].append(message)
+            self.urgent = self.urgent or urgent
+            self.cv.notify()
+
+    def _run(self) -> None:
+        last = 0.0
+        while True:
+            with self.cv:
+                while True:
+                    if not any(self.outbox):
+                        self.cv.wait()
+                        continue
+                    wait = 0.0 if self.urgent else last + self.min_gap - time.perf_counter()
+                    if wait <= 0:
+                        break
+                    self.cv.wait(wait)
+                batches, self.outbox, self.urgent = self.outbox, [[] for _ in self.outbox], False
+            last = time.perf_counter()
+            try:
+                for pipe, batch in zip(self.pipes.responses, batches, strict=True):
+                    if batch:
+                        pipe.put(batch)
+            except (EOFError, OSError, BrokenPipeError):  # the pipe closed: the server is stopping
+                return
+
+
+class EngineLoop:
+    """Owns the model versions and runs them; ``setup`` loads, ``run_forever`` serves."""
+
+    def __init__(self, config: ServeConfig, pipes: Pipes, verified: Artifact | None = None) -> None:
+        self.config = config
+        self.pipes = pipes
+        self.verified = verified
+        self.models: ModelSet | None = None
+        self.metrics: Any = None
+        self.frontend_of: dict[str, int] = {}  # rid -> the HTTP process that sent it
+        self.sender: Sender | None = None
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.last_error: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into the spawned engine process before setup(): only the configuration travels.
+        return {"config": self.config, "pipes": self.pipes, "verified": self.verified}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["config"], state["pipes"], state["verified"])
+
+    # --- start-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        try:
+            from nextoken.serve.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics()
+        except RuntimeError:
+            self.metrics = None  # in-process use without a metrics directory
+        self.models = ModelSet(self.config.artifact_dir, self._make_core, self._on_change)
+        self.models.load_initial(self.verified)
+
+    def _make_core(self, artifact: Artifact) -> EngineCore:
+        model_id = artifact.model_id
+
+        def on_step(s: StepStats) -> None:
+            if self.metrics is not None:
+                self.metrics.observe_step(model_id, batch_size=s.batch_size, running=s.running, waiting=s.waiting,
+                                          prefill_s=s.prefill_s if s.prefill_tokens else None,
+                                          decode_s=s.decode_s if s.decode_tokens else None,
+                                          kv_cache_usage=s.kv_cache_usage)
+
+        return EngineCore(artifact, engine_options(self.config), on_step)
+
+    def _on_change(self, kind: str, info: dict[str, Any]) -> None:
+        m, models = self.metrics, self.models
+        if kind in ("loaded", "switched") and m is not None:
+            v = models.current
+            m.version_loaded(v.id, model_version=v.artifact.version, backend="onnxruntime",
+                             provider=v.core.runner.provider)
+            if kind == "switched":
+                m.reloaded(v.id)
+        elif kind == "freed" and m is not None:
+            m.version_freed(info["id"])
+        elif kind == "failed" and m is not None:
+            m.reload_failed(info["id"], info["reason"])
+        if kind == "failed":
+            self.last_error = info["error"]
+        elif kind in ("loaded", "switched"):
+            self.last_error = None
+        self.publish(kind)
+
+    def status(self, event: str = "loaded") -> ModelStatus:
+        v = self.models.current
+        spec = v.core.runner.spec
+        return ModelStatus(id=v.id, name=v.artifact.name, version=v.artifact.version, path=str(v.artifact.path),
+                           context=v.core.runner.context, max_model_len=spec.max_len, vocab_size=v.core.vocab_size,
+                           eos_id=v.core.eos_id, provider=v.core.runner.provider,
+                           models_loaded=self.models.models_loaded, event=event, last_error=self.last_error)
+
+    def publish(self, event: str = "loaded") -> None:
+        """Tell every HTTP process which version takes new requests."""
+        if self.sender is not None and self.models is not None and self.models.current is not None:
+            self.sender.put(None, self.status(event), urgent=True)
+
+    # --- serving -------------------------------------------------------------------------------
+    def _read(self) -> None:
+        while True:
+            try:
+                item = self.pipes.requests.get()
+            except (EOFError, OSError, BrokenPipeError):
+                item = None
+            self.inbox.put(item)
+            if item is None:
+                return
+
+    def start(self) -> None:
+        """Start the reader and sender threads and announce the serving version."""
+        self.sender = Sender(self.pipes, self.config.message_rate)
+        threading.Thread(target=self._read, daemon=True, name="engine-reader").start()
+        self.publish("loaded")
+
+    def run_forever(self) -> None:
+        self.start()
+        last_poll = 0.0
+        while True:
+            now = time.monotonic()
+            if now - last_poll >= self.config.reload_poll_s:
+                last_poll = now
+                self.models.poll()
+            if not self.models.has_work():
+                try:  # idle: sleep until a message arrives (waking now and then to look for new versions)
+                    item = self.inbox.get(timeout=self.config.reload_poll_s)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                self._accept(*item)
+            while True:  # take everything that arrived during the last step
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    return
+                self._accept(*item)
+            if self.models.has_work():
+                self.step()
+
+    def _accept(self, frontend: int, msg: Any) -> None:
+        if isinstance(msg, AddRequest):
+            self.frontend_of[msg.rid] = frontend
+            try:
+                self.models.add(msg)
+            except RequestRejected as e:
+                self._fail(e.failure(msg.rid))
+            except Exception as e:  # one bad request must not stop admission for everyone
+                logger.exception("add failed for %s", msg.rid)
+                self._fail(RequestFailed(msg.rid, 500, f"{type(e).__name__}: {e}"))
+        elif isinstance(msg, CancelRequest):
+            self.models.cancel(msg.rid)
+        elif isinstance(msg, ReloadRequest):
+            self.models.poll(force=True)
+        else:
+            logger.error("unknown message on the request pipe: %r", type(msg).__name__)
+
+    def _fail(self, failure: RequestFailed) -> None:
+        frontend = self.frontend_of.pop(failure.rid, 0)
+        self.sender.put(frontend, failure, urgent=True)
+
+    def step(self) -> None:
+        try:
+            outs = self.models.step()
+        except Exception as e:
+            # Fail the requests this step held and keep serving the next ones: an exception must not
+            # end the engine with every client waiting.
+            logger.exception("engine step failed; failing %d requests", len(self.models.owner))
+            for rid in self.models.abort_all():
+                self._fail(RequestFailed(rid, 500, f"generation failed: {type(e).__name__}: {e}"))
+            return
+        for out in outs:
+            self._route(out)
+
+    def _route(self, out: StepOutput) -> None:
+        """Send a step's output to the HTTP process(es) its requests came from."""
+        urgent = bool(out.started or out.finished)
+        fronts = {self.frontend_of.get(rid, 0) for rid in (*out.rids, *out.finished)}
+        if len(fronts) <= 1:
+            self.sender.put(next(iter(fronts), 0), out, urgent)
+        else:  # several HTTP processes: each gets the whole step and reads its own rows
+            for f in fronts:
+                self.sender.put(f, out, urgent)
+        for rid in out.finished:
+            self.frontend_of.pop(rid, None)

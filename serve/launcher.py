@@ -1,0 +1,128 @@
+"""The launcher: the server's processes, its signals, drain and a dead engine.
+
+Processes: this main process (signals, drain, watching the engine), the engine process (the
+model, its cache and the scheduler: ``engine_loop``) and one HTTP process (uvicorn: OpenAI
+routes, tokenization, admission: ``frontend``), the last two started by LitServe
+(``litserve_adapter``). The artifact is read and hash-checked once, here.
+
+On SIGTERM or SIGINT (Ctrl-C signals the whole process group; the children leave it to this
+process) the server stops admitting (new requests get 503, ``/ready`` turns 503), lets in-flight
+streams finish up to ``drain_timeout`` seconds, then has LitServe stop and join every process; a
+second signal stops at once. If the engine process dies, in-flight requests get an error at once,
+``/health`` and ``/ready`` turn 503, and the server exits 1 so a supervisor restarts it. The
+metrics directory is removed last.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from nextoken import __version__
+from nextoken.errors import UserError
+from nextoken.export.artifact import ArtifactError, load_artifact
+from nextoken.serve.config import ServeConfig
+
+logger = logging.getLogger("nextoken.serve")
+WATCH_S = 0.2  # how often the main process looks whether the engine process is alive
+
+
+def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
+    """The KV cache's size for these flags (what ``Runner`` will allocate)."""
+    c = artifact_config
+    max_len = config.max_model_len or int(c["n_positions"])
+    itemsize = 2 if c.get("torch_dtype") == "float16" else 4
+    return 2 * int(c["n_layer"]) * config.max_batch_size * int(c["n_head"]) * max_len * int(c["head_dim"]) * itemsize
+
+
+def serve(config: ServeConfig) -> int:
+    from nextoken.serve import litserve_adapter
+    from nextoken.serve.engine_client import SharedState
+    from nextoken.serve.engine_loop import EngineLoop, Pipes
+    from nextoken.serve.frontend import Frontend
+    from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
+    from nextoken.serve.models_v2 import resolve_artifact_dir
+
+    try:
+        artifact = load_artifact(resolve_artifact_dir(config.artifact_dir))  # the one hash check at start-up
+    except (ArtifactError, OSError) as e:
+        raise UserError(str(e), flag="ARTIFACT_DIR") from None
+    context = int(artifact.config["n_positions"])
+    if config.max_model_len > context:
+        raise UserError(f"must be <= the model's context ({context}), got {config.max_model_len}",
+                        flag="--max-model-len")
+    if not (artifact.path / "serving.onnx").is_file():
+        raise UserError(f"{artifact.path} has no serving graph (serving.onnx): it was exported by an older nextoken; "
+                        "export it again with `nextoken export RUN --out ...`", flag="ARTIFACT_DIR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the HTTP process is forked
+    metrics_dir = prepare_multiproc_dir(compat=config.metrics_compat)
+    pipes = Pipes(num_frontends=1)
+    state = SharedState(config.max_inflight)
+    engine_pid = mp.get_context("spawn").Value("i", 0)  # read here, written by the (spawned) engine process
+    # The engine watches the path as given (e.g. models/current), so a newly published version is picked up.
+    engine = EngineLoop(config, pipes, verified=artifact)
+    frontend = Frontend(config, pipes, state, artifact)
+    server = litserve_adapter.build_server(engine, frontend.routes(), healthy=frontend.ready, engine_pid=engine_pid)
+    frontend.install(server.app)
+
+    main_pid = os.getpid()
+
+    def drain(signum: int, _frame: Any) -> None:
+        if os.getpid() != main_pid:
+            # A forked child (LitServe's manager, the HTTP process) inherited this handler. SIGINT: a
+            # terminal's Ctrl-C reaches the whole process group, and only this process acts on it (by
+            # draining), so children ignore it. SIGTERM: stop as if unhandled.
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if state.draining.is_set():  # a second Ctrl-C / SIGTERM: stop now, without waiting
+            logger.warning("signal %s again: stopping now", signal.Signals(signum).name)
+            litserve_adapter.request_stop()
+            return
+        logger.warning("signal %s: draining (no new requests; up to %.0fs for %d in flight)",
+                       signal.Signals(signum).name, config.drain_timeout, state.inflight.value)
+        state.draining.set()
+
+        def wait_then_stop() -> None:
+            deadline = time.monotonic() + config.drain_timeout
+            while state.inflight.value > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            litserve_adapter.request_stop()
+
+        threading.Thread(target=wait_then_stop, daemon=True, name="drain").start()
+
+    def watch_engine() -> None:
+        """An engine process that dies (killed, out of memory, a crash in native code) fails the server fast."""
+        while not server_done.wait(WATCH_S):
+            pid = engine_pid.value
+            if not pid or state.draining.is_set():
+                continue
+            if any(p.pid == pid for p in mp.active_children()):
+                continue
+            logger.error("the engine process (pid %d) died; failing in-flight requests and stopping", pid)
+            state.engine_failed.set()
+            time.sleep(2 * config.worker_check_s)  # time for the HTTP process to answer what was in flight
+            litserve_adapter.request_stop()
+            return
+
+    server_done = threading.Event()
+    threading.Thread(target=watch_engine, daemon=True, name="engine-watch").start()
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    mib = cache_bytes(config, artifact.config) / (1 << 20)
+    print(f"nextoken {__version__} serving {artifact.model_id} on http://{config.host}:{config.port} "
+          f"(max batch {config.max_batch_size}, queue {config.max_queue}, KV cache {mib:.1f} MiB, prefix cache "
+          f"{config.prefix_cache_mb:g} MiB, {config.device})", flush=True)
+    try:
+        litserve_adapter.run(server, host=config.host, port=config.port, log_level=config.log_level)
+    finally:
+        server_done.set()
+        remove_multiproc_dir(Path(metrics_dir))
+    return 1 if state.engine_failed.is_set() else 0
