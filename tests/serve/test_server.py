@@ -318,9 +318,10 @@ def test_admission_counts_every_choice_as_one_engine_request(serve_artifact) -> 
     s = ServerProcess(serve_artifact, "--max-batch-size", "1", "--max-queue", "1")
     try:
         assert post(s.url, {"prompt": "x", "n": 3}).json()["error"]["param"] == "n"  # could never fit: 400
-        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                          json={"prompt": "the", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
-            next(r.iter_lines())  # running: one of the two places is taken
+        slow = {"prompt": "the", "max_tokens": 505, "ignore_eos": True, "logprobs": 20, "presence_penalty": 0.1}
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={**slow, "stream": True}) as r:
+            lines = r.iter_lines()  # kept: a discarded iterator closes the response (a disconnect)
+            next(lines)  # running (for about a second): one of the two places is taken
             refused = post(s.url, {"prompt": "x", "n": 2, "max_tokens": 1})
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "overloaded"
