@@ -1,25 +1,40 @@
 """Training throughput and quality on tinyshakespeare (character level), against baselines in the same run.
 
 1. nextoken's loop with the ``nanogpt-cpu`` preset (nanoGPT's README CPU recipe shape: 4 layers,
-   4 heads, 128 wide, context 64, batch 12, 2000 iterations, lr 1e-3 decayed to 1e-4).
-2. The seed lesson's Mini-GPT (post-LN, nn.MultiheadAttention, 2 layers, 64 wide, constant lr 5e-3,
-   batch 16) trained for the same wall time as (1) on the same windows and split.
+   4 heads, 128 wide, context 64, batch 12, 2000 iterations, lr 1e-3 decayed to 1e-4), as it is
+   and with the systems levers (``--variants``: fused AdamW, torch.compile, the recipe's
+   architecture and Muon at the same shape, so the options are seen not to eat the gain).
+2. With ``--nanogpt PATH`` (a checkout of karpathy/nanoGPT; nothing is fetched): nanoGPT's own
+   ``train.py`` on its README CPU recipe, run on a copy of the checkout whose
+   ``data/shakespeare_char/{train,val}.bin, meta.pkl`` this script writes from the same text
+   exactly as nanoGPT's ``prepare.py`` does (sorted characters, first 90% train). Its tokens/s
+   counts every iteration it times except the evaluation ones (iteration 0 and multiples of
+   its ``eval_interval``), as nextoken's excludes evaluation. Without ``--nanogpt`` it is skipped.
+3. Without ``--nanogpt``: the seed lesson's Mini-GPT (post-LN, nn.MultiheadAttention, 2 layers,
+   64 wide, constant lr 5e-3, batch 16) for the same wall time as (1), on the same windows.
 
-Both report tokens/s and the val loss reached (the same 10% split nanoGPT uses). Anchors measured
-on this machine class: nanoGPT's own train.py runs the recipe at ~15k tokens/s (2000 iterations in
-~100 s) and reaches val 1.886; the seed-style model reaches ~1.79 in the same time.
+Runs are interleaved (nanoGPT, then each nextoken variant, round after round) and the table gives
+each run, the medians, and the ratio to nanoGPT's median; the load average is printed beside them.
 
-    python benchmarks/bench_train.py [--data ../shared/data/tinyshakespeare.txt] [--iters 2000] [--threads 2]
+    python benchmarks/bench_train.py --nanogpt /tmp/nanogpt --rounds 2 --threads 2
+    python benchmarks/bench_train.py [--data ../shared/data/tinyshakespeare.txt] [--iters 2000]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +47,21 @@ from nextoken.train.data import TokenData, WindowSampler, eval_starts, windows  
 from nextoken.train.loop import train  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+# nanoGPT README's CPU recipe, verbatim (out_dir added); eval_interval comes from its config file (250).
+NANOGPT_FLAGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                 "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_EVAL_INTERVAL = 250
+# nextoken variants at the nanogpt-cpu shape: name -> overrides of the preset
+VARIANTS: dict[str, dict[str, Any]] = {
+    "preset": {},
+    "fused": {"fused_adamw": True},
+    "fused+compile": {"fused_adamw": True, "compile": True},
+    "recipe-arch": {"fused_adamw": True, "pos_emb": "rope", "qk_norm": True, "mlp_act": "relu2",
+                    "tie_embeddings": False, "zero_init": True, "logit_softcap": 15.0},
+    "recipe-arch+muon": {"fused_adamw": True, "pos_emb": "rope", "qk_norm": True, "mlp_act": "relu2",
+                         "tie_embeddings": False, "zero_init": True, "logit_softcap": 15.0, "optimizer": "muon"},
+}
 
 
 @torch.no_grad()
@@ -61,33 +91,107 @@ def run_seed(data: TokenData, vocab: int, seconds: float, block: int = 64) -> di
             "val_loss": seed_val_loss(model, data.val, block)}
 
 
-def main() -> None:
+def prepare_nanogpt(checkout: Path, text_path: Path, workdir: Path) -> Path:
+    """A copy of the checkout with data/shakespeare_char prepared as its prepare.py would (no download)."""
+    dst = workdir / "nanogpt"
+    shutil.copytree(checkout, dst, ignore=shutil.ignore_patterns(".git", "out*", "*.bin", "*.pkl", "assets"))
+    text = text_path.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    n = len(text)
+    data_dir = dst / "data" / "shakespeare_char"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    np.array([stoi[c] for c in text[: int(n * 0.9)]], dtype=np.uint16).tofile(data_dir / "train.bin")
+    np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16).tofile(data_dir / "val.bin")
+    with open(data_dir / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    return dst
+
+
+def run_nanogpt(tree: Path, threads: int, iters: int, out_dir: Path) -> dict[str, Any]:
+    flags = [f if not f.startswith(("--max_iters=", "--lr_decay_iters=")) else f.split("=")[0] + f"={iters}"
+             for f in NANOGPT_FLAGS]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "train.py", *flags, f"--out_dir={out_dir}"], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"nanoGPT's train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    dts = {int(m.group(1)): float(m.group(2)) / 1e3
+           for m in re.finditer(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout, re.M)}
+    timed = [dt for it, dt in dts.items() if it % NANOGPT_EVAL_INTERVAL]  # evaluation iterations left out
+    vals = [float(v) for v in re.findall(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", proc.stdout, re.M)]
+    return {"variant": "nanoGPT train.py", "steps": len(dts) - 1, "train_time_s": sum(timed),
+            "tokens_per_s": len(timed) * 12 * 64 / sum(timed), "val_loss": vals[-1], "wall_s": wall,
+            "load_before": load_before}
+
+
+def run_ours(variant: str, data: str, threads: int, iters: int, out_dir: Path) -> dict[str, Any]:
+    cfg = resolve_train_config("nanogpt-cpu", None, {
+        "data": [data], "out_dir": str(out_dir), "max_iters": iters, "lr_decay_iters": iters, "progress": False,
+        "tensorboard": False, "sample_tokens": 0, "threads": threads, **VARIANTS[variant]})
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    s = train(cfg, quiet=True)
+    return {"variant": f"nextoken {variant}", "steps": s["steps"], "train_time_s": s["train_time_s"],
+            "tokens_per_s": s["tokens_per_s"], "val_loss": s["final_val_loss"], "wall_s": time.perf_counter() - t0,
+            "load_before": load_before, "vocab_size": s["vocab_size"]}
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--nanogpt", type=Path, default=None, help="a karpathy/nanoGPT checkout (compared when given)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     if not Path(args.data).is_file():
-        sys.exit(f"skip: {args.data} is absent")
+        print(f"skip: {args.data} is absent")
+        return 0
+    if args.nanogpt is not None and not (args.nanogpt / "train.py").is_file():
+        print(f"error: --nanogpt: {args.nanogpt} holds no train.py (a karpathy/nanoGPT checkout)", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = resolve_train_config("nanogpt-cpu", None, {
-            "data": [args.data], "out_dir": f"{tmp}/run", "max_iters": args.iters, "lr_decay_iters": args.iters,
-            "progress": False, "tensorboard": False, "sample_tokens": 0, "threads": args.threads})
-        t0 = time.perf_counter()
-        ours = train(cfg, quiet=True)
-        wall = time.perf_counter() - t0
-        data = TokenData(Path(tmp) / "run" / "data")
-        seed = run_seed(data, ours["vocab_size"], ours["train_time_s"])
-    print(f"{'variant':<34}{'steps':>7}{'train s':>9}{'tok/s':>9}{'val loss':>10}")
-    print(f"{'nextoken nanogpt-cpu preset':<34}{ours['steps']:>7}{ours['train_time_s']:>9.1f}"
-          f"{ours['tokens_per_s']:>9,.0f}{ours['final_val_loss']:>10.4f}")
-    print(f"{'seed Mini-GPT, same wall time':<34}{seed['steps']:>7}{seed['time']:>9.1f}"
-          f"{seed['tokens_per_s']:>9,.0f}{seed['val_loss']:>10.4f}")
-    print(f"ratio tokens/s nextoken / seed: {ours['tokens_per_s'] / seed['tokens_per_s']:.2f}x; "
-          f"val loss {ours['final_val_loss']:.4f} vs {seed['val_loss']:.4f} (anchors: nanoGPT ~15k tok/s, val 1.886); "
-          f"wall incl. data prep and evals {wall:.1f}s; log(vocab) = {math.log(ours['vocab_size']):.3f}")
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tree = prepare_nanogpt(args.nanogpt, Path(args.data), Path(tmp)) if args.nanogpt else None
+        for rnd in range(args.rounds):
+            if tree is not None:
+                print(f"round {rnd + 1}: nanoGPT train.py ...", file=sys.stderr, flush=True)
+                results.append(run_nanogpt(tree, args.threads, args.iters, Path(tmp) / f"ng-{rnd}"))
+            for variant in args.variants:
+                print(f"round {rnd + 1}: nextoken {variant} ...", file=sys.stderr, flush=True)
+                results.append(run_ours(variant, args.data, args.threads, args.iters, Path(tmp) / f"{variant}-{rnd}"))
+        if tree is None:
+            first = next(r for r in results if r["variant"] == "nextoken preset")
+            data = TokenData(Path(tmp) / "preset-0" / "data")
+            seed = run_seed(data, first["vocab_size"], first["train_time_s"])
+            results.append({"variant": "seed Mini-GPT, same wall time", "steps": seed["steps"],
+                            "train_time_s": seed["time"], "tokens_per_s": seed["tokens_per_s"],
+                            "val_loss": seed["val_loss"], "wall_s": seed["time"], "load_before": os.getloadavg()[0]})
+
+    print(f"\n{args.iters} iterations of nanoGPT's CPU recipe shape, {args.threads} thread(s), {args.rounds} round(s); "
+          f"load average now {os.getloadavg()}")
+    print(f"{'run':<34}{'steps':>7}{'train s':>9}{'tok/s':>9}{'val loss':>10}{'load':>6}")
+    for r in results:
+        print(f"{r['variant']:<34}{r['steps']:>7}{r['train_time_s']:>9.1f}{r['tokens_per_s']:>9,.0f}"
+              f"{r['val_loss']:>10.4f}{r['load_before']:>6.1f}")
+    names = list(dict.fromkeys(r["variant"] for r in results))
+    ref = statistics.median(r["tokens_per_s"] for r in results if r["variant"] == names[0])
+    print(f"\nmedian tokens/s, and the ratio to {names[0]}'s")
+    for name in names:
+        rs = [r for r in results if r["variant"] == name]
+        tps = statistics.median(r["tokens_per_s"] for r in rs)
+        print(f"{name:<34}{tps:>9,.0f}  x{tps / ref:.2f}   val {statistics.median(r['val_loss'] for r in rs):.4f}"
+              f"   (tok/s {min(r['tokens_per_s'] for r in rs):,.0f}-{max(r['tokens_per_s'] for r in rs):,.0f})")
+    vocab = next((r["vocab_size"] for r in results if "vocab_size" in r), 65)
+    print(f"log(vocab) = {math.log(vocab):.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
