@@ -69,6 +69,7 @@ from nextoken.serve.protocol import (
     sse,
     structured_spec,
 )
+from nextoken.serve.request_log import RequestLog, install_request_log
 from nextoken.serve.tokenize_routes import check_model
 
 logger = logging.getLogger("nextoken.serve")
@@ -411,9 +412,6 @@ class ServedModel:
         return dict(self._tokenizer_config)
 
 
-REQUEST_LOG = logging.getLogger("nextoken.serve.requests")
-
-
 class _Fanout:
     """One HTTP request's engine requests (one per choice): their events, merged in arrival order.
 
@@ -511,12 +509,7 @@ class OpenAISpec(LitSpec):
     def setup(self, server: Any) -> None:
         super().setup(server)
         self.shared = server.workers_setup_status
-        if logging.getLevelName(self.log_level.upper()) <= logging.INFO and not REQUEST_LOG.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-            REQUEST_LOG.addHandler(handler)
-            REQUEST_LOG.setLevel(logging.INFO)
-            REQUEST_LOG.propagate = False
+        install_request_log(self.log_level)
 
     def __getstate__(self) -> dict[str, Any]:
         # The worker gets a pickled copy: it needs none of the HTTP-side state.
@@ -635,7 +628,7 @@ class OpenAISpec(LitSpec):
         except BaseException:
             fan.close("error")
             raise
-        log = _RequestLog(builder.id, endpoint, model.id, req, len(choices))
+        log = RequestLog(builder.id, endpoint, model.id, req.recorded, len(choices))
         if req.stream:
             first: tuple[int, dict[str, Any]] | None = None
             if running:
@@ -754,7 +747,7 @@ class OpenAISpec(LitSpec):
 
     async def _stream(self, req: GenerationRequest, builder: ResponseBuilder, states: dict[int, ChoiceState],
                       events: AsyncIterator[tuple[int, dict[str, Any]]], fan: _Fanout,
-                      log: _RequestLog) -> AsyncIterator[bytes]:
+                      log: RequestLog) -> AsyncIterator[bytes]:
         outcome = "cancelled"
         try:
             for st in states.values():  # echo-only choices are complete already
@@ -789,10 +782,10 @@ class OpenAISpec(LitSpec):
             yield sse(INTERNAL_ERROR)
         finally:
             fan.close(outcome if outcome != "finished" else "cancelled")
-            log.write(outcome, states, self._prompt_tokens(states, fan))
+            log.write(outcome, self._prompt_tokens(states, fan), sum(st.completion_tokens for st in states.values()))
 
     async def _complete(self, builder: ResponseBuilder, states: dict[int, ChoiceState], fan: _Fanout,
-                        request: Request, log: _RequestLog) -> Response:
+                        request: Request, log: RequestLog) -> Response:
         outcome = "cancelled"
         watcher = asyncio.create_task(_watch_disconnect(request))
         try:
@@ -819,31 +812,12 @@ class OpenAISpec(LitSpec):
         finally:
             watcher.cancel()
             fan.close(outcome if outcome != "finished" else "cancelled")
-            log.write(outcome, states, self._prompt_tokens(states, fan))
+            log.write(outcome, self._prompt_tokens(states, fan), sum(st.completion_tokens for st in states.values()))
 
 
 def _worker_error(ev: dict[str, Any]) -> RequestError:
     e = ev["error"]["error"]
     return RequestError(e["message"], param=e["param"], code=e["code"], status=ev["status"])
-
-
-class _RequestLog:
-    """One line per generation request in the request log: what the client sent to be recorded, and the outcome."""
-
-    def __init__(self, rid: str, endpoint: str, model: str, req: GenerationRequest, choices: int) -> None:
-        self.rid, self.endpoint, self.model, self.req, self.choices = rid, endpoint, model, req, choices
-        self.done = False
-
-    def write(self, outcome: str, states: dict[int, ChoiceState] | None = None, prompt_tokens: int = 0) -> None:
-        if self.done or not REQUEST_LOG.isEnabledFor(logging.INFO):
-            return
-        self.done = True
-        import json
-
-        completion = sum(st.completion_tokens for st in states.values()) if states else 0
-        REQUEST_LOG.info(json.dumps({"id": self.rid, "endpoint": self.endpoint, "model": self.model,
-                                     "outcome": outcome, "choices": self.choices, "prompt_tokens": prompt_tokens,
-                                     "completion_tokens": completion, **self.req.recorded}, ensure_ascii=False))
 
 
 class _RequestCtx:

@@ -268,8 +268,8 @@ class _Generation(_Open):
     stop: StopField = Field(default=None, description=f"Up to {MAX_STOP} strings; the output ends before the first "
                                                       "one and never contains it.")
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
-        default=None, description="vLLM extension: token ids that end the output (the token is generated and "
-                                  "returned, its text is not). Each must be below the vocabulary size.")
+        default=None, description="vLLM extension: token ids that end the output (the stop token is generated and "
+                                  "returned, text included, as vLLM does). Each must be below the vocabulary size.")
     seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = Field(
         default=None, description="Same seed, same request = same output, alone or in any batch. With n > 1, "
                                   "choice j is seeded from (seed, j), so every choice differs and each is "
