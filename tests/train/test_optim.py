@@ -166,3 +166,23 @@ def test_state_dict_round_trip_continues_identically() -> None:
     got = third_step(fresh, fresh_opt)
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fused_adamw_on_cpu_is_adamw_up_to_rounding(optimizer: str) -> None:
+    """--fused-adamw swaps AdamW's kernel (one fused op instead of a loop over parameters),
+    not its arithmetic: the same run ends at the same weights to float32 rounding."""
+    ends = {}
+    for fused in (False, True):
+        model = tiny_model()
+        opt = build_optimizer(model, optimizer=optimizer, learning_rate=3e-3, weight_decay=0.1, betas=(0.9, 0.99),
+                              device_type="cpu", fused_adamw=fused)
+        assert all(bool(g.get("fused")) == fused for g in opt.param_groups if not g.get("muon"))
+        for step in range(4):
+            opt.zero_grad()
+            _loss(model, step).backward()
+            opt.step()
+        ends[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = torch.cat([p.detach().flatten() for p in tiny_model().parameters()])
+    assert (ends[False] - start).abs().max() > 1e-3
+    torch.testing.assert_close(ends[True], ends[False], atol=1e-5, rtol=0)
