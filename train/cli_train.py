@@ -21,7 +21,8 @@ _HELP = {
     "resume": "never, auto (newest good checkpoint in --out-dir), or a checkpoint folder",
     "out_dir": "the run folder (config, tokenizer, checkpoints, metrics, plots)",
     "threads": "PyTorch CPU threads (0 = PyTorch's default)",
-    "lr_schedule": "steps (cosine decay over --lr-decay-iters) or time (over --max-time: ends decayed on any machine)",
+    "lr_schedule": "steps (cosine decay over --lr-decay-iters) or time (over --max-time or --max-iters, whichever "
+                   "ends first: ends decayed on any machine)",
     "pos_emb": "position embeddings: learned (GPT-2's table) or rope (rotary, no table)",
     "rope_base": "rotary frequency base (with --pos-emb rope)",
     "qk_norm": "RMS-normalise queries and keys per head before attention",

@@ -70,17 +70,18 @@ def peak_flops(device: torch.device) -> float | None:
 def lr_at(it: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
     """Linear warmup to ``learning_rate``, cosine decay to ``min_lr`` at ``lr_decay_iters``, then flat.
 
-    With ``lr_schedule="time"`` the decay follows ``time_fraction`` (training seconds so far over
-    ``max_time``) instead of the step, so a run cut by its time budget ends fully decayed
-    whatever the machine's speed (at the price of a resume that is exact only in the weights'
-    path up to the clock: the learning rate then depends on timing).
+    With ``lr_schedule="time"`` the decay follows whichever budget is further spent: the time
+    (``time_fraction``: training seconds so far over ``max_time``) or the steps (over
+    ``max_iters``). A run ends fully decayed whichever stops it, whatever the machine's speed
+    (at the price of a resume that is exact only up to the clock: the rate then depends on timing).
     """
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if cfg.lr_schedule == "time":
         if time_fraction is None:
             raise ValueError("lr_schedule='time' needs the fraction of max_time used")
-        ratio = min(1.0, max(0.0, time_fraction))
+        steps = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+        ratio = min(1.0, max(0.0, time_fraction, steps))
     else:
         decay_iters = cfg.lr_decay_iters or cfg.max_iters
         if it >= decay_iters:

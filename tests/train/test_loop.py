@@ -127,6 +127,10 @@ def test_time_schedule_decays_over_max_time() -> None:
     assert lr_at(10, cfg, 0.0) == pytest.approx(1e-3)
     assert lr_at(10**5, cfg, 0.5) == pytest.approx(0.55e-3)  # half the time: half-way down the cosine
     assert lr_at(20, cfg, 1.2) == pytest.approx(1e-4)
+    short = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, max_time=60,
+                        lr_schedule="time")
+    assert lr_at(60, short, 0.1) == pytest.approx(0.55e-3)  # the steps run out first: they set the pace
+    assert lr_at(110, short, 0.2) == pytest.approx(1e-4)
     with pytest.raises(UserError, match="--max-time"):
         TrainConfig(lr_schedule="time")
     with pytest.raises(UserError) as e:
