@@ -73,23 +73,33 @@ class ServingDecoder(nn.Module):
                 total_sequence_length: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         B, T = input_ids.shape
-        nh = m.config.n_head
-        x = m.embed(input_ids, position_ids)  # (B, T, C)
+        C, nh = m.config.n_embd, m.config.n_head
+        # The residual stream is kept 2-D, (B*T, C): nn.Linear on 2-D input exports as one Gemm (bias
+        # included) where 3-D gives MatMul + Add, and only the attention kernel needs (B, T, ...).
+        x = m.embed(input_ids, position_ids).reshape(B * T, C)  # (B*T, C)
         presents: list[torch.Tensor] = []
         for i, block in enumerate(m.transformer.h):
             past_k, past_v = caches[2 * i], caches[2 * i + 1]  # each (B, nh, max_cache_len, hs)
-            q, k, v = block.attn.qkv(block.ln_1(x), position_ids)  # each (B, nh, T, hs)
-            C = q.shape[1] * q.shape[3]
-            q, k, v = (t.transpose(1, 2).reshape(B, T, C) for t in (q, k, v))  # each (B, T, C)
+            h = block.ln_1(x)  # (B*T, C)
+            attn = block.attn
+            if attn.q_norm is None and attn.rope_base is None:
+                # Nothing happens to q and k between the projection and attention (what attn.qkv would do
+                # is split and reshape): the kernel takes the packed (B, T, 3C) projection as it is.
+                qkv = attn.c_attn(h).reshape(B, T, 3 * C)  # (B, T, 3C): q | k | v, heads in order
+                inputs = (qkv, None, None)
+            else:
+                q, k, v = attn.qkv(h.reshape(B, T, C), position_ids)  # each (B, nh, T, hs)
+                inputs = tuple(t.transpose(1, 2).reshape(B, T, C) for t in (q, k, v))  # each (B, T, C)
             # Only ONNX export gives this op meaning: eagerly it returns zeros of these shapes.
             y, pk, pv = torch.onnx.ops.symbolic_multi_out(
-                "com.microsoft::GroupQueryAttention", (q, k, v, past_k, past_v, seqlens_k, total_sequence_length),
-                dict(num_heads=nh, kv_num_heads=nh), dtypes=(q.dtype, past_k.dtype, past_v.dtype),
-                shapes=(q.shape, past_k.shape, past_v.shape), version=1)
-            x = x + block.attn.c_proj(y)  # y (B, T, C)
+                "com.microsoft::GroupQueryAttention", (*inputs, past_k, past_v, seqlens_k, total_sequence_length),
+                dict(num_heads=nh, kv_num_heads=nh), dtypes=(x.dtype, past_k.dtype, past_v.dtype),
+                shapes=((B, T, C), past_k.shape, past_v.shape), version=1)
+            x = x + attn.c_proj(y.reshape(B * T, C))  # (B*T, C)
             x = x + block.mlp(block.ln_2(x))
             presents += [pk, pv]
-        return (m.head(x).float(), *presents)  # logits (B, T, vocab)
+        logits = m.head(x).float()  # (B*T, vocab)
+        return (logits.reshape(B, T, logits.shape[-1]), *presents)  # logits (B, T, vocab)
 
 
 def _example_inputs(model: GPT, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -264,11 +264,12 @@ class EngineCore:
             logits = dec_logits if not n_prefilled else (
                 np.stack(sample_logits) if not decode_slots.size else np.concatenate([np.stack(sample_logits),
                                                                                       dec_logits]))
-            row_matchers = [self.matchers[s] for s in slots]
-            allowed = None
-            if any(m is not None for m in row_matchers):
-                allowed = self._masks[:slots.size]  # (n, V); rows without a grammar are neither written nor read
-                self._grammar.fill_masks(row_matchers, allowed)
+            allowed, row_matchers = None, None
+            if self._grammar is not None and any(self.matchers):
+                row_matchers = [self.matchers[s] for s in slots.tolist()]
+                if any(m is not None for m in row_matchers):
+                    allowed = self._masks[:slots.size]  # (n, V); rows without a grammar are neither written nor read
+                    self._grammar.fill_masks(row_matchers, allowed)
             res = self.sampler.sample(logits, slots, allowed)
             tokens = res.token_ids
             out.time = time.time()

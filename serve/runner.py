@@ -125,7 +125,12 @@ class Runner:
         self._ids = np.full((max_slots, 1), self.pad_id, dtype=np.int64)
         self._pos = np.zeros((max_slots, 1), dtype=np.int64)
         self._seqlens = np.zeros(max_slots, dtype=np.int32)
+        self._total = np.zeros((), dtype=np.int32)
         self._logits = np.empty((max_slots, 1, self.vocab_size), dtype=np.float32)
+        # Decode bindings, one per call width (slots 0 .. hi-1), made once: every buffer they point at is
+        # one of the persistent arrays above, so a step only writes inputs and runs (binding through
+        # ORT's Python API cost ~0.1 ms a call at 17 tensors).
+        self._decode_bindings: dict[int, ort.IOBinding] = {}
 
     # --- binding -------------------------------------------------------------------------------
     def _bind_cache(self, binding: ort.IOBinding, lo: int, hi: int) -> None:
@@ -137,17 +142,17 @@ class Runner:
             binding.bind_input(past, where, 0, self.kv_dtype, shape, base + offset)
             binding.bind_output(present, where, 0, self.kv_dtype, shape, base + offset)
 
-    def _run(self, lo: int, hi: int, ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray,
-             logits_out: np.ndarray) -> np.ndarray:
+    def _binding(self, lo: int, hi: int, ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray, total: np.ndarray,
+                 logits_out: np.ndarray) -> ort.IOBinding:
+        """Bind every input and output by pointer: the binding reads whatever those arrays hold at run time."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("position_ids", pos)
-        binding.bind_cpu_input("seqlens_k", seqlens)
-        binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens.max()) + 1, dtype=np.int32))
+        for name, arr in (("input_ids", ids), ("position_ids", pos), ("seqlens_k", seqlens),
+                          ("total_sequence_length", total)):
+            assert arr.flags.c_contiguous, name
+            binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         self._bind_cache(binding, lo, hi)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits_out.shape), logits_out.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        return logits_out
+        return binding
 
     # --- calls ---------------------------------------------------------------------------------
     def prefill(self, slot: int, token_ids: np.ndarray | list[int], start: int) -> np.ndarray:
@@ -161,8 +166,10 @@ class Runner:
             raise ValueError(f"cannot place {T} tokens at {start} in a cache of {self.spec.max_len}")
         pos = np.arange(start, start + T, dtype=np.int64)[None]  # (1, T)
         seqlens = np.array([start + T - 1], dtype=np.int32)  # (1,)
+        total = np.array(start + T, dtype=np.int32)  # ()
         logits = np.empty((1, T, self.vocab_size), dtype=np.float32)  # (1, T, V)
-        return self._run(slot, slot + 1, ids, pos, seqlens, logits)[0]  # (T, V)
+        self.session.run_with_iobinding(self._binding(slot, slot + 1, ids, pos, seqlens, total, logits))
+        return logits[0]  # (T, V)
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
                lengths: np.ndarray | None = None) -> np.ndarray:
@@ -185,8 +192,13 @@ class Runner:
         ids[slots, 0] = tokens
         pos[slots, 0] = positions
         seqlens[slots] = positions
-        logits = self._run(0, hi, ids, pos, seqlens, self._logits[:hi])  # (hi, 1, V)
-        return logits[slots, 0]  # (n, V)
+        self._total[()] = int(seqlens.max()) + 1
+        binding = self._decode_bindings.get(hi)
+        if binding is None:
+            binding = self._decode_bindings[hi] = self._binding(0, hi, ids, pos, seqlens, self._total,
+                                                                self._logits[:hi])
+        self.session.run_with_iobinding(binding)
+        return self._logits[slots, 0]  # (n, V)
 
     # --- cache contents (prefix caching) ---------------------------------------------------------
     # Prefix caching copies K/V between slots and a host-side store; on CUDA that would be a
