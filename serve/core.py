@@ -1,66 +1,63 @@
-"""The engine core: one ``step()`` = schedule -> prefill joiners -> decode the batch -> outputs.
+"""The engine core: one ``step()`` = schedule -> copy cached prefixes -> prefill chunks -> decode -> sample.
 
-Runs in the inference worker process (or in-process for benchmarks and tests). Each step
-applies cancellations first, prefills newly admitted requests (their first token comes out of
-the prefill), then advances every running row by one token in a single engine call, samples
-each row with its own settings, turns tokens into text (holding back stop-string prefixes),
-and finishes rows on end-of-text, a stop string or ``max_tokens`` so their slots free at once.
+Runs in the engine process (or in-process for benchmarks and tests). Each step applies
+cancellations first, then asks the scheduler for the step's work within its token budget: the
+KV of cached prompt prefixes is copied into newly admitted requests' slots, prompt chunks are
+prefilled (one runner call each, each in its own slot), and every decoding row advances by one
+token in a single runner call. The rows that produced logits (a prompt's last chunk, decode rows)
+are sampled together; a row finishes on end-of-text, a stop token id or its length, and its slot
+is free for the next step.
 
-Convert: request dict (prompt ids + sampling settings) --> ``TokenEvent`` per request per step.
+The core knows nothing about text: stop strings, detokenization and logprob strings are the
+frontend's (it cancels a request whose text hit a stop string). Per-slot arrays hold what the
+step reads for every row, so a step does no Python work per row except where a row asked for
+something (logprobs, a grammar, stop token ids).
+
+Convert: ``AddRequest`` --> scheduler ``Sequence`` + sampler slot; a step --> one ``StepOutput``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from nextoken.export.artifact import Artifact
-from nextoken.serve.engine import Engine
-from nextoken.serve.sampling import RowState, SamplingParams, sample
-from nextoken.serve.scheduler import Scheduler, SeqInfo
-from nextoken.serve.textstream import TextStream, TokenBytes
+from nextoken.serve.prefix_cache import PrefixCache
+from nextoken.serve.runner import Runner
+from nextoken.serve.sampling import BatchSampler, SamplingParamError, SamplingParams
+from nextoken.serve.scheduler_v2 import Scheduler, Sequence
+from nextoken.serve.wire import AddRequest, Finished, RequestFailed, Started, StepOutput
+
+logger = logging.getLogger("nextoken.serve")
 
 
-class ContextLengthError(ValueError):
-    """The prompt plus ``max_tokens`` does not fit the model's context (a client error)."""
+class RequestRejected(Exception):
+    """A request the version that would run it cannot take (a client error: HTTP 400)."""
+
+    def __init__(self, message: str, *, param: str | None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+    def failure(self, rid: str) -> RequestFailed:
+        return RequestFailed(rid, 400, str(self), self.param, self.code)
 
 
 @dataclass
-class TokenEvent:
-    """What one request produced in one step (usually one token)."""
+class EngineOptions:
+    """The engine's share of ``ServeConfig`` (see serve/config.py for what each means)."""
 
-    rid: str
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    times: list[float] = field(default_factory=list)  # wall-clock time each token was sampled
-    # per token: {"token", "token_id", "logprob", "bytes", "top": [[token, id, logprob, bytes], ...]}
-    logprobs: list[dict[str, Any]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_time: float | None = None  # seconds from arrival to joining the batch (first event only)
-    model: str | None = None  # the model version that served it (first and last events)
-
-    def merge(self, later: TokenEvent) -> None:
-        """Fold a later event of the same request into this one (to send fewer messages)."""
-        self.token_ids += later.token_ids
-        self.text += later.text
-        self.times += later.times
-        if later.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + later.logprobs
-        self.finish_reason = later.finish_reason
-        self.completion_tokens = later.completion_tokens
-        if self.queue_time is None:
-            self.queue_time = later.queue_time
-        self.model = later.model or self.model
-
-    def to_wire(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, [], "") or k in ("rid", "text")}
+    max_slots: int = 32
+    max_model_len: int = 0  # 0 = the model's context
+    max_num_batched_tokens: int = 256
+    prefix_cache_bytes: int = 64 << 20
+    prefix_block_size: int = 16
+    device: str = "cpu"
+    threads: int = 0
 
 
 @dataclass
@@ -68,48 +65,109 @@ class StepStats:
     """Per-step figures for metrics: filled by the core, read by the metrics layer."""
 
     duration_s: float
-    batch_size: int
+    prefill_s: float  # runner time on prompt chunks (incl. prefix-cache copies)
+    decode_s: float  # runner time on the decode call
+    batch_size: int  # rows that produced a token
+    prefill_tokens: int
+    decode_tokens: int
     running: int
     waiting: int
-    slots_in_use: int
-    slots_total: int
+    kv_cache_usage: float  # tokens in the cache / token capacity of the cache
+    prefix_hit_tokens: int  # cumulative
+    prefix_queried_tokens: int  # cumulative
 
 
-class _Active:
-    __slots__ = ("seq", "params", "row", "text", "last_token", "prompt_ids", "first_sent")
+@dataclass
+class _Req:
+    """The core's own per-request state (beside the scheduler's Sequence and the sampler's slot)."""
 
-    def __init__(self, seq: SeqInfo, params: SamplingParams, row: RowState, text: TextStream,
-                 prompt_ids: list[int]) -> None:
-        self.seq, self.params, self.row, self.text = seq, params, row, text
-        self.prompt_ids = prompt_ids
-        self.last_token = -1
-        self.first_sent = False
+    seq: Sequence
+    params: SamplingParams
+    model: str
+    stop_ids: frozenset[int]  # token ids that end it (end-of-text unless ignore_eos, plus stop_token_ids)
+    matcher: Any = None  # its grammar's state (serve/grammar.py Matcher) when it asked for structured output
+    started: bool = False
+    prompt_lp: list[np.ndarray] | None = None  # prompt logprobs per chunk: (n,) each
+    prompt_top_ids: list[np.ndarray] | None = None  # (n, N) each
+    prompt_top_lps: list[np.ndarray] | None = None
 
 
-class GenerationCore:
-    def __init__(self, artifact: Artifact, *, max_batch_size: int = 32, device: str = "cpu", threads: int = 0,
+class EngineCore:
+    def __init__(self, artifact: Artifact, options: EngineOptions | None = None,
                  on_step: Callable[[StepStats], None] | None = None) -> None:
+        o = options or EngineOptions()
         self.artifact = artifact
-        self.engine = Engine(artifact, device=device, threads=threads)
-        self.tokenizer = Tokenizer.from_file(str(artifact.tokenizer_path))
+        self.model_id = artifact.model_id
+        self.options = o
+        self.runner = Runner(artifact, max_slots=o.max_slots, max_len=o.max_model_len or None, device=o.device,
+                             threads=o.threads)
+        self.max_len = self.runner.spec.max_len
+        self.vocab_size = self.runner.vocab_size
         self.eos_id = int(artifact.config["eos_token_id"])
-        self.context = self.engine.context
-        self.scheduler = Scheduler(max_batch_size)
-        self.active: dict[str, _Active] = {}
+        self.prefix_cache = (PrefixCache(self.runner, block_size=o.prefix_block_size, max_bytes=o.prefix_cache_bytes)
+                             if o.prefix_cache_bytes > 0 else None)
+        self.scheduler = Scheduler(o.max_slots, o.max_num_batched_tokens, self.prefix_cache)
+        self.sampler = BatchSampler(o.max_slots, self.vocab_size, self.eos_id)
         self.on_step = on_step
-        self._vocab_text: dict[int, str] = {}
-        self._token_bytes = TokenBytes(self.tokenizer)
+        self.reqs: dict[str, _Req] = {}
+        S = o.max_slots
+        # per-slot state the step reads for every row, so it never walks Python objects row by row
+        self.slot_rid: list[str | None] = [None] * S
+        self.lengths = np.zeros(S, dtype=np.int64)  # tokens in each slot's cache
+        self.last_token = np.zeros(S, dtype=np.int64)  # the token to feed next
+        self.generated = np.zeros(S, dtype=np.int64)
+        self.max_tokens = np.zeros(S, dtype=np.int64)
+        self.stop_eos = np.zeros(S, dtype=bool)  # end-of-text ends this row
+        self.extra_stops = np.zeros(S, dtype=bool)  # this row has stop_token_ids (checked one by one)
+        self.matchers: list[Any] = [None] * S  # slot -> grammar matcher (structured output), or None
+        self._grammar: Any = None  # GrammarCompiler, made on the first structured request
+        self._masks: np.ndarray | None = None  # (S, V) float32 additive grammar masks, reused every step
 
-    # --- requests ----------------------------------------------------------------------------
-    def add(self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt_ids must not be empty")
-        if len(prompt_ids) + params.max_tokens > self.context:
-            raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                     f"the context of {self.context} tokens")
-        seq = SeqInfo(rid, len(prompt_ids), params.max_tokens, arrival if arrival is not None else time.time())
-        row = RowState(params, self.engine.vocab_size, prompt_ids)
-        self.active[rid] = _Active(seq, params, row, TextStream(self.tokenizer, params.stop), list(prompt_ids))
+    def _compile(self, spec: Any) -> Any:
+        from nextoken.serve.grammar import GrammarCompiler, GrammarError
+
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.artifact.tokenizer_path.read_text(encoding="utf-8"),
+                                            self.vocab_size, self.eos_id)
+            self._masks = np.zeros((self.options.max_slots, self.vocab_size), dtype=np.float32)
+        try:
+            return self._grammar.compile(spec)
+        except GrammarError as e:
+            raise RequestRejected(str(e), param=e.param) from None
+
+    # --- requests ------------------------------------------------------------------------------
+    def add(self, req: AddRequest) -> None:
+        """Queue a request; raises ``RequestRejected`` when this version cannot run it."""
+        if req.rid in self.reqs:
+            raise ValueError(f"request id {req.rid!r} is already in the engine")
+        ids = list(req.prompt_ids)
+        p = req.params
+        if not ids:
+            raise RequestRejected("the prompt is empty", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size}), got {bad}", param="prompt")
+        try:
+            p.verify(self.vocab_size)
+        except SamplingParamError as e:
+            raise RequestRejected(str(e), param=e.param) from None
+        max_tokens = self.max_len - len(ids) if p.max_tokens is None else p.max_tokens
+        if len(ids) >= self.max_len and not (max_tokens == 0 and len(ids) == self.max_len):
+            raise RequestRejected(f"the prompt is {len(ids)} tokens long; this server's context is {self.max_len} "
+                                  "tokens", param="prompt", code="context_length_exceeded")
+        if len(ids) + max_tokens > self.max_len:
+            raise RequestRejected(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {len(ids) + max_tokens} "
+                                  f"exceeds this server's context of {self.max_len} tokens", param="max_tokens",
+                                  code="context_length_exceeded")
+        matcher = None
+        if p.structured is not None:
+            if p.ignore_eos:  # a finished structure allows only end-of-text
+                raise RequestRejected("ignore_eos cannot be combined with structured output: once the structure is "
+                                      "complete only end-of-text may follow", param="ignore_eos")
+            matcher = self._compile(p.structured)
+        seq = Sequence(req.rid, ids, max_tokens, req.arrival, use_prefix_cache=p.prompt_logprobs is None)
+        stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else {self.eos_id})
+        self.reqs[req.rid] = _Req(seq, p, self.model_id, stops, matcher)
         self.scheduler.add(seq)
 
     def cancel(self, rid: str) -> None:
@@ -118,97 +176,179 @@ class GenerationCore:
     def abort_all(self) -> list[str]:
         """Drop every running and waiting request (after a failed step); returns their ids.
 
-        The engine's batch may be half-updated after an exception, so it is emptied whole rather
-        than trusted; the core is then as good as new for the next request.
+        A failed step may have left the slots half-written; they are all freed, and the next
+        requests overwrite them from position 0, so the core is as good as new.
         """
-        rids = list(self.active)
-        self.engine.release(list(self.engine.rids))
-        self.scheduler = Scheduler(self.scheduler.max_running)
-        self.active.clear()
+        rids = list(self.reqs)
+        for slot, rid in enumerate(self.slot_rid):
+            if rid is not None:
+                self._release_slot(slot)
+        self.scheduler = Scheduler(self.options.max_slots, self.options.max_num_batched_tokens, self.prefix_cache)
+        self.reqs.clear()
         return rids
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def has_capacity(self) -> bool:
-        return self.scheduler.has_capacity()
+    @property
+    def num_requests(self) -> int:
+        return len(self.reqs)
 
-    # --- the step ----------------------------------------------------------------------------
-    def step(self) -> list[TokenEvent]:
+    # --- slots ---------------------------------------------------------------------------------
+    def _bind_slot(self, r: _Req) -> None:
+        s = r.seq.slot
+        self.slot_rid[s] = r.seq.rid
+        self.sampler.add(s, r.params, r.seq.prompt_ids)
+        self.lengths[s] = r.seq.num_cached
+        self.generated[s] = 0
+        self.max_tokens[s] = r.seq.max_tokens
+        self.stop_eos[s] = self.eos_id in r.stop_ids
+        self.extra_stops[s] = bool(r.params.stop_token_ids)
+        self.matchers[s] = r.matcher
+
+    def _release_slot(self, slot: int) -> None:
+        self.slot_rid[slot] = None
+        self.matchers[slot] = None
+        self.sampler.remove(slot)
+        self.lengths[slot] = 0
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self) -> StepOutput:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
-        events: list[TokenEvent] = []
-        if sched.cancelled:
-            self.engine.release([s.rid for s in sched.cancelled])
-            for s in sched.cancelled:
-                a = self.active.pop(s.rid)
-                events.append(TokenEvent(s.rid, finish_reason="cancelled", prompt_tokens=s.num_prompt_tokens,
-                                         completion_tokens=a.seq.num_generated, model=self.artifact.model_id))
-        finished: list[str] = []
-        batch = 0
-        if sched.prefill:
-            rids = [s.rid for s in sched.prefill]
-            logits = self.engine.prefill(rids, [self.active[r].prompt_ids for r in rids])  # (n, V)
-            self._sample_and_emit(rids, logits, events, finished)
-            batch += len(rids)
-        if finished:
-            self.engine.release(finished)
-            finished = []
-        if self.engine.batch_size:
-            rids = list(self.engine.rids)
-            tokens = np.fromiter((self.active[r].last_token for r in rids), dtype=np.int64, count=len(rids))
-            logits = self.engine.decode(tokens)  # (B, V)
-            self._sample_and_emit(rids, logits, events, finished)
-            batch = max(batch, len(rids))
-            if finished:
-                self.engine.release(finished)
+        out = StepOutput(time=0.0)
+        for seq in sched.cancelled:
+            del self.reqs[seq.rid]
+            generated = 0
+            if seq.slot >= 0:  # it held a slot (the scheduler has taken it back already)
+                generated = int(self.generated[seq.slot])
+                self._release_slot(seq.slot)
+            out.finished[seq.rid] = Finished("cancelled", seq.num_prompt, generated)
+
+        t_prefill = time.perf_counter()
+        for seq in sched.admitted:
+            r = self.reqs[seq.rid]
+            self._bind_slot(r)
+            if seq.prefix_keys:
+                self.prefix_cache.load(seq.prefix_keys, seq.slot)
+        sample_slots: list[int] = []  # rows to sample this step, in order
+        sample_logits: list[np.ndarray] = []  # (V,) each for prefill completions; decode adds a block
+        scored: list[_Req] = []  # prompt-only requests (max_tokens 0) that finished prefilling
+        for chunk in sched.prefill:
+            seq, r = chunk.seq, self.reqs[chunk.seq.rid]
+            logits = self.runner.prefill(seq.slot, seq.prompt_ids[chunk.start:chunk.start + chunk.length],
+                                         chunk.start)  # (T, V)
+            self.lengths[seq.slot] = chunk.start + chunk.length
+            if r.params.prompt_logprobs is not None:
+                self._prompt_logprobs(r, chunk.start, logits)
+            if chunk.completes_prompt:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(seq.prompt_ids, seq.num_prompt, seq.slot)
+                if seq.max_tokens == 0:
+                    scored.append(r)
+                else:
+                    sample_slots.append(seq.slot)
+                    sample_logits.append(logits[-1])
+        t_decode = time.perf_counter()
+
+        decode_slots = np.fromiter((s.slot for s in sched.decode), dtype=np.int64, count=len(sched.decode))
+        if decode_slots.size:
+            dec_logits = self.runner.decode(decode_slots, self.last_token[decode_slots], self.lengths[decode_slots],
+                                            self.lengths)  # (n, V)
+            self.lengths[decode_slots] += 1
+        t_sample = time.perf_counter()
+
+        n_prefilled = len(sample_slots)
+        slots = np.concatenate([np.asarray(sample_slots, dtype=np.int64), decode_slots])
+        if slots.size:
+            logits = dec_logits if not n_prefilled else (
+                np.stack(sample_logits) if not decode_slots.size else np.concatenate([np.stack(sample_logits),
+                                                                                      dec_logits]))
+            allowed, row_matchers = None, None
+            if self._grammar is not None and any(self.matchers):
+                row_matchers = [self.matchers[s] for s in slots.tolist()]
+                if any(m is not None for m in row_matchers):
+                    allowed = self._masks[:slots.size]  # (n, V); rows without a grammar are neither written nor read
+                    self._grammar.fill_masks(row_matchers, allowed)
+            res = self.sampler.sample(logits, slots, allowed)
+            tokens = res.token_ids
+            out.time = time.time()
+            out.rids = [self.slot_rid[s] for s in slots]
+            out.token_ids = tokens
+            if res.logprobs is not None:
+                out.logprobs, out.top_ids, out.top_logprobs = res.logprobs, res.top_ids, res.top_logprobs
+            self.last_token[slots] = tokens
+            self.generated[slots] += 1
+            done = self.generated[slots] >= self.max_tokens[slots]
+            done |= self.lengths[slots] + 1 > self.max_len  # nowhere to feed the token back
+            stopped = self.stop_eos[slots] & (tokens == self.eos_id)
+            for i in np.flatnonzero(self.extra_stops[slots]):
+                stopped[i] |= int(tokens[i]) in self.reqs[out.rids[i]].stop_ids
+            if allowed is not None:
+                for i, m in enumerate(row_matchers):
+                    if m is not None and not stopped[i]:
+                        m.accept(int(tokens[i]))
+                        # the structure is complete: only end-of-text could follow, so end it now
+                        stopped[i] |= m.is_terminated()
+            for i in range(n_prefilled):
+                self._start(self.reqs[out.rids[i]], out)
+            for i in np.flatnonzero(stopped | done):
+                rid, slot, stop = out.rids[i], int(slots[i]), bool(stopped[i])
+                r = self.reqs.pop(rid)
+                tok = int(tokens[i])
+                out.finished[rid] = Finished("stop" if stop else "length", r.seq.num_prompt, int(self.generated[slot]),
+                                             tok if stop and tok in r.stop_ids else None)
+                self.scheduler.finish(rid)
+                self._release_slot(slot)
+        for r in scored:
+            self._start(r, out)
+            del self.reqs[r.seq.rid]
+            self.scheduler.finish(r.seq.rid)
+            self._release_slot(r.seq.slot)
+            out.finished[r.seq.rid] = Finished("length", r.seq.num_prompt, 0)
+        if not out.time:
+            out.time = time.time()
         if self.on_step is not None:
-            self.on_step(StepStats(time.perf_counter() - t0, batch, len(self.scheduler.running),
-                                   len(self.scheduler.waiting), len(self.scheduler.running),
-                                   self.scheduler.max_running))
-        return events
+            t1 = time.perf_counter()
+            pc = self.prefix_cache.stats if self.prefix_cache is not None else None
+            self.on_step(StepStats(
+                duration_s=t1 - t0, prefill_s=t_decode - t_prefill, decode_s=t_sample - t_decode,
+                batch_size=int(slots.size), prefill_tokens=sum(c.length for c in sched.prefill),
+                decode_tokens=int(decode_slots.size), running=len(self.scheduler.running),
+                waiting=len(self.scheduler.waiting),
+                kv_cache_usage=float(self.lengths.sum()) / self.runner.spec.tokens,
+                prefix_hit_tokens=pc.hit_tokens if pc else 0, prefix_queried_tokens=pc.queried_tokens if pc else 0))
+        return out
 
-    def _token_text(self, token_id: int) -> str:
-        t = self._vocab_text.get(token_id)
-        if t is None:
-            t = self._vocab_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return t
+    def _start(self, r: _Req, out: StepOutput) -> None:
+        seq = r.seq
+        st = Started(seq.num_prompt, seq.num_cached, (seq.admitted or out.time) - seq.arrival, self.model_id)
+        if r.prompt_lp is not None:
+            st.prompt_logprobs = np.concatenate(r.prompt_lp)[: seq.num_prompt - 1]
+            st.prompt_top_ids = np.concatenate(r.prompt_top_ids)[: seq.num_prompt - 1]
+            st.prompt_top_logprobs = np.concatenate(r.prompt_top_lps)[: seq.num_prompt - 1]
+        out.started[seq.rid] = st
+        r.started = True
 
-    def _sample_and_emit(self, rids: list[str], logits: np.ndarray, events: list[TokenEvent],
-                         finished: list[str]) -> None:
-        actives = [self.active[r] for r in rids]
-        res = sample(logits, [a.row for a in actives])
-        now = time.time()
-        for b, a in enumerate(actives):
-            tok = int(res.token_ids[b])
-            a.last_token = tok
-            a.seq.num_generated += 1
-            ev = TokenEvent(a.seq.rid, [tok], times=[now], prompt_tokens=a.seq.num_prompt_tokens,
-                            completion_tokens=a.seq.num_generated)
-            if not a.first_sent:
-                ev.queue_time = (a.seq.admitted or now) - a.seq.arrival
-                ev.model = self.artifact.model_id
-                a.first_sent = True
-            if a.params.logprobs is not None:
-                top = [] if res.top_ids[b] is None else [
-                    [self._token_text(int(i)), int(i), float(lp), list(self._token_bytes(int(i)))]
-                    for i, lp in zip(res.top_ids[b], res.top_logprobs[b], strict=True)]
-                ev.logprobs = [{"token": self._token_text(tok), "token_id": tok, "logprob": float(res.logprobs[b]),
-                                "bytes": list(self._token_bytes(tok)), "top": top}]
-            if tok == self.eos_id and not a.params.ignore_eos:
-                ev.finish_reason = "stop"
-            else:
-                delta = a.text.push(tok)
-                ev.text = delta.text
-                if delta.stopped:
-                    ev.finish_reason = "stop"
-                elif a.seq.num_generated >= a.params.max_tokens:
-                    ev.finish_reason = "length"
-            if ev.finish_reason is not None:
-                ev.model = self.artifact.model_id
-                if ev.finish_reason != "stop" or tok == self.eos_id:
-                    ev.text += a.text.finish()  # release a held-back tail that never became a stop string
-                finished.append(a.seq.rid)
-                self.scheduler.finish(a.seq.rid)
-                del self.active[a.seq.rid]
-            events.append(ev)
+    def _prompt_logprobs(self, r: _Req, start: int, logits: np.ndarray) -> None:
+        """Logprobs of prompt tokens start+1 .. start+T under the chunk's logits (T, V)."""
+        ids = r.seq.prompt_ids
+        T = logits.shape[0]
+        targets = ids[start + 1:start + T + 1]  # the last prompt position predicts a generated token: none here
+        if not targets:
+            return
+        lp, top_ids, top_lps = self.sampler.prompt_logprobs(logits[:len(targets)], np.asarray(targets),
+                                                            r.params.prompt_logprobs)
+        if r.prompt_lp is None:
+            r.prompt_lp, r.prompt_top_ids, r.prompt_top_lps = [], [], []
+        r.prompt_lp.append(lp)
+        r.prompt_top_ids.append(top_ids)
+        r.prompt_top_lps.append(top_lps)
+
+
+def describe_cache(core: EngineCore) -> dict[str, Any]:
+    """The cache's bounds, for the start-up log and /v1/models."""
+    spec = core.runner.spec
+    return {"slots": spec.max_slots, "max_model_len": spec.max_len, "kv_cache_bytes": spec.nbytes,
+            "prefix_cache_bytes": core.prefix_cache.nbytes if core.prefix_cache else 0,
+            "prefix_cache_blocks": core.prefix_cache.num_blocks if core.prefix_cache else 0}

@@ -1,14 +1,13 @@
-"""Model versions inside the worker: the one serving new requests, the ones finishing, hot reload.
+"""Model versions inside the engine process: the one serving new requests, the ones finishing, hot reload.
 
 The server is started on a path: an artifact folder, or a models folder's ``current`` pointer
 (a symlink, or a file naming the version folder beside it). About once a second, or at once
-on ``POST /admin/reload``, the worker looks at where that path resolves and at its
-manifest. When either changed, a loader thread reads the new version, checks every file's
-hash, builds its engine and runs a warm-up generation, all beside the running version. Only
-then do new requests go to it; requests already running finish on the version they started
-on, which is freed as soon as it has none left. A version that fails any check is refused,
-logged and counted, and the running one keeps serving; it is retried only once the path
-changes again.
+on ``POST /admin/reload``, the engine looks at where that path resolves and at its manifest.
+When either changed, a loader thread reads the new version, checks every file's hash, builds
+its engine core and runs a warm-up generation, all beside the running version. Only then do new
+requests go to it; requests already running finish on the version they started on, which is
+freed as soon as it has none left. A version that fails any check is refused, logged and
+counted, and the running one keeps serving; it is retried only once the path changes again.
 """
 
 from __future__ import annotations
@@ -21,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from nextoken.export.artifact import Artifact, ArtifactError, load_artifact
-from nextoken.serve.core import GenerationCore, TokenEvent
+from nextoken.serve.core_v2 import EngineCore
 from nextoken.serve.sampling import SamplingParams
+from nextoken.serve.wire import AddRequest, StepOutput
 
 logger = logging.getLogger("nextoken.serve")
 
@@ -46,54 +48,68 @@ def signature(path: str | Path) -> tuple[str, str]:
     return str(folder), digest
 
 
-def warm_up(core: GenerationCore) -> None:
+def warm_up(core: EngineCore) -> None:
     """A short generation through the whole path; raises if the model cannot generate."""
-    core.add("__warmup__", [core.eos_id], SamplingParams(temperature=0, max_tokens=2))
-    events = []
-    while core.has_work():
-        events += core.step()
-    if not events or events[-1].finish_reason is None:
+    core.add(AddRequest("__warmup__", [core.eos_id], SamplingParams(temperature=0, max_tokens=2), 0.0, core.model_id))
+    finished = {}
+    for _ in range(100):
+        if not core.has_work():
+            break
+        finished.update(core.step().finished)
+    if "__warmup__" not in finished:
         raise RuntimeError("warm-up generation did not finish")
 
 
 @dataclass
-class ModelInfo:
-    id: str
-    name: str
-    version: str
-    path: str
+class Version:
+    """One loaded model version: its core, and its tokenizer for the rare re-tokenization."""
+
+    core: EngineCore
+    artifact: Artifact
+    _tokenizer: Tokenizer | None = None
+
+    @property
+    def id(self) -> str:
+        return self.artifact.model_id
+
+    def tokenize(self, text: str, add_eos_prefix: bool) -> list[int]:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_file(str(self.artifact.tokenizer_path))
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.core.eos_id, *ids] if add_eos_prefix else ids
 
 
 class ModelSet:
-    def __init__(self, path: str, make_core: Callable[[Artifact], GenerationCore],
+    def __init__(self, path: str, make_core: Callable[[Artifact], EngineCore],
                  on_change: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.path = path
         self.make_core = make_core
         self.on_change = on_change or (lambda kind, info: None)
-        self.current: GenerationCore | None = None
+        self.current: Version | None = None
         self.current_sig: tuple[str, str] | None = None
-        self.draining: list[GenerationCore] = []
-        self.owner: dict[str, GenerationCore] = {}  # request id -> the core running it
+        self.draining: list[Version] = []
+        self.owner: dict[str, Version] = {}  # request id -> the version running it
         self._failed_sig: tuple[str, str] | None = None
         self._loader: threading.Thread | None = None
-        self._loaded: tuple[tuple[str, str], GenerationCore | None, str | None] | None = None
+        self._loaded: tuple[tuple[str, str], Version | None, str | None] | None = None
 
     # --- loading -------------------------------------------------------------------------------
-    def load_initial(self) -> None:
+    def load_initial(self, verified: Artifact | None = None) -> None:
+        """Load the version at the path (``verified``: the launcher already checked its hashes)."""
         sig = signature(self.path)
-        core = self._build(sig)
-        self.current, self.current_sig = core, sig
-        self.on_change("loaded", self.info().__dict__)
+        self.current, self.current_sig = self._build(sig, verified), sig
+        self.on_change("loaded", {"id": self.current.id})
 
-    def _build(self, sig: tuple[str, str]) -> GenerationCore:
-        artifact = load_artifact(sig[0])  # checks every file's sha256
+    def _build(self, sig: tuple[str, str], verified: Artifact | None = None) -> Version:
+        artifact = verified if verified is not None and str(verified.path.resolve()) == sig[0] else load_artifact(
+            sig[0])  # checks every file's sha256
         core = self.make_core(artifact)
         warm_up(core)
-        return core
+        return Version(core, artifact)
 
-    def info(self) -> ModelInfo:
-        a = self.current.artifact
-        return ModelInfo(a.model_id, a.name, a.version, str(a.path))
+    @property
+    def versions(self) -> list[Version]:
+        return [*self.draining, self.current]
 
     @property
     def models_loaded(self) -> int:
@@ -113,71 +129,63 @@ class ModelSet:
 
     def _load(self, sig: tuple[str, str]) -> None:
         try:
-            core = self._build(sig)
-            self._loaded = (sig, core, None)
+            self._loaded = (sig, self._build(sig), None)
         except ArtifactError as e:
             self._loaded = (sig, None, f"invalid artifact: {e}")
         except Exception as e:  # any failure to build or warm up refuses the version
             self._loaded = (sig, None, f"failed warm-up: {type(e).__name__}: {e}")
 
     def _apply(self) -> None:
-        sig, core, error = self._loaded
+        sig, version, error = self._loaded
         self._loaded = None
         self._loader = None
-        if core is None:
+        if version is None:
             self._failed_sig = sig
-            logger.error("refusing the model at %s: %s; still serving %s", sig[0], error,
-                         self.current.artifact.model_id)
-            self.on_change("failed", {"path": sig[0], "reason": error.split(":")[0],
-                                      "id": Path(sig[0]).name, "error": error})
+            logger.error("refusing the model at %s: %s; still serving %s", sig[0], error, self.current.id)
+            self.on_change("failed", {"path": sig[0], "reason": error.split(":")[0], "id": Path(sig[0]).name,
+                                      "error": error})
             return
         old = self.current
-        self.current, self.current_sig, self._failed_sig = core, sig, None
-        if old.has_work():
+        self.current, self.current_sig, self._failed_sig = version, sig, None
+        if old.core.has_work():
             self.draining.append(old)
-        logger.warning("now serving %s (was %s)", core.artifact.model_id, old.artifact.model_id)
-        self.on_change("switched", self.info().__dict__)
+        else:
+            self.on_change("freed", {"id": old.id})
+        logger.warning("now serving %s (was %s)", version.id, old.id)
+        self.on_change("switched", {"id": version.id, "previous": old.id})
 
     # --- requests ------------------------------------------------------------------------------
-    def add(self, rid: str, payload: dict[str, Any]) -> None:
-        core = self.current
-        ids = payload["prompt_ids"]
-        if payload.get("model") != core.artifact.model_id and payload.get("text") is not None:
+    def add(self, req: AddRequest) -> None:
+        """Queue ``req`` on the current version (raises ``RequestRejected`` if it cannot run it)."""
+        v = self.current
+        if req.model != v.id and req.prompt_text is not None:
             # The HTTP side tokenized with a version that is no longer (or not yet) the one serving:
             # tokenize again with the tokenizer of the version that will run it.
-            ids = [core.eos_id] + core.tokenizer.encode(payload["text"], add_special_tokens=False).ids
-        core.add(rid, ids, SamplingParams(**payload["params"]), payload["arrival"])
-        self.owner[rid] = core
+            req.prompt_ids = v.tokenize(req.prompt_text, req.add_eos_prefix)
+        v.core.add(req)
+        self.owner[req.rid] = v
 
     def cancel(self, rid: str) -> None:
-        core = self.owner.get(rid)
-        if core is not None:
-            core.cancel(rid)
+        v = self.owner.get(rid)
+        if v is not None:
+            v.core.cancel(rid)
 
     def abort_all(self) -> list[str]:
         """Drop every request on every version (after a failed step); returns their ids."""
-        rids = [rid for core in [*self.draining, self.current] for rid in core.abort_all()]
-        self.draining = []
+        rids = [rid for v in self.versions for rid in v.core.abort_all()]
         self.owner.clear()
         return rids
 
     def has_work(self) -> bool:
-        return self.current.has_work() or any(c.has_work() for c in self.draining)
+        return any(v.core.has_work() for v in self.versions)
 
-    def has_capacity(self) -> bool:
-        return self.current.has_capacity()
-
-    def step(self) -> list[TokenEvent]:
-        events: list[TokenEvent] = []
-        for core in [*self.draining, self.current]:
-            if core.has_work():
-                events += core.step()
-        for ev in events:
-            if ev.finish_reason is not None:
-                self.owner.pop(ev.rid, None)
+    def step(self) -> list[StepOutput]:
+        outs = [v.core.step() for v in self.versions if v.core.has_work()]
+        for out in outs:
+            for rid in out.finished:
+                self.owner.pop(rid, None)
         if self.draining:
-            before = len(self.draining)
-            self.draining = [c for c in self.draining if c.has_work()]  # the rest are freed here
-            if len(self.draining) != before:
-                self.on_change("freed", {"models_loaded": self.models_loaded})
-        return events
+            for v in [v for v in self.draining if not v.core.has_work()]:
+                self.draining.remove(v)  # freed here: the last reference to its core and cache
+                self.on_change("freed", {"id": v.id})
+        return outs

@@ -1,9 +1,18 @@
-"""The scheduler: who runs next. Pure bookkeeping: ids and counts, no tensors, no tokenizer.
+"""The scheduler: who runs next and how much. Pure bookkeeping: ids, counts and slots; no tensors.
 
-Requests wait in arrival order and join the running batch as soon as a slot is free; a
-cancelled request is removed between steps (running or waiting); a finished one frees its slot
-in the same step. Admission beyond the queue limit is refused by the HTTP layer before a
-request ever reaches here (it answers 429 at once), so the waiting queue here is bounded too.
+Every step spends a token budget (``max_num_batched_tokens``, vLLM's name): first one token for
+each running sequence that is decoding, then what is left on prompts, oldest first, in chunks. A
+prompt longer than what is left is prefilled over several steps (chunked prefill, as vLLM and
+llama.cpp's ``-ub`` do), so a burst of long prompts never stalls the streams already running for
+more than one budget's worth of compute. A request gets a cache slot when it starts prefilling and
+keeps it until it leaves; before its first chunk, the prefix cache may supply the KV of the
+prompt's leading blocks (``PrefixCache.match``), which are then never computed.
+
+A cancelled request is removed between steps, running or waiting; a finished one frees its slot
+in the same step. Admission beyond the queue limit is refused by the HTTP side before a request
+ever reaches here (429 at once), so the waiting queue is bounded too.
+
+Convert: ``Sequence`` (added by the core) --> ``SchedulerOutput`` (what the runner runs this step).
 """
 
 from __future__ import annotations
@@ -11,38 +20,79 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the scheduler sees it."""
+
+    rid: str
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival: float  # wall-clock time the HTTP side received it (time.time())
+    slot: int = -1  # its cache slot while it holds one
+    num_computed: int = 0  # prompt tokens whose KV is in the slot (cached or prefilled)
+    num_cached: int = 0  # prompt tokens that came from the prefix cache
+    admitted: float | None = None  # wall-clock time it got a slot
+    prefix_keys: list[int] = field(default_factory=list)  # prefix-cache blocks copied into the slot
+    use_prefix_cache: bool = True  # False when every prompt position's logits are wanted (prompt logprobs)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= len(self.prompt_ids)
 
 
 @dataclass
-class SeqInfo:
-    rid: str
-    num_prompt_tokens: int
-    max_tokens: int
-    arrival: float  # wall-clock time the HTTP layer received it (time.time())
-    admitted: float | None = None  # wall-clock time it joined the running batch
-    num_generated: int = 0
+class Chunk:
+    """A piece of one prompt to prefill this step: prompt_ids[start:start+length] into seq.slot."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.length == self.seq.num_prompt
 
 
 @dataclass
 class SchedulerOutput:
-    """What the engine runs this step."""
+    """What the runner does this step, in this order: drop, copy cached prefixes, prefill, decode."""
 
-    prefill: list[SeqInfo] = field(default_factory=list)  # joining the batch now
-    cancelled: list[SeqInfo] = field(default_factory=list)  # to drop before the step (were running or waiting)
-    running: int = 0  # rows in the batch after this step's changes
-    waiting: int = 0
+    cancelled: list[Sequence] = field(default_factory=list)  # removed before the step (running or waiting)
+    admitted: list[Sequence] = field(default_factory=list)  # got a slot this step (prefix copies happen now)
+    prefill: list[Chunk] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)  # one token each
+    num_batched_tokens: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.cancelled or self.prefill or self.decode)
 
 
 class Scheduler:
-    def __init__(self, max_running: int) -> None:
-        if max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {max_running}")
-        self.max_running = max_running
-        self.waiting: deque[SeqInfo] = deque()
-        self.running: dict[str, SeqInfo] = {}  # rid -> info, in join order
+    def __init__(self, max_slots: int, max_num_batched_tokens: int, prefix_cache: PrefixMatcher | None = None
+                 ) -> None:
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if max_num_batched_tokens < max_slots:
+            # every decoding row needs one token of the budget every step
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_slots ({max_slots})")
+        self.max_slots = max_slots
+        self.budget = max_num_batched_tokens
+        self.prefix_cache = prefix_cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[str, Sequence] = {}  # rid -> sequence, in admission order
+        self.free_slots: list[int] = list(range(max_slots))  # lowest first: decode calls cover 0..highest
         self._cancel: set[str] = set()
 
-    def add(self, seq: SeqInfo) -> None:
+    # --- requests ------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def cancel(self, rid: str) -> None:
@@ -50,16 +100,27 @@ class Scheduler:
         if rid in self.running or any(s.rid == rid for s in self.waiting):
             self._cancel.add(rid)
 
-    def finish(self, rid: str) -> SeqInfo | None:
+    def finish(self, rid: str) -> Sequence | None:
+        """A sequence ended (end-of-text, a stop token, its length): its slot is free for the next step."""
         self._cancel.discard(rid)
-        return self.running.pop(rid, None)
+        seq = self.running.pop(rid, None)
+        if seq is not None:
+            self._free(seq)
+        return seq
+
+    def _free(self, seq: Sequence) -> None:
+        # seq.slot keeps its value: the core still releases that slot's own state after this step's schedule
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            self.free_slots.sort()
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
     def has_capacity(self) -> bool:
-        return len(self.running) < self.max_running
+        return bool(self.free_slots)
 
+    # --- the step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         if self._cancel:
@@ -70,14 +131,47 @@ class Scheduler:
                     if seq is not None:
                         self.waiting.remove(seq)
                 if seq is not None:
+                    self._free(seq)
                     out.cancelled.append(seq)
             self._cancel.clear()
+
+        budget = self.budget
+        # Running sequences first: one token for every row that is decoding.
+        for seq in self.running.values():
+            if seq.prefilled:
+                out.decode.append(seq)
+        budget -= len(out.decode)
+        # Then prompts: a running one mid-prefill continues before a waiting one starts.
+        for seq in self.running.values():
+            if budget <= 0:
+                break
+            if not seq.prefilled:
+                budget -= self._chunk(seq, budget, out)
         now = time.time()
-        while self.waiting and self.has_capacity():
+        while budget > 0 and self.waiting and self.free_slots:
             seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop(0)
             seq.admitted = now
+            if self.prefix_cache is not None and seq.use_prefix_cache:
+                cached, keys = self.prefix_cache.match(seq.prompt_ids)
+                seq.num_computed = seq.num_cached = cached
+                seq.prefix_keys = keys
             self.running[seq.rid] = seq
-            out.prefill.append(seq)
-        out.running = len(self.running)
-        out.waiting = len(self.waiting)
+            out.admitted.append(seq)
+            budget -= self._chunk(seq, budget, out)
+        out.num_batched_tokens = self.budget - budget
         return out
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+        n = min(budget, seq.num_prompt - seq.num_computed)
+        out.prefill.append(Chunk(seq, seq.num_computed, n))
+        seq.num_computed += n  # the runner writes these positions this step
+        return n
+
+
+class PrefixMatcher(Protocol):
+    """What the scheduler needs from a prefix cache (``prefix_cache.PrefixCache`` implements it)."""
+
+    def match(self, prompt_ids: list[int]) -> tuple[int, list[int]]:
+        """(number of leading prompt tokens whose KV is cached, the cache's keys for those blocks)."""

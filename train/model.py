@@ -79,18 +79,20 @@ def build_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate channel pairs (i, i + hs/2) of x (B, nh, T, hs) by position * base ** (-2i / hs).
+    """Rotate channel pairs (i, i + hs/2) of x (B, T, ..., hs) by position * base ** (-2i / hs).
 
-    position_ids: (B, T) or (1, T). The angles are computed here from the positions (in float32,
-    whatever x's dtype), not read from a table, so per-row positions (left padding) and any
-    context length work, and the exported graph holds no position-sized constant.
+    position_ids: (B, T) or (1, T); any axes between T and hs (heads, q/k) share the rotation.
+    The angles are computed here from the positions (in float32, whatever x's dtype), not read
+    from a table, so per-row positions (left padding) and any context length work, and the
+    exported graph holds no position-sized constant.
     """
     hs = x.shape[-1]
     inv_freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float32, device=x.device) / hs)  # (hs/2,)
-    angles = position_ids[:, None, :, None].to(torch.float32) * inv_freq  # (B, 1, T, hs/2)
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, T, hs/2)
+    angles = angles.reshape(angles.shape[:2] + (1,) * (x.dim() - 3) + angles.shape[2:])  # (B, T, 1.., hs/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., : hs // 2], x[..., hs // 2:]  # each (B, nh, T, hs/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2:]  # each (B, T, ..., hs/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, T, ..., hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,18 +122,25 @@ class CausalSelfAttention(nn.Module):
         calls this and hands the result to ONNX Runtime's attention kernel.
         """
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        nh, hs = self.n_head, C // self.n_head
+        if self.q_norm is None and self.rope_base is None:  # GPT-2: exactly the historical ops
+            q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+            q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+            v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+            return q, k, v
+        qkv = self.c_attn(x).view(B, T, 3, nh, hs)  # (B, T, 3, nh, hs)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # (B, T, 2, nh, hs), (B, T, nh, hs)
+        # q and k go through the norm and the rotation together: half the ops of doing each alone
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # (B, nh, T, hs), unit RMS times the gains
+            gains = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, :]  # (2, 1, hs)
+            qk = F.rms_norm(qk, (hs,), eps=self.q_norm.eps) * gains  # unit RMS per head, times the gains
         if self.rope_base is not None:
             if position_ids is None:
                 raise ValueError("rotary position embeddings need position_ids")
-            q = apply_rotary(q, position_ids, self.rope_base)  # (B, nh, T, hs)
-            k = apply_rotary(k, position_ids, self.rope_base)  # (B, nh, T, hs)
-        return q, k, v
+            qk = apply_rotary(qk, position_ids, self.rope_base)  # (B, T, 2, nh, hs)
+        q, k = qk.unbind(2)  # each (B, T, nh, hs)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, nh, T, hs)
 
     def forward(
         self,

@@ -1,4 +1,5 @@
-"""The scheduler: FIFO admission up to the batch limit, cancellation between steps."""
+"""The scheduler: slots for life, a token budget per step (decode first, then prompt chunks, oldest
+first), prefix-cache hits at admission, cancellation between steps."""
 
 from __future__ import annotations
 
@@ -6,53 +7,74 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nextoken.serve.scheduler import Scheduler, SeqInfo
+from nextoken.serve.scheduler_v2 import Scheduler, Sequence
 
 
-def seq(rid: str) -> SeqInfo:
-    return SeqInfo(rid, num_prompt_tokens=3, max_tokens=5, arrival=0.0)
+def seq(rid: str, n: int = 3, **kw) -> Sequence:
+    return Sequence(rid, list(range(1, n + 1)), max_tokens=5, arrival=0.0, **kw)
 
 
-def test_admits_in_order_up_to_capacity() -> None:
-    s = Scheduler(2)
+def test_admits_in_order_into_the_lowest_free_slots() -> None:
+    s = Scheduler(2, 64)
     for r in "abc":
         s.add(seq(r))
     out = s.schedule()
-    assert [q.rid for q in out.prefill] == ["a", "b"] and (out.running, out.waiting) == (2, 1)
-    assert not s.has_capacity()
+    assert [q.rid for q in out.admitted] == ["a", "b"] and [c.seq.slot for c in out.prefill] == [0, 1]
+    assert not s.has_capacity() and [q.rid for q in s.waiting] == ["c"]
     s.finish("a")
-    assert [q.rid for q in s.schedule().prefill] == ["c"]
+    out = s.schedule()
+    assert [q.rid for q in out.admitted] == ["c"] and s.running["c"].slot == 0  # a's slot, reused
+    assert [q.rid for q in out.decode] == ["b"]
 
 
-def test_cancel_running_and_waiting() -> None:
-    s = Scheduler(1)
+def test_the_budget_goes_to_decoding_rows_first_then_to_prompt_chunks() -> None:
+    s = Scheduler(3, 8)
+    s.add(seq("a", 2))
+    s.schedule()  # a prefilled whole (2 tokens)
+    s.add(seq("long", 20))
+    out = s.schedule()
+    assert [q.rid for q in out.decode] == ["a"]
+    assert [(c.seq.rid, c.start, c.length) for c in out.prefill] == [("long", 0, 7)]  # 8 - 1 decode token
+    s.add(seq("next", 4))
+    out = s.schedule()  # long continues before next starts
+    assert [(c.seq.rid, c.start, c.length) for c in out.prefill] == [("long", 7, 7)]
+    out = s.schedule()
+    assert [(c.seq.rid, c.start, c.length, c.completes_prompt) for c in out.prefill] == [
+        ("long", 14, 6, True), ("next", 0, 1, False)]
+    assert out.num_batched_tokens == 8
+
+
+def test_a_prefix_cache_hit_skips_the_cached_tokens() -> None:
+    class Cache:
+        def match(self, ids: list[int]) -> tuple[int, list[int]]:
+            return 8, [11, 12]
+
+    s = Scheduler(2, 64, Cache())
+    s.add(seq("a", 10))
+    s.add(seq("scored", 10, use_prefix_cache=False))  # prompt logprobs want every position's logits
+    out = s.schedule()
+    a, b = out.prefill
+    assert (a.start, a.length, a.seq.num_cached, a.seq.prefix_keys) == (8, 2, 8, [11, 12])
+    assert (b.start, b.length, b.seq.num_cached) == (0, 10, 0)
+
+
+def test_cancel_running_and_waiting_between_steps() -> None:
+    s = Scheduler(1, 16)
     s.add(seq("a"))
     s.add(seq("b"))
     s.schedule()
     s.cancel("a")
     s.cancel("b")
     s.cancel("never-seen")
+    assert "a" in s.running  # the step in progress still owns the row
     out = s.schedule()
     assert sorted(q.rid for q in out.cancelled) == ["a", "b"]
-    assert not s.has_work()
-
-
-def test_invalid_capacity() -> None:
-    with pytest.raises(ValueError, match="max_running"):
-        Scheduler(0)
-
-
-def test_cancel_takes_effect_only_between_steps() -> None:
-    s = Scheduler(2)
-    s.add(seq("a"))
-    s.schedule()
-    s.cancel("a")
-    assert "a" in s.running  # the step in progress still owns the row
-    assert [q.rid for q in s.schedule().cancelled] == ["a"] and not s.running
+    assert {q.rid: q.slot for q in out.cancelled} == {"a": 0, "b": -1}  # the core frees a's slot state
+    assert not s.has_work() and s.free_slots == [0]
 
 
 def test_a_finished_request_cannot_be_cancelled_later() -> None:
-    s = Scheduler(1)
+    s = Scheduler(1, 16)
     s.add(seq("a"))
     s.schedule()
     s.cancel("a")  # the client left in the same step the request finished
@@ -60,30 +82,45 @@ def test_a_finished_request_cannot_be_cancelled_later() -> None:
     assert s.schedule().cancelled == []  # reported once, as finished
 
 
+def test_invalid_settings() -> None:
+    with pytest.raises(ValueError, match="max_slots"):
+        Scheduler(0, 16)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Scheduler(8, 4)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 4), st.lists(st.tuples(st.sampled_from(["add", "cancel", "finish", "step"]), st.integers(0, 9)),
-                                   max_size=60))
-def test_random_traffic_keeps_the_invariants(capacity: int, ops: list[tuple[str, int]]) -> None:
-    """Whatever the interleaving: never over capacity, FIFO admission, every request leaves exactly once."""
-    s = Scheduler(capacity)
+@given(st.integers(1, 4), st.integers(4, 12),
+       st.lists(st.tuples(st.sampled_from(["add", "cancel", "finish", "step"]), st.integers(0, 9),
+                          st.integers(1, 30)), max_size=60))
+def test_random_traffic_keeps_the_invariants(slots: int, budget: int, ops: list[tuple[str, int, int]]) -> None:
+    """Whatever the interleaving: never more slots than exist and no slot shared, never over budget,
+    FIFO admission, prompts prefilled in order and exactly once, every request leaves exactly once."""
+    s = Scheduler(slots, max(budget, slots))
     added: list[str] = []
     admitted: list[str] = []
     left: list[str] = []
-    for op, i in ops:
+    done_prompt: dict[str, int] = {}
+    for op, i, n in ops:
         rid = f"r{i}"
         if op == "add" and rid not in added:
             added.append(rid)
-            s.add(seq(rid))
+            s.add(seq(rid, n))
         elif op == "cancel":
             s.cancel(rid)
-        elif op == "finish" and rid in s.running:
+        elif op == "finish" and rid in s.running and s.running[rid].prefilled:
             s.finish(rid)
             left.append(rid)
         elif op == "step":
             out = s.schedule()
-            admitted += [q.rid for q in out.prefill]
+            admitted += [q.rid for q in out.admitted]
             left += [q.rid for q in out.cancelled]
-            assert out.running == len(s.running) <= capacity and out.waiting == len(s.waiting)
+            used = [q.slot for q in s.running.values()]
+            assert len(used) == len(set(used)) <= slots and set(used).isdisjoint(s.free_slots)
+            assert out.num_batched_tokens == len(out.decode) + sum(c.length for c in out.prefill) <= s.budget
+            for c in out.prefill:
+                assert c.start == done_prompt.get(c.seq.rid, 0) and c.length >= 1
+                done_prompt[c.seq.rid] = c.start + c.length
     assert admitted == [r for r in added if r in admitted]  # admitted in arrival order
     assert len(left) == len(set(left))  # nobody leaves twice
     still = set(s.running) | {q.rid for q in s.waiting}
