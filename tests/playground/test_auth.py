@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import ServerProcess
 
-pytestmark = pytest.mark.slow
+# The first test to use them builds the session's model (train + export): minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 KEY = "pg-secret-key"
 
 

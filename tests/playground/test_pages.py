@@ -133,6 +133,7 @@ def test_find_runs_takes_run_folders_and_folders_of_runs(tmp_path: Path) -> None
                      "c": tmp_path / "c"}
 
 
+@pytest.mark.timeout(900)  # may be the first user of the session's model (train + export)
 def test_serving_side_imports_no_training_code_until_attention_is_asked_for(pg_artifact: Path) -> None:
     """In a fresh process: the playground and the run page (curve, samples) leave torch and nextoken.train
     unimported; the first attention request imports them."""

@@ -17,7 +17,8 @@ import pytest
 
 from tests.playground.conftest import PHONE, metric
 
-pytestmark = pytest.mark.slow
+# The first test to use them builds the session's model (train + export): minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _set(page: object, **controls: object) -> None:

@@ -24,7 +24,8 @@ import pytest
 
 from tests.conftest import ServerProcess, free_port
 
-pytestmark = pytest.mark.slow
+# The first test to use them builds the session's model (train + export): minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _records(run: Path) -> list[dict]:
