@@ -61,6 +61,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "tie_embeddings": False, "zero_init": True, "logit_softcap": 15.0},
     "recipe-arch+muon": {"fused_adamw": True, "pos_emb": "rope", "qk_norm": True, "mlp_act": "relu2",
                          "tie_embeddings": False, "zero_init": True, "logit_softcap": 15.0, "optimizer": "muon"},
+    # Two processes of one thread each (torchrun, gloo), 6 windows each: the same 768 tokens per step.
+    # Intra-op threading splits each small matmul in two; two ranks each run whole ones and
+    # overlap their Python overhead, at the price of one gradient all-reduce per step.
+    "ddp-2x1": {"fused_adamw": True, "batch_size": 6, "torchrun": 2},
 }
 
 
@@ -129,15 +133,40 @@ def run_nanogpt(tree: Path, threads: int, iters: int, out_dir: Path) -> dict[str
 
 
 def run_ours(variant: str, data: str, threads: int, iters: int, out_dir: Path) -> dict[str, Any]:
+    overrides = dict(VARIANTS[variant])
+    ranks = overrides.pop("torchrun", 0)
     cfg = resolve_train_config("nanogpt-cpu", None, {
         "data": [data], "out_dir": str(out_dir), "max_iters": iters, "lr_decay_iters": iters, "progress": False,
-        "tensorboard": False, "sample_tokens": 0, "threads": threads, **VARIANTS[variant]})
+        "tensorboard": False, "sample_tokens": 0, "threads": 1 if ranks else threads, **overrides})
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    s = train(cfg, quiet=True)
+    s = _torchrun_train(cfg, ranks) if ranks else train(cfg, quiet=True)
     return {"variant": f"nextoken {variant}", "steps": s["steps"], "train_time_s": s["train_time_s"],
             "tokens_per_s": s["tokens_per_s"], "val_loss": s["final_val_loss"], "wall_s": time.perf_counter() - t0,
             "load_before": load_before, "vocab_size": s["vocab_size"]}
+
+
+def _torchrun_train(cfg: Any, ranks: int) -> dict[str, Any]:
+    """``nextoken train`` under torchrun with ``cfg``'s settings as flags; returns its summary.json."""
+    import json
+
+    flags = []
+    for name, value in cfg.to_dict().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)] if value else []
+        else:
+            flags += [flag, str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(ranks), "-m", "nextoken", "train", *flags], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads((Path(cfg.out_dir) / "summary.json").read_text())
 
 
 def main() -> int:
@@ -167,8 +196,8 @@ def main() -> int:
                 print(f"round {rnd + 1}: nextoken {variant} ...", file=sys.stderr, flush=True)
                 results.append(run_ours(variant, args.data, args.threads, args.iters, Path(tmp) / f"{variant}-{rnd}"))
         if tree is None:
-            first = next(r for r in results if r["variant"] == "nextoken preset")
-            data = TokenData(Path(tmp) / "preset-0" / "data")
+            first = results[0]  # the seed model trains as long as the first nextoken run, on its windows
+            data = TokenData(Path(tmp) / f"{args.variants[0]}-0" / "data")
             seed = run_seed(data, first["vocab_size"], first["train_time_s"])
             results.append({"variant": "seed Mini-GPT, same wall time", "steps": seed["steps"],
                             "train_time_s": seed["time"], "tokens_per_s": seed["tokens_per_s"],
