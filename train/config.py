@@ -161,7 +161,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int = 0  # 0 = max_iters
-    lr_schedule: str = "steps"  # steps: decay over lr_decay_iters; time: over max_time seconds of training
+    lr_schedule: str = "steps"  # steps: over lr_decay_iters; time: over max_time or max_iters, whichever ends first
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -221,7 +221,6 @@ class TrainConfig:
         need(self.lr_schedule in ("steps", "time"), "--lr-schedule",
              f"must be steps or time, got {self.lr_schedule!r}")
         if self.lr_schedule == "time":
-            need(self.max_time > 0, "--lr-schedule", "time decays the learning rate over --max-time, which is not set")
             need(self.lr_decay_iters == 0, "--lr-decay-iters",
                  "does not apply with --lr-schedule time (the decay ends at --max-time)")
         need(self.tokens_per_step >= 0, "--tokens-per-step", f"must be >= 0, got {self.tokens_per_step}")

@@ -411,7 +411,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         if cfg.lr_schedule == "time":
             elapsed = train_time + (time.perf_counter() - t_step)  # training seconds, evaluation excluded
             # every rank must step with the same learning rate: take the slowest clock's
-            time_fraction = D.max_over_ranks(elapsed, info) / cfg.max_time
+            time_fraction = D.max_over_ranks(elapsed, info) / cfg.max_time if cfg.max_time else 0.0
         lr = set_learning_rates(optimizer, it, cfg, time_fraction)
         for micro in range(accum):
             x, y = sampler.next_batch()
