@@ -135,16 +135,20 @@ def main() -> int:
     ap.add_argument("--train-time", type=float, default=150.0,
                     help="seconds of training without --artifact (0 = no limit: --train-steps decides)")
     ap.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's 1200)")
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="keep the trained run, artifact and models folder here (then reuse with --artifact "
+                         "WORK/models/current); default: a temporary folder, removed")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "playground.png")
-    ap.add_argument("--prompt", default="def ")
+    ap.add_argument("--prompt", default="    def __init__(self")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--max-tokens", type=int, default=56)
     ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=800)
+    ap.add_argument("--height", type=int, default=960)
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nextoken-screenshot-") as tmp:
-        artifact = args.artifact or train_artifact(Path(tmp), args.train_time, args.train_steps)
+        work = args.work_dir or Path(tmp)
+        artifact = args.artifact or train_artifact(work, args.train_time, args.train_steps)
         server = Server(artifact)
         try:
             shoot(server.url, args.out, args.prompt, args.seed, args.max_tokens, args.width, args.height)

@@ -172,6 +172,14 @@ export function visibleToken(t) {
   return t.replace(/\n/g, "↵").replace(/\t/g, "→").replace(/\r/g, "␍");
 }
 
+// A token inside running text: a newline shows as ↵ and also breaks the line, so indentation
+// that follows it in the same token starts the next line, as it does in the text.
+export function chipText(t) {
+  if (t === EOT) return "⟨eot⟩";
+  if (t === "") return "∅";
+  return t.replace(/\n/g, "↵\n").replace(/\t/g, "→").replace(/\r/g, "␍");
+}
+
 // A token as a table label: quoted, with visible spaces at its ends.
 export function quotedToken(t) {
   if (t === EOT) return "⟨eot⟩";

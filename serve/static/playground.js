@@ -2,8 +2,8 @@
 // probability; a chip opens the model's top alternatives at that position (the API's logprobs).
 // "Score text" asks the API for the prompt's own logprobs (echo) and shows each token's surprise.
 import {
-  EOT, ApiError, api, apiJSON, el, errorOf, facts, fmt, fmtInt, fmtParams, hasSeries, histogramBuckets,
-  histogramQuantile, parsePrometheus, quotedToken, setupKeyBox, sseEvents, sumOf, visibleToken,
+  EOT, ApiError, api, apiJSON, chipText, el, errorOf, facts, fmt, fmtInt, fmtParams, hasSeries, histogramBuckets,
+  histogramQuantile, parsePrometheus, quotedToken, setupKeyBox, sseEvents, sumOf,
 } from "/ui/common.js";
 
 const $ = (id) => document.getElementById(id);
@@ -156,11 +156,9 @@ function addChip(tok) {
     tabindex: i === 0 ? "0" : "-1",
     dataset: { i: String(i), p: String(p), token: tok.text },
     "aria-label": `token ${i + 1}: ${quotedToken(tok.text)}, probability ${fmt(p, 3)}`,
-  }, visibleToken(tok.text));
+  }, chipText(tok.text));
   probClass(chip, p);
-  const out = $("output");
-  out.append(chip);
-  if (tok.text.includes("\n")) out.append(el("br"));
+  $("output").append(chip);
 }
 
 // --- scoring ------------------------------------------------------------------------------
@@ -256,10 +254,9 @@ function renderScore(text, lp) {
       "aria-label": s === null ? `token ${i + 1}: ${quotedToken(t.text)}, not scored (nothing before it)`
         : `token ${i + 1}: ${quotedToken(t.text)}, surprise ${fmt(s, 3)} nats`,
       title: s === null ? "not scored: no context before it" : `−log p = ${fmt(s, 3)}`,
-    }, visibleToken(t.text));
+    }, chipText(t.text));
     if (s !== null) cell.style.setProperty("--s", Math.min(1, s / scale).toFixed(4));
     heat.append(cell);
-    if (t.text.includes("\n")) heat.append(el("br"));
   });
 }
 

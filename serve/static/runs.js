@@ -69,6 +69,14 @@ export function lossChart(d) {
   if (train.length) {
     root.append(svg("polyline", { class: "train", points: train.map((p) => `${x(p[0])},${y(p[1])}`).join(" "),
       "data-points": train.length }));
+    if (train.length < 3) { // too few for a visible line: mark each point
+      for (const p of train) root.append(svg("circle", { class: "eval-train", cx: x(p[0]), cy: y(p[1]), r: 2.5 }));
+    }
+  }
+  for (const e of d.evals.filter((v) => v.train_loss !== null)) { // train loss measured at each evaluation
+    const dot = svg("circle", { class: "eval-train", cx: x(e.step), cy: y(e.train_loss), r: 2.5 });
+    dot.append(svg("title", {}, `step ${e.step}: train ${fmt(e.train_loss, 4)} (evaluation)`));
+    root.append(dot);
   }
   if (vals.length) {
     root.append(svg("polyline", { class: "val", points: vals.map((e) => `${x(e.step)},${y(e.val_loss)}`).join(" "),
