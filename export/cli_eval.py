@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default: text)")
     parser.add_argument("--window", type=int, default=None,
                         help="input tokens per window (default: the model's context). lm-eval's hf backend with "
-                             "max_length=W and its local-completions backend with max_length=W+1 use the same windows")
+                             "max_length=W and its local-completions backend with max_length=W+2 use the same windows")
     parser.add_argument("--checkpoint", default=None,
                         help="for a run folder: best (default), latest, a step, or a checkpoint folder")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")

@@ -11,8 +11,10 @@ lm-eval's ``loglikelihood_rolling`` scores it (``get_rolling_token_windows`` wit
   tokens: ``tokens[end - W - 1 : end - 1]`` in, ``tokens[end - k : end]`` scored.
 
 Every token is predicted exactly once. ``W`` is lm-eval's ``max_length`` for its ``hf`` backend
-and ``max_length - 1`` for its API backends (``local-completions`` sends the ``W + 1`` tokens of a
-window as one echoed prompt). The default is the model's context, ``n_positions``.
+and ``max_length - 2`` for its API backends (lm-eval 0.4.13: ``local-completions`` keeps one
+position for the token it asks to generate and sends the ``W + 1`` tokens of a window as one
+echoed prompt; so through our server ``W`` is at most the context - 2). The default is the
+model's context, ``n_positions``.
 
 Reported, over all documents: ``loss`` = -sum(log p) / tokens (nats per token, the training
 loss), ``perplexity`` = exp(loss), ``bits_per_byte`` = -sum(log p) / (UTF-8 bytes * ln 2), and

@@ -13,8 +13,9 @@ drops one, or counts bytes or words differently.
   last ``max_length`` tokens of a ``max_length + 1``-token window and so drops the first
   scored token of every full window (lm-eval 0.4.13 ``_onnx_base``); for a single window per
   document it scores what ``hf`` does.
-* ``local-completions`` against the real server, ``max_length=W+1`` (the API backends send a
-  window's ``W + 1`` tokens as one echoed prompt). It needs the server's ``echo`` + ``logprobs``;
+* ``local-completions`` against the real server, ``max_length=W+2`` (lm-eval's API backends keep
+  one position for the token they ask to generate and send a window's ``W + 1`` tokens as one
+  echoed prompt, so ``W = max_length - 2``). It needs the server's ``echo`` + ``logprobs``;
   the test asks the running server at run time and skips, naming the reason, while it has none.
 """
 
@@ -123,7 +124,7 @@ def test_local_completions_against_server(interop_server: ServerProcess, interop
         pytest.skip(f"the server does not score prompts yet (echo + logprobs): {missing}")
     res = lm_eval_results("local-completions", {
         "model": "interop", "base_url": interop_server.url + "/v1/completions", "tokenizer": str(interop_artifact),
-        "tokenizer_backend": "huggingface", "max_length": WINDOW + 1, "num_concurrent": 1, "max_retries": 1,
+        "tokenizer_backend": "huggingface", "max_length": WINDOW + 2, "num_concurrent": 1, "max_retries": 1,
     }, ["nextoken_rolling", "nextoken_choice", "nextoken_generate"], task_dir)
     ours = nextoken_eval(interop_artifact, HELDOUT, capsys, WINDOW)
     assert ours["windows"] > ours["documents"]
