@@ -114,30 +114,39 @@ def test_batch_sampler(benchmark: Any, case: str, batch: int, vocab: int) -> Non
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The engine over a small trained-for-2-steps artifact (4 layers, 128 wide, context 256)."""
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The runner (serving.onnx, in-place cache) over a small trained-for-2-steps artifact (4 layers, 128 wide,
+    context 256), with 32 slots."""
     from nextoken.export.artifact import load_artifact
     from nextoken.export.build import export_run
-    from nextoken.serve.engine import Engine
+    from nextoken.serve.runner import Runner
     from tests.conftest import TINY_TEXT, train_tiny
 
     root = tmp_path_factory.mktemp("bench-engine")
     (root / "corpus.txt").write_text(TINY_TEXT, encoding="utf-8")
     train_tiny(root / "run", root / "corpus.txt", n_layer=4, n_head=4, n_embd=128, block_size=256, max_iters=2,
                eval_interval=2)
-    return Engine(load_artifact(export_run(root / "run", root / "art", log=None)), threads=1)
+    return Runner(load_artifact(export_run(root / "run", root / "art", log=None)), max_slots=32, threads=1)
 
 
 @pytest.mark.parametrize("batch", [1, 32])
-def test_engine_decode_step(benchmark: Any, engine: Any, batch: int) -> None:
+def test_engine_decode_step(benchmark: Any, runner: Any, batch: int) -> None:
+    """One decode call over ``batch`` slots after 16-token prompts (positions advance every round)."""
     import numpy as np
 
+    slots = np.arange(batch)
     tokens = np.ones(batch, dtype=np.int64)
+    lengths = np.zeros(runner.spec.max_slots, dtype=np.int64)
+    for s in range(batch):
+        runner.prefill(s, [1] * 16, 0)
+    lengths[:batch] = 16
 
-    def fresh_batch() -> tuple[tuple[Any, ...], dict[str, Any]]:
-        engine.release(list(engine.rids))
-        engine.prefill([f"r{i}" for i in range(batch)], [[1] * 16] * batch)  # 16-token prompts
-        return (tokens,), {}
+    def step() -> Any:
+        if lengths[0] >= runner.spec.max_len - 1:  # keep inside the cache: start the rows over
+            lengths[:batch] = 16
+        logits = runner.decode(slots, tokens, lengths[slots], lengths)
+        lengths[:batch] += 1
+        return logits
 
-    logits = benchmark.pedantic(engine.decode, setup=fresh_batch, rounds=50)
-    assert logits.shape == (batch, engine.vocab_size)
+    logits = benchmark.pedantic(step, rounds=50)
+    assert logits.shape == (batch, runner.vocab_size)

@@ -1,6 +1,6 @@
 """Serving throughput and latency: the engine in-process, onnxruntime-genai beside it, and the real server.
 
-1. The engine core in-process (``GenerationCore``) at batch 1, 4, 8, 16, 32: greedy, 16-token
+1. The engine core in-process (``EngineCore``) at batch 1, 4, 8, 16, 32: greedy, 16-token
    prompts, ``--new-tokens`` each; output tokens/s (median of ``--repeats``).
 2. onnxruntime-genai 0.18's C++ generator on the same graph at batch 1 and 8 (if installed).
 3. The real ``nextoken serve`` process driven over HTTP by ``nextoken-loadtest`` with 1, 4, 16 and
@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nextoken.export.artifact import load_artifact  # noqa: E402
-from nextoken.serve.core import GenerationCore  # noqa: E402
+from nextoken.serve.core import EngineCore, EngineOptions  # noqa: E402
 from nextoken.serve.sampling import SamplingParams  # noqa: E402
+from nextoken.serve.wire import AddRequest  # noqa: E402
 
 PROMPT = 16
 
@@ -50,17 +51,18 @@ def build_artifact(work: Path) -> Path:
 
 def engine_tok_s(artifact: Path, batch: int, new_tokens: int, threads: int, repeats: int) -> tuple[float, float]:
     """(output tokens/s, seconds per decode step) for ``batch`` requests running together."""
-    core = GenerationCore(load_artifact(artifact), max_batch_size=batch, threads=threads)
+    core = EngineCore(load_artifact(artifact), EngineOptions(max_slots=batch, threads=threads, prefix_cache_bytes=0))
     rng = np.random.default_rng(0)
     rates, steps = [], []
     for r in range(repeats + 1):
         for i in range(batch):
-            ids = [core.eos_id] + rng.integers(1, core.engine.vocab_size, PROMPT - 1).tolist()
-            core.add(f"{r}-{i}", ids, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+            ids = [core.eos_id] + rng.integers(1, core.vocab_size, PROMPT - 1).tolist()
+            core.add(AddRequest(f"{r}-{i}", ids, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+                                0.0, core.model_id))
         t0 = time.perf_counter()
         n = 0
         while core.has_work():
-            n += sum(len(e.token_ids) for e in core.step())
+            n += len(core.step().rids)
         dt = time.perf_counter() - t0
         if r:  # the first round warms up
             rates.append(n / dt)

@@ -30,7 +30,7 @@ from nextoken.export.artifact import Artifact
 from nextoken.serve.prefix_cache import PrefixCache
 from nextoken.serve.runner import Runner
 from nextoken.serve.sampling import BatchSampler, SamplingParamError, SamplingParams
-from nextoken.serve.scheduler_v2 import Scheduler, Sequence
+from nextoken.serve.scheduler import Scheduler, Sequence
 from nextoken.serve.wire import AddRequest, Finished, RequestFailed, Started, StepOutput
 
 logger = logging.getLogger("nextoken.serve")

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 from tokenizers import Tokenizer
 
 from nextoken.export.artifact import Artifact
-from nextoken.serve.bodies import read_json
+from nextoken.serve.bodies import parse_json, read_body
 from nextoken.serve.config import ServeConfig
 from nextoken.serve.engine_client import EngineClient, EngineDead, RequestStream, SharedState, Update
 from nextoken.serve.engine_loop import Pipes
@@ -50,12 +50,12 @@ from nextoken.serve.protocol import (
     sse,
     structured_spec,
 )
+from nextoken.serve.request_log import RequestLog, install_request_log
 from nextoken.serve.textstream import TextStream, TokenBytes
 from nextoken.serve.tokenize_routes import check_model
 from nextoken.serve.wire import AddRequest, ModelStatus
 
 logger = logging.getLogger("nextoken.serve")
-REQUEST_LOG = logging.getLogger("nextoken.serve.requests")
 INTERNAL_ERROR = {"error": {"message": "internal error during generation", "type": "server_error", "param": None,
                             "code": "internal_error"}}
 PROBES = ("/health", "/ready")
@@ -81,6 +81,7 @@ class ServedModel:
         self._vocab_size = self.tokenizer.get_vocab_size()
         self.token_bytes = TokenBytes(self.tokenizer)
         self._token_text: dict[int, str] = {}
+        self._pieces: dict[int, tuple[str, list[int]]] = {}  # id -> (text, bytes), for logprob entries
         self._tokenizer_config: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             cfg = json.loads((Path(status.path) / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -105,13 +106,21 @@ class ServedModel:
             t = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return t
 
+    def _piece(self, token_id: int) -> tuple[str, list[int]]:
+        p = self._pieces.get(token_id)
+        if p is None:
+            p = self._pieces[token_id] = (self.token_text(token_id), list(self.token_bytes(token_id)))
+        return p
+
     def logprob_entry(self, token_id: int, logprob: float, top_ids: Any, top_lps: Any) -> dict[str, Any]:
         """The protocol's logprob item: {token, token_id, logprob, bytes, top: [[token, id, logprob, bytes]]}."""
-        top = [] if top_ids is None else [
-            [self.token_text(int(i)), int(i), float(lp), list(self.token_bytes(int(i)))]
-            for i, lp in zip(top_ids, top_lps, strict=True)]
-        return {"token": self.token_text(token_id), "token_id": token_id, "logprob": logprob,
-                "bytes": list(self.token_bytes(token_id)), "top": top}
+        top = []
+        if top_ids is not None:
+            for i, lp in zip(top_ids.tolist(), top_lps.tolist(), strict=True):
+                text, raw = self._piece(i)
+                top.append([text, i, lp, raw])
+        text, raw = self._piece(token_id)
+        return {"token": text, "token_id": token_id, "logprob": logprob, "bytes": raw, "top": top}
 
     def tokenizer_config(self) -> dict[str, Any]:
         return dict(self._tokenizer_config)
@@ -384,13 +393,13 @@ class Frontend:
         arrival = time.time()
         admitted = 0
         try:
+            raw = await read_body(request, self.config.max_body_bytes)
             if self.state.draining.is_set() or self.state.engine_failed.is_set():
                 raise RequestError("the server is shutting down", status=503, type="server_error",
                                    code="unavailable", headers={"Retry-After": "1"})
             if self.state.inflight.value >= self.state.max_inflight:
-                raise self._overloaded()  # full: refused before the body is even read
-            body = await read_json(request, self.config.max_body_bytes)
-            req = parse_request(body, endpoint)
+                raise self._overloaded()  # full: refused before the body is parsed or the prompt tokenized
+            req = parse_request(parse_json(raw), endpoint)
             model = self.model()
             check_model(req.model, model)
             spec = structured_spec(req.structured)
@@ -423,7 +432,7 @@ class Frontend:
                 st.finish_reason = "length"  # echo of the prompt alone: answered here
             runs.append(ChoiceRun(self, st, stream, model, endpoint, arrival))
         fan = Fanout(self, runs, admitted)
-        log = RequestLog(builder.id, endpoint, model.id, req, len(choices))
+        log = RequestLog(builder.id, endpoint, model.id, req.recorded, len(choices))
         if req.stream:
             first: list[tuple[ChoiceRun, Event]] | None = []
             if fan.open:
@@ -433,7 +442,7 @@ class Frontend:
                     first = await _or_disconnect(fan.next(), request)
                 except RequestError as e:
                     fan.close("error")
-                    log.write("error")
+                    log.write("error", fan.prompt_tokens())
                     return self.error(e)
                 except BaseException:
                     fan.close("error")
@@ -479,16 +488,20 @@ class Frontend:
             yield sse(INTERNAL_ERROR)
         finally:
             fan.close(outcome if outcome != "finished" else "cancelled")
-            log.write(outcome, fan)
+            log.write(outcome, fan.prompt_tokens(), fan.completion_tokens())
 
     async def _complete(self, req: GenerationRequest, builder: ResponseBuilder, fan: Fanout, request: Request,
                         log: RequestLog) -> Response:
         outcome = "cancelled"
+        watcher = asyncio.ensure_future(_disconnected(request))  # one for the request's whole life
         try:
             while fan.open:
-                batch = await _or_disconnect(fan.next(), request)
-                if batch is None:
+                work = asyncio.ensure_future(fan.next())
+                done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if work not in done:
+                    work.cancel()
                     return Response(status_code=499)  # the client went away; nobody reads this
+                work.result()
             builder.model = fan.runs[0].model.id
             outcome = "finished"
             return JSONResponse(builder.final([r.state for r in fan.runs], fan.prompt_tokens()))
@@ -502,8 +515,9 @@ class Frontend:
                 self.metrics.error(builder.model, "internal")
             return JSONResponse(INTERNAL_ERROR, status_code=500)
         finally:
+            watcher.cancel()
             fan.close(outcome if outcome != "finished" else "cancelled")
-            log.write(outcome, fan)
+            log.write(outcome, fan.prompt_tokens(), fan.completion_tokens())
 
 
 class Fanout:
@@ -556,24 +570,6 @@ class Fanout:
         return sum(r.state.completion_tokens for r in self.runs)
 
 
-class RequestLog:
-    """One line per generation request in the request log: what the client sent to be recorded, and the outcome."""
-
-    def __init__(self, rid: str, endpoint: str, model: str, req: GenerationRequest, choices: int) -> None:
-        self.rid, self.endpoint, self.model, self.req, self.choices = rid, endpoint, model, req, choices
-        self.done = False
-
-    def write(self, outcome: str, fan: Fanout | None = None) -> None:
-        if self.done or not REQUEST_LOG.isEnabledFor(logging.INFO):
-            return
-        self.done = True
-        REQUEST_LOG.info(json.dumps({"id": self.rid, "endpoint": self.endpoint, "model": self.model,
-                                     "outcome": outcome, "choices": self.choices,
-                                     "prompt_tokens": fan.prompt_tokens() if fan else 0,
-                                     "completion_tokens": fan.completion_tokens() if fan else 0,
-                                     **self.req.recorded}, ensure_ascii=False))
-
-
 async def _or_disconnect(work: Any, request: Request) -> Any | None:
     """``await work``, or None when the client disconnects first (its body is read, so a disconnect is
     the next message on the ASGI channel)."""
@@ -610,5 +606,6 @@ class StartEngineClient:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan" and mp.parent_process() is not None:
             self.frontend.client.start(asyncio.get_running_loop())
+            install_request_log(self.frontend.config.log_level)
         await self.app(scope, receive, send)
 

@@ -47,7 +47,7 @@ def serve(config: ServeConfig) -> int:
     from nextoken.serve.engine_loop import EngineLoop, Pipes
     from nextoken.serve.frontend import Frontend
     from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
-    from nextoken.serve.models_v2 import resolve_artifact_dir
+    from nextoken.serve.models import resolve_artifact_dir
 
     try:
         artifact = load_artifact(resolve_artifact_dir(config.artifact_dir))  # the one hash check at start-up

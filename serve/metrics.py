@@ -192,9 +192,6 @@ class ServerMetrics:
         self._live: dict[str, tuple[int, int, float]] = {}
         # model -> its build_info label values, so freeing it can zero that exact series
         self._info: dict[str, tuple[str, str, str, str, str]] = {}
-        # Transitional attributes with the old call shapes (see _LegacyInfo / _LegacyModelsLoaded).
-        self.info = _LegacyInfo(self)
-        self.models_loaded = _LegacyModelsLoaded(self)
 
     # --- model versions ----------------------------------------------------------------------
     def precreate(self, model: str, endpoints: Iterable[str] = ENDPOINTS) -> None:
@@ -257,45 +254,26 @@ class ServerMetrics:
         self.reload_failures.labels(model, reason).inc()
 
     # --- engine steps --------------------------------------------------------------------------
-    def observe_step(self, model: str, *, batch_size: int, running: int, waiting: int,
-                     prefill_s: float | None = None, decode_s: float | None = None,
-                     kv_cache_usage: float | None = None, duration_s: float | None = None,
-                     slots_in_use: int | None = None, slots_total: int | None = None) -> None:
-        """Called by the engine's process once per step, in one of two forms.
+    def observe_step(self, model: str, *, batch_size: int, running: int, waiting: int, kv_cache_usage: float,
+                     prefill_s: float | None = None, decode_s: float | None = None) -> None:
+        """Called by the engine's process once per step.
 
-        The engine's form: ``prefill_s`` / ``decode_s`` (seconds spent in each phase this step,
-        None when the phase did not run) and ``kv_cache_usage`` (cache slots holding tokens /
-        slots allocated, in [0, 1]). The step's duration is their sum.
-
-        The older form, until the engine reports phases: ``duration_s`` and ``slots_in_use`` /
-        ``slots_total`` (a ratio of sequences to batch size, not of cache slots).
+        ``prefill_s`` / ``decode_s``: seconds spent in each phase this step (None when the phase did
+        not run); the step's duration is their sum. ``kv_cache_usage``: tokens held in the KV cache
+        over the tokens it can hold, in [0, 1].
         """
-        new = kv_cache_usage is not None
-        old = duration_s is not None or slots_in_use is not None or slots_total is not None
-        if new == old:
-            raise TypeError("observe_step takes either kv_cache_usage (with prefill_s / decode_s) or duration_s, "
-                            "slots_in_use and slots_total")
-        if new:
-            if not 0.0 <= kv_cache_usage <= 1.0:
-                raise ValueError(f"kv_cache_usage must be in [0, 1], got {kv_cache_usage}")
-            phases = {"prefill": prefill_s, "decode": decode_s}
-            for phase, seconds in phases.items():
-                if seconds is not None:
-                    self.phase_time.labels(model, phase).observe(seconds)
-            ran = [s for s in phases.values() if s is not None]
-            if ran:
-                self.step_time.labels(model).observe(sum(ran))
-            usage = float(kv_cache_usage)
-        else:
-            if duration_s is None or slots_in_use is None or slots_total is None:
-                raise TypeError("the older observe_step form needs duration_s, slots_in_use and slots_total")
-            if prefill_s is not None or decode_s is not None:
-                raise TypeError("prefill_s / decode_s go with kv_cache_usage, not with duration_s")
-            self.step_time.labels(model).observe(duration_s)
-            usage = slots_in_use / slots_total if slots_total else 0.0
+        if not 0.0 <= kv_cache_usage <= 1.0:
+            raise ValueError(f"kv_cache_usage must be in [0, 1], got {kv_cache_usage}")
+        phases = {"prefill": prefill_s, "decode": decode_s}
+        for phase, seconds in phases.items():
+            if seconds is not None:
+                self.phase_time.labels(model, phase).observe(seconds)
+        ran = [s for s in phases.values() if s is not None]
+        if ran:
+            self.step_time.labels(model).observe(sum(ran))
         if batch_size:
             self.batch_size.labels(model).observe(batch_size)
-        self._set_engine_gauges(model, running, waiting, usage)
+        self._set_engine_gauges(model, running, waiting, float(kv_cache_usage))
 
     def _set_engine_gauges(self, model: str, running: int, waiting: int, kv_usage: float) -> None:
         self.running.labels(model).set(running)
@@ -357,42 +335,6 @@ class ServerMetrics:
         self.errors.labels(model, kind).inc()
 
 
-class _LegacyInfo:
-    """``metrics.info.labels(model, model_version, backend, provider).set(1)``, the call the worker
-    made before ``version_loaded``: it now records the software version too. Remove once unused."""
-
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self._m = metrics
-
-    def labels(self, model: str, model_version: str, backend: str, provider: str) -> _LegacyInfoChild:
-        return _LegacyInfoChild(self._m, model, model_version, backend, provider)
-
-
-class _LegacyInfoChild:
-    def __init__(self, metrics: ServerMetrics, model: str, model_version: str, backend: str, provider: str) -> None:
-        self._m, self._args = metrics, (model, model_version, backend, provider)
-
-    def set(self, value: float) -> None:
-        if value != 1:
-            raise ValueError(f"build info is 1 while loaded (use version_freed to drop it), got {value}")
-        model, model_version, backend, provider = self._args
-        self._m.version_loaded(model, model_version=model_version, backend=backend, provider=provider)
-
-
-class _LegacyModelsLoaded:
-    """``metrics.models_loaded.set(n)``, the old unlabelled count: the ``n`` versions loaded most
-    recently (through ``info`` or ``version_loaded``) are the ones held, the older ones were freed,
-    as ``ModelSet`` frees the oldest draining version first. Remove once unused."""
-
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self._m = metrics
-
-    def set(self, n: float) -> None:
-        held = list(self._m._info)  # insertion order: oldest load first
-        for model in held[:max(0, len(held) - int(n))]:
-            self._m.version_freed(model)
-
-
 def render_latest() -> tuple[bytes, str]:
     """The merged exposition of every process's files, for the ``/metrics`` route."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
@@ -401,9 +343,3 @@ def render_latest() -> tuple[bytes, str]:
     multiprocess.MultiProcessCollector(registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
-
-def mark_process_dead(pid: int) -> None:
-    """Drop a finished process's live gauges (its counters and histograms stay counted)."""
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid)

@@ -3,8 +3,9 @@
 LitServe's FastAPI app answers unknown paths, wrong methods and framework-level errors with
 ``{"detail": ...}``; OpenAI clients expect ``{"error": {message, type, param, code}}``, so the
 handlers here re-shape them. The key check is one ASGI middleware in front of every route
-(ours, LitServe's ``/litserve/*`` and the OpenAPI pages alike) except ``/health``, which load
-balancers probe without credentials. This module knows nothing about models or generation.
+(ours, LitServe's ``/litserve/*`` and the OpenAPI pages alike) except the probes ``/health`` and
+``/ready``, which Kubernetes and load balancers call without credentials. This module knows
+nothing about models or generation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: Kubernetes and load balancers send no key
 
 UNAUTHORISED = {"error": {"message": "missing or invalid API key (send Authorization: Bearer <key>)",
                           "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
@@ -36,7 +37,7 @@ def error_body(message: str, *, status: int, param: str | None = None, code: str
 
 
 class ApiKeyMiddleware:
-    """Answer 401 to any HTTP request without ``Authorization: Bearer <key>`` (but ``/health``)."""
+    """Answer 401 to any HTTP request without ``Authorization: Bearer <key>`` (but the probes)."""
 
     def __init__(self, app: Any, api_key: str, on_reject: Callable[[], None] | None = None) -> None:
         self.app = app

@@ -23,7 +23,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from nextoken.export.artifact import Artifact, ArtifactError, load_artifact
-from nextoken.serve.core_v2 import EngineCore
+from nextoken.serve.core import EngineCore
 from nextoken.serve.sampling import SamplingParams
 from nextoken.serve.wire import AddRequest, StepOutput
 

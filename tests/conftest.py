@@ -95,8 +95,7 @@ class ServerProcess:
     def __init__(self, artifact: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        entry = ["-m", "nextoken.serve.cli_v2"] if os.environ.get("NEXTOKEN_TEST_V2") else ["-m", "nextoken", "serve"]
-        cmd = [sys.executable, *entry, str(artifact), "--port", str(self.port), "--threads", "1",
+        cmd = [sys.executable, "-m", "nextoken", "serve", str(artifact), "--port", str(self.port), "--threads", "1",
                *flags]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"nextoken-serve-{self.port}.log", "w+")  # noqa: SIM115
         # A new session, so teardown can reach every process the server started.
@@ -107,7 +106,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

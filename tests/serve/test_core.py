@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from nextoken.export.artifact import load_artifact
-from nextoken.serve.core_v2 import EngineCore, EngineOptions, RequestRejected
+from nextoken.serve.core import EngineCore, EngineOptions, RequestRejected
 from nextoken.serve.sampling import SamplingParams
 from nextoken.serve.wire import AddRequest
 
