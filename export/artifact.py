@@ -35,7 +35,8 @@ class ArtifactError(Exception):
 
 
 def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id: int | None, name: str,
-                      version: str, tokenizer_kind: str, dtype: str = "float32") -> dict[str, Any]:
+                      version: str, tokenizer_kind: str, dtype: str = "float32",
+                      non_gpt2: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json from a GPTConfig dict: a GPT-2 config that transformers reads, plus our own keys.
 
     ``model_type``/``architectures`` make transformers (and so Optimum, vLLM, lm-eval, llama.cpp's
@@ -43,7 +44,12 @@ def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id:
     GPT-2's terms (tanh GELU is ``gelu_new``; dropout everywhere is the run's one rate). Keys
     GPT-2 lacks (name, version, head_dim, tokenizer_kind) are what our server reads;
     transformers keeps unknown keys as attributes and ignores them.
+
+    ``non_gpt2`` (option -> value, from ``GPTConfig.non_gpt2_options``) is recorded as
+    ``nextoken_architecture``: the ONNX graph computes them, so Optimum and onnxruntime-genai run
+    the model as trained, but the GPT-2 fields above do not describe it for a PyTorch rebuild.
     """
+    extra = {"nextoken_architecture": dict(non_gpt2)} if non_gpt2 else {}
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -74,6 +80,7 @@ def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id:
         "unk_token_id": unk_token_id,
         "tokenizer_kind": tokenizer_kind,
         "torch_dtype": dtype,
+        **extra,
     }
 
 

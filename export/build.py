@@ -129,7 +129,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
                 f.unlink()
         config = gpt2_style_config(
             gpt_cfg.to_dict(), eos_token_id=eos, unk_token_id=special["unk_token_id"], name=name, version=version,
-            tokenizer_kind=tokenizer_kind(tok), dtype="float16" if dtype == "fp16" else "float32")
+            tokenizer_kind=tokenizer_kind(tok), dtype="float16" if dtype == "fp16" else "float32",
+            non_gpt2={k: getattr(gpt_cfg, k) for k in gpt_cfg.non_gpt2_options()})
         verification: dict[str, Any] = {"skipped": True}
         if verify:
             say("verifying against PyTorch ...")

@@ -97,3 +97,47 @@ def test_transformers_on_hf_export_equals_checkpoint_and_server(interop_hf: Path
         ids = tok(tok.eos_token + p, return_tensors="pt").input_ids
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
         assert strip_eos(out[0, ids.shape[1]:].tolist(), tok.eos_token_id) == server_greedy[p], p
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
+    """Every recipe option away from GPT-2 at once: rotary positions, QK-norm, relu^2, an untied head."""
+    from tests.conftest import train_tiny
+
+    out = tmp_path_factory.mktemp("recipe") / "run"
+    train_tiny(out, tiny_corpus, tokenizer="bpe", max_iters=20, eval_interval=20, pos_emb="rope", qk_norm=True,
+               mlp_act="relu2", tie_embeddings=False)
+    return out
+
+
+def test_non_gpt2_recipe_runs_from_the_artifact_and_is_refused_as_gpt2_weights(
+        recipe_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The ONNX artifact carries the whole computation, so Optimum runs any recipe as trained; the
+    GPT-2 weight formats refuse it, naming every option, instead of writing weights GPT-2 would misread."""
+    pytest.importorskip("optimum.onnxruntime")
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from nextoken.cli import main
+    from nextoken.export.build import export_run
+    from nextoken.train.run import load_run
+
+    art = export_run(recipe_run, tmp_path / "art", log=None)
+    assert _config(art)["nextoken_architecture"] == {"pos_emb": "rope", "qk_norm": True, "mlp_act": "relu2",
+                                                     "tie_embeddings": False}
+    model = ORTModelForCausalLM.from_pretrained(art, use_cache=True, use_io_binding=False)
+    ours = load_run(recipe_run).model
+    ids = torch.tensor([[_config(art)["eos_token_id"], 5, 9, 12]])
+    with torch.no_grad():
+        want = ids
+        for _ in range(NEW_TOKENS):  # plain greedy with PyTorch's full forward pass
+            want = torch.cat([want, ours(want).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         eos_token_id=None)
+    assert got[0].tolist() == want[0].tolist()
+    for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
+        capsys.readouterr()
+        assert main(["export", str(recipe_run), "--format", fmt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "pos_emb, qk_norm, mlp_act, tie_embeddings" in err and "--format onnx" in err, err
+        assert not out.exists()
