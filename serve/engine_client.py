@@ -5,8 +5,8 @@ returns a ``RequestStream``; a reader thread takes the engine's messages off the
 hands each request its rows on the event loop (``StepOutput`` carries every row of a step; a
 request's stream keeps only its own). A stream's ``next()`` returns everything that arrived for it
 since the last call in one ``Update``, so a handler that falls behind catches up in one go instead
-of once per token. Waiting wakes now and then to look at ``SharedState.engine_failed`` (set by the
-launcher when the engine process dies): its tokens would never come.
+of once per token. One task looks at ``SharedState.engine_failed`` (set by the launcher when the engine
+process dies) every ``check_s`` and then wakes every waiting stream to fail: its tokens would never come.
 
 Admission is decided here, on the HTTP side, from a counter shared by every HTTP process
 (``SharedState.inflight``): a request beyond capacity is refused before its body is read or
@@ -18,7 +18,6 @@ Convert: wire ``StepOutput`` rows --> per-request ``Update``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing as mp
 import queue
@@ -117,11 +116,10 @@ class RequestStream:
 
     async def next(self) -> Update:
         """Everything new for this request (waits until there is something)."""
-        while not self._event.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._event.wait(), self.client.check_s)
-            if not self._event.is_set() and self.client.state.engine_failed.is_set():
-                raise EngineDead("the engine process died")
+        if not self._event.is_set():
+            await self._event.wait()  # set by the dispatcher, or by the client's watch when the engine died
+        if self.client.dead and not self._pending.done and not self._pending.token_ids:
+            raise EngineDead("the engine process died")
         self._event.clear()
         update, self._pending = self._pending, Update()
         return update
@@ -148,6 +146,7 @@ class EngineClient:
         self.status_changed: list[Any] = []  # callbacks(status) run on the event loop
         self._outq: queue.SimpleQueue = queue.SimpleQueue()
         self._started = False
+        self.dead = False  # the engine process died: every waiting stream is woken to fail
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -161,12 +160,23 @@ class EngineClient:
         self._loop = loop or asyncio.get_running_loop()
         threading.Thread(target=self._write, daemon=True, name="engine-writer").start()
         threading.Thread(target=self._read, daemon=True, name="engine-reader").start()
+        self._loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """One timer for every stream: when the launcher marks the engine dead, wake them all to fail."""
+        while not self.state.engine_failed.is_set():
+            await asyncio.sleep(self.check_s)
+        self.dead = True
+        for stream in list(self.streams.values()):
+            stream._event.set()
 
     # --- requests ------------------------------------------------------------------------------
     def submit(self, req: AddRequest) -> RequestStream:
         stream = RequestStream(req.rid, self)
         self.streams[req.rid] = stream
         self._outq.put(req)
+        if self.dead:
+            stream._event.set()  # fails at its first next()
         return stream
 
     def cancel(self, rid: str) -> None:
