@@ -189,9 +189,9 @@ def publish_stage(opts: UpOptions, art: Path, run: Path, summary: dict[str, Any]
     return path
 
 
-def _healthy(url: str) -> bool:
+def _ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as r:
+        with urllib.request.urlopen(url + "/ready", timeout=1) as r:  # readiness: the model is loaded
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -220,7 +220,7 @@ def serve_stage(opts: UpOptions, version_dir: Path) -> tuple[str, int]:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         with tqdm(desc="starting", unit="s", file=sys.stderr, dynamic_ncols=True,
                   bar_format="{desc}: {elapsed}") as bar:
-            while not _healthy(url):
+            while not _ready(url):
                 if child.poll() is not None:
                     raise UserError(f"the server exited with status {child.returncode} before it was ready "
                                     "(its messages are above)", flag="serve")

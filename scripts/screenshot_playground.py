@@ -59,7 +59,7 @@ class Server:
         deadline = time.monotonic() + 120
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
                     return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
