@@ -12,9 +12,10 @@ presets as they were before the recipe, so "baseline" is the figure to beat):
 
 Variants: ``baseline`` (the base preset unchanged), one per recipe change on top of it
 (``muon``, ``rope``, ``qk_norm``, ``relu2``, ``untied``, ``zero_init``, ``softcap``, ``doc_mask``,
-``fused_adamw``: a systems change, same numbers), and ``recipe`` (all of them, with the settings
-of the new preset for that corpus). Runs are interleaved (A B C A B C, round after round) so a
-busy neighbour hurts every variant alike.
+``fused_adamw``: a systems change, the same arithmetic), ``recipe`` (all of them, with the settings
+of the new preset for that corpus) and ``recipe-adamw`` (the recipe with AdamW everywhere: its
+tokens/s against ``recipe``'s is Muon's cost per step at the preset's shapes). Runs are
+interleaved (A B C A B C, round after round) so a busy neighbour hurts every variant alike.
 
 Budgets: ``tokens`` (``max_iters`` = budget / tokens per step, the schedule sized to it: the
 loss does not depend on the machine's speed, so this is the figure to trust on a shared box)
@@ -81,9 +82,12 @@ def variant_settings(corpus: str, variant: str) -> dict[str, Any]:
         return base
     if variant == "recipe":
         return {**base, **recipe_overrides(corpus)}
+    if variant == "recipe-adamw":  # the recipe with AdamW for every parameter: Muon's share of the step time
+        recipe = {k: v for k, v in recipe_overrides(corpus).items() if not k.startswith("muon_")}
+        return {**base, **recipe, "optimizer": "adamw"}
     if variant not in CHANGES:
         raise SystemExit(f"error: --variants: unknown variant {variant!r}; choose from baseline, recipe, "
-                         f"{', '.join(CHANGES)}")
+                         f"recipe-adamw, {', '.join(CHANGES)}")
     return {**base, **CHANGES[variant]}
 
 
