@@ -94,7 +94,7 @@ class NextokenServer:
                 self.log.seek(0)
                 raise RuntimeError(f"nextoken serve exited with {self.proc.returncode}:\n{self.log.read()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
                     return
             time.sleep(0.1)
         self.stop()

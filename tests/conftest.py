@@ -101,6 +101,13 @@ class ServerProcess:
         # A new session, so teardown can reach every process the server started.
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, **(env or {})})
+        try:
+            self._wait_ready()
+        except BaseException:  # a timeout or Ctrl-C while waiting must not leave the server running
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -111,8 +118,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.output()}")
+        raise RuntimeError(f"server did not become ready in 90 s:\n{self.output()}")
 
     def output(self) -> str:
         self.log.flush()
