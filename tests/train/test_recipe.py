@@ -248,3 +248,11 @@ def test_untied_run_checkpoints_its_head_and_loads_back(tmp_path, tiny_corpus) -
     loaded = load_run(run, "latest")
     torch.testing.assert_close(loaded.model.lm_head.weight, weights["lm_head.weight"], atol=0, rtol=0)
     assert loaded.model.lm_head.weight.abs().max() > 0  # trained away from its zero init
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_recipe_trains_on_cuda_in_bfloat16(tmp_path, tiny_corpus) -> None:
+    s = train_tiny(tmp_path / "r", tiny_corpus, device="cuda", dtype="bfloat16", max_iters=20, eval_interval=10,
+                   **VARIANTS["all"], optimizer="muon", doc_mask=True)
+    assert s["steps"] == 20 and s["final_val_loss"] < math.log(s["vocab_size"])
+    assert load_run(tmp_path / "r", "latest").model.config.pos_emb == "rope"
