@@ -410,7 +410,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         time_fraction = None
         if cfg.lr_schedule == "time":
             elapsed = train_time + (time.perf_counter() - t_step)  # training seconds, evaluation excluded
-            # every rank must step with the same learning rate: take the slowest clock's
+            # every rank must step with the same learning rate: take the clock furthest along
             time_fraction = D.max_over_ranks(elapsed, info) / cfg.max_time if cfg.max_time else 0.0
         lr = set_learning_rates(optimizer, it, cfg, time_fraction)
         for micro in range(accum):
