@@ -127,7 +127,7 @@ def test_server_command_matches_serve_cli_port_env_and_volume() -> None:
     assert f"$${args.api_key_env}" in prom_entry and job["authorization"]["credentials_file"] in prom_entry
     # The models volume: the server serves <mount>/current, the pointer the registry maintains.
     mounts = dict(v.split(":")[:2] for v in server["volumes"])
-    assert mounts["models"] == "/models" and args.artifact == f"/models/{CURRENT}"
+    assert mounts["models"] == "/models" and args.artifact_dir == f"/models/{CURRENT}"
     assert "models" in compose["volumes"]
 
 
@@ -147,7 +147,7 @@ def test_retrain_job_matches_retrain_cli_and_shares_the_volume() -> None:
 def test_gpu_override_reserves_a_gpu_and_serves_on_cuda() -> None:
     server = load(GPU)["services"]["server"]
     args = parse(server["command"])
-    assert args.device == "cuda" and args.artifact == f"/models/{CURRENT}"
+    assert args.device == "cuda" and args.artifact_dir == f"/models/{CURRENT}"
     assert args.port == parse(load(COMPOSE)["services"]["server"]["command"]).port
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
@@ -163,7 +163,7 @@ def test_dockerfiles_run_real_commands_as_non_root(name: str) -> None:
     for src in re.findall(r"^COPY (?!--from)(\S+) ", text, flags=re.M):
         assert (REPO / src).exists(), f"{name} copies {src}, which does not exist"
     if name.startswith("Dockerfile.serve"):
-        assert args.artifact == f"/models/{CURRENT}" and health_port(d["HEALTHCHECK"]) == args.port
+        assert args.artifact_dir == f"/models/{CURRENT}" and health_port(d["HEALTHCHECK"]) == args.port
         assert d["EXPOSE"] == str(args.port)
         assert "torch" not in text.replace("'torch' not in", "")  # nothing installs PyTorch
         assert (args.device == "cuda") == (name == "Dockerfile.serve-gpu")

@@ -132,7 +132,7 @@ def test_service_monitor_scrapes_every_pod_with_the_api_key(base: list[dict[str,
 def test_server_pods_match_serve_cli_probes_ports_and_volume(base: list[dict[str, Any]]) -> None:
     c, pod = container(base), pod_spec(base)
     args = parse(c["args"])
-    assert args.host == "0.0.0.0" and args.artifact == f"/models/{CURRENT}"
+    assert args.host == "0.0.0.0" and args.artifact_dir == f"/models/{CURRENT}"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": args.port}
     for probe, path in (("startupProbe", "/health"), ("livenessProbe", "/health"), ("readinessProbe", "/ready")):
@@ -231,8 +231,8 @@ def test_gpu_overlay_serves_on_cuda_with_one_gpu(base: list[dict[str, Any]], gpu
     assert c["image"].startswith("nextoken-serve-gpu:") and cpu_c["image"].startswith("nextoken-serve:")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" == c["resources"]["requests"]["nvidia.com/gpu"]
     # Everything else carries over from the base: port, probes, volume, key, drain.
-    assert (args.port, args.artifact, args.api_key_env, args.drain_timeout) == (
-        cpu_args.port, cpu_args.artifact, cpu_args.api_key_env, cpu_args.drain_timeout)
+    assert (args.port, args.artifact_dir, args.api_key_env, args.drain_timeout) == (
+        cpu_args.port, cpu_args.artifact_dir, cpu_args.api_key_env, cpu_args.drain_timeout)
     for key in ("startupProbe", "livenessProbe", "readinessProbe", "lifecycle", "volumeMounts", "env", "ports"):
         assert c[key] == cpu_c[key], key
     assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(gpu)["tolerations"])
