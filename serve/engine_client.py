@@ -51,6 +51,9 @@ class SharedState:
 
     def __init__(self, max_inflight: int) -> None:
         self.inflight = mp.Value("i", 0)
+        # POST requests whose answer is still being written: an engine request can be done while its
+        # stream still sits in a slow client's socket, and a drain must wait for that too.
+        self.open_posts = mp.Value("i", 0)
         self.draining = mp.Event()
         self.engine_failed = mp.Event()  # set by the launcher when the engine process died
         self.max_inflight = max_inflight
@@ -66,6 +69,10 @@ class SharedState:
     def release(self, n: int = 1) -> None:
         with self.inflight.get_lock():
             self.inflight.value -= n
+
+    def busy(self) -> bool:
+        """Anything a drain waits for: engine requests running or queued, or answers still being written."""
+        return self.inflight.value > 0 or self.open_posts.value > 0
 
 
 @dataclass

@@ -596,7 +596,8 @@ class StartEngineClient:
     """Starts the engine client's pipe threads in the HTTP process, when uvicorn's lifespan starts.
 
     The Frontend is built in the main process and forked into the HTTP process; threads do not
-    survive a fork, so they start here, on the event loop that will serve requests.
+    survive a fork, so they start here, on the event loop that will serve requests. It also counts
+    the POST requests still being answered, which a drain waits for.
     """
 
     def __init__(self, app: Any, frontend: Frontend) -> None:
@@ -607,5 +608,15 @@ class StartEngineClient:
         if scope["type"] == "lifespan" and mp.parent_process() is not None:
             self.frontend.client.start(asyncio.get_running_loop())
             install_request_log(self.frontend.config.log_level)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        counter = self.frontend.state.open_posts  # until the last byte of the answer is handed to the socket
+        with counter.get_lock():
+            counter.value += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            with counter.get_lock():
+                counter.value -= 1
 

@@ -92,7 +92,7 @@ def serve(config: ServeConfig) -> int:
 
         def wait_then_stop() -> None:
             deadline = time.monotonic() + config.drain_timeout
-            while state.inflight.value > 0 and time.monotonic() < deadline:
+            while state.busy() and time.monotonic() < deadline:
                 time.sleep(0.05)
             litserve_adapter.request_stop()
 

@@ -429,30 +429,34 @@ def test_api_key(serve_artifact) -> None:
 
 @pytest.mark.parametrize("how", ["SIGTERM to the main process", "SIGINT to the process group (Ctrl-C)"])
 def test_a_signal_drains_in_flight_streams_then_exits(serve_artifact, how: str) -> None:
-    """Stop admitting (503), finish every stream whole, exit 0 with every process gone.
+    """Stop admitting (503), finish every stream whole (queued ones too), exit 0 with every process gone.
 
     A terminal's Ctrl-C signals every process of the group: the worker used to die of
     KeyboardInterrupt and the streams were cut.
     """
-    s = ServerProcess(serve_artifact)
+    # One slot: the streams run one after another (12 x 400 engine steps, seconds however fast the
+    # engine), so most are still queued or running while the checks below run.
+    s = ServerProcess(serve_artifact, "--max-batch-size", "1")
     try:
-        n, new = 24, 505  # 24 slowed streams take seconds (12k tokens with 20 logprobs each): the checks run meanwhile
-        body = {"prompt": "the", "max_tokens": new, "ignore_eos": True, "logprobs": 20, "presence_penalty": 0.1}
+        n, new = 12, 400
+        body = {"prompt": "the", "max_tokens": new, "ignore_eos": True, "logprobs": 20, "stream": True}
         chunks: list[list] = [[] for _ in range(n)]
-        started = [threading.Event() for _ in range(n)]
+        started = threading.Event()
 
         def consume(i: int) -> None:
-            with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        started[i].set()
+                        started.set()
                         chunks[i].append(line[len("data: "):])
 
         threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
-        for e in started:
-            assert e.wait(30)
+        assert started.wait(30)
+        deadline = time.monotonic() + 10
+        while metric(s.url, "nextoken_requests_waiting") < 1:  # requests queue behind the one slot
+            assert time.monotonic() < deadline
         assert len(s.group_pids()) >= 3  # main, API server, inference worker (+ LitServe's manager)
         if how.startswith("SIGTERM"):
             s.proc.send_signal(signal.SIGTERM)
@@ -466,7 +470,7 @@ def test_a_signal_drains_in_flight_streams_then_exits(serve_artifact, how: str) 
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
         assert any(t.is_alive() for t in threads)  # the checks above really ran during the drain
         for t in threads:
-            t.join(30)
+            t.join(120)
         for c in chunks:
             assert c[-1] == "[DONE]"
             assert sum(len(json.loads(x)["choices"][0]["token_ids"]) for x in c[:-1]) == new  # finished whole
