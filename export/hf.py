@@ -372,15 +372,21 @@ def _read_tokenizer(folder: Path) -> Tokenizer:
     return tok
 
 
-def load_hf_gpt2(folder: str | Path) -> HFModel:
-    """Read a GPT-2-layout Hugging Face folder (ours or anyone's) as our GPT's config, weights and tokenizer."""
+def read_hf_config(folder: str | Path) -> GPTConfig:
+    """Only the architecture of a GPT-2-layout folder (config.json), for settling a run's config."""
     folder = Path(folder)
     _need(folder.is_dir(), f"{folder} is not a folder")
     try:
         hf = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}/config.json cannot be read: {e}", flag="--init-from") from None
-    config = config_from_hf(hf, folder)
+    return config_from_hf(hf, folder)
+
+
+def load_hf_gpt2(folder: str | Path) -> HFModel:
+    """Read a GPT-2-layout Hugging Face folder (ours or anyone's) as our GPT's config, weights and tokenizer."""
+    folder = Path(folder)
+    config = read_hf_config(folder)
     tok = _read_tokenizer(folder)
     _need(tok.get_vocab_size() <= config.vocab_size,
           f"the tokenizer has {tok.get_vocab_size()} tokens but config.json's vocab_size is {config.vocab_size}")

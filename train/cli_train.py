@@ -13,6 +13,9 @@ _HELP = {
     "text_field": "field holding the text in .jsonl inputs",
     "max_corpus_chars": "read at most this many characters of the corpus (0 = all)",
     "tokenizer": "char, word or bpe (byte-level BPE)",
+    "init_from": "a GPT-2-layout Hugging Face folder (`nextoken export --format hf`, or any GPT2LMHeadModel with its "
+                 "tokenizer) to continue training: it fixes the architecture, tokenizer and starting weights "
+                 "(a preset's architecture gives way; such flags are refused); --block-size defaults to its context",
     "vocab_size": "vocabulary size for word and bpe tokenizers",
     "tokens_per_step": "tokens per optimizer step; gradient accumulation makes up the difference",
     "max_time": "stop after this many seconds of training (0 = no limit)",

@@ -131,6 +131,8 @@ class TrainConfig:
     tokenizer: str = "bpe"  # char | word | bpe
     vocab_size: int = 4096  # target size for word and bpe
     val_fraction: float = 0.1
+    # a GPT-2-layout Hugging Face folder to start from: it fixes the architecture and the tokenizer
+    init_from: str = ""
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -338,7 +340,40 @@ def resolve_train_config(preset: str | None, config_file: str | None, overrides:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", flag="--preset")
         merged.update(PRESETS[preset])
-    if config_file:
-        merged.update(load_config_file(config_file))
-    merged.update({k: v for k, v in overrides.items() if v is not None})
+    from_file = load_config_file(config_file) if config_file else {}
+    merged.update(from_file)
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    merged.update(explicit)
+    if merged.get("init_from"):
+        merged.update(init_from_settings(merged["init_from"], {**from_file, **explicit}))
     return TrainConfig(**merged)
+
+
+# What an --init-from folder fixes: the architecture (GPTConfig's fields), the tokenizer, and the
+# starting weights (so zero_init, an initialisation choice, has nothing to act on).
+INIT_FROM_FIXED = ("tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "rope_base", "zero_init",
+                   *GPT2_ARCHITECTURE)
+
+
+def init_from_settings(folder: str, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields a GPT-2-layout folder sets, so the run's config.json says what it trains.
+
+    Setting one of them too (a flag or the config file) is refused by name: the weights cannot
+    take another shape. A preset's architecture gives way to the folder's. The training window
+    (``block_size``) defaults to the folder's context and may be shorter.
+    """
+    from nextoken.export.hf import read_hf_config
+
+    for name in INIT_FROM_FIXED:
+        if name in explicit:
+            raise UserError(f"--init-from {folder} fixes the architecture and the tokenizer; drop --"
+                            f"{name.replace('_', '-')}", flag="--" + name.replace("_", "-"))
+    g = read_hf_config(folder)
+    fixed = {name: getattr(g, name) for name in INIT_FROM_FIXED if name != "tokenizer"}
+    fixed["tokenizer"] = "bpe"
+    if "block_size" not in explicit:
+        fixed["block_size"] = g.block_size
+    elif explicit["block_size"] > g.block_size:
+        raise UserError(f"{explicit['block_size']} exceeds the context ({g.block_size}) of {folder}",
+                        flag="--block-size")
+    return fixed

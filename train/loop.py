@@ -172,13 +172,17 @@ class MetricsLog:
 
 
 def _prepare_tokenizer_and_data(cfg: TrainConfig, run_dir: Path, info: D.DistInfo, resuming: bool,
-                                say: Callable[[str], None]) -> tuple[Any, TokenData]:
+                                say: Callable[[str], None], given: Any = None) -> tuple[Any, TokenData]:
+    """The run's tokenizer (kept when resuming, ``given`` by an --init-from folder, else trained) and data."""
     files = resolve_sources(cfg.data)
     tok_path = run_dir / "tokenizer.json"
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resuming and tok_path.is_file():
             tok = load_tokenizer(tok_path)
+        elif given is not None:
+            tok = given
+            atomic_write_text(tok_path, tok.to_str(pretty=True))
         else:
             source = "the built-in corpus (Python standard library)" if not cfg.data else f"{len(files)} file(s)"
             say(f"training a {cfg.tokenizer} tokenizer on {source}")
@@ -270,11 +274,20 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
                         "--out-dir", flag="--out-dir")
     resume_path = resume_from.path if hasattr(resume_from, "path") else resume_from
 
-    tok, data = _prepare_tokenizer_and_data(cfg, run_dir, info, resume_path is not None, say)
+    start = None
+    if cfg.init_from:  # the folder's architecture, tokenizer and weights (its config settled cfg's fields)
+        from nextoken.export.hf import init_from_hf
+
+        start = init_from_hf(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
+        say(f"starting from {cfg.init_from}: {start.config.n_layer} layers, {start.config.n_embd} wide, "
+            f"context {start.config.block_size}")
+    tok, data = _prepare_tokenizer_and_data(cfg, run_dir, info, resume_path is not None, say,
+                                            given=start.tokenizer if start else None)
     eot_id = tok.token_to_id(EOT)
     if cfg.doc_mask and eot_id is None:
         raise UserError(f"the tokenizer has no {EOT} token to find document boundaries by", flag="--doc-mask")
-    mcfg: GPTConfig = cfg.model_config(tok.get_vocab_size())
+    # An --init-from model keeps its own vocabulary size (a padded table stays padded) and context.
+    mcfg: GPTConfig = start.config if start else cfg.model_config(tok.get_vocab_size())
     if info.is_main:
         run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(),
                       "tokenizer": {"kind": tokenizer_kind(tok), "vocab_size": tok.get_vocab_size(),
@@ -293,6 +306,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
     if resume_path is not None:
         load_weights(resume_path, raw, verify=False)
         state = load_train_state(resume_path)
+    elif start is not None:
+        raw.load_state_dict(start.state_dict)
     raw.to(device)
     model = D.wrap_model(raw, info, cfg.strategy, device)
     optimizer = build_optimizer(raw, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
