@@ -58,6 +58,14 @@ class EngineAPI(ls.LitAPI):
         self._engine_pid.value = os.getpid()
         self.engine.setup()
 
+    async def authorize(self) -> None:
+        """Every route's FastAPI dependency (LitServe's public hook); the API key is ApiKeyMiddleware's job.
+
+        LitServe's default is a plain function, which FastAPI runs in its thread pool: one thread
+        hop per request, ~1 ms on a busy core and 18% of the HTTP process under a burst of 429s.
+        """
+        return None
+
     def health(self) -> bool:
         return self._healthy() if self._healthy is not None else True
 
