@@ -20,9 +20,11 @@ def test_a_run_starts_from_the_folders_weights_tokenizer_and_architecture(
     from nextoken.train.loop import train
     from nextoken.train.run import load_run
 
-    # A learning rate of 1e-12 for one step: the checkpoint holds the starting weights to ~1e-9.
+    # One AdamW step at a learning rate of 1e-12 (the quickstart's Muon would move the weights by
+    # its own rate): the checkpoint holds the starting weights to ~1e-9.
     cfg = resolve_train_config("quickstart", None, dict(
         init_from=str(interop_hf), data=[str(tiny_corpus)], out_dir=str(tmp_path / "run"), max_iters=1,
+        optimizer="adamw",
         warmup_iters=0, learning_rate=1e-12, min_lr=1e-12, weight_decay=0.0, eval_interval=1, eval_iters=1,
         batch_size=2, max_time=0.0, max_corpus_chars=0, progress=False, tensorboard=False, threads=1))
     train(cfg, quiet=True)
