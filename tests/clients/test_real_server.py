@@ -9,10 +9,13 @@ produced by the real server: a validation error from its boundary checks, a 401 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nextoken_client import (
@@ -151,9 +154,20 @@ def test_loadtest_sweep_against_the_server(locked_server: ServerProcess, tmp_pat
 
 def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
     server = ServerProcess(serve_artifact)
+    busy: list[threading.Thread] = []
     try:
+        # Eight long streams share the batch, so the one under test is hundreds of steps from its end
+        # when the kill comes (alone, the tiny model could finish 200 tokens before the client reads one).
+        def occupy() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(server.url + "/v1/completions", timeout=60,
+                           json={"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "logprobs": 5})
+
+        busy = [threading.Thread(target=occupy) for _ in range(8)]
+        for t in busy:
+            t.start()
         with Client(server.url, max_retries=0) as client:
-            stream = client.stream(PROMPT, max_tokens=200, temperature=1.0)
+            stream = client.stream(PROMPT, max_tokens=400, temperature=1.0, extra_body={"ignore_eos": True})
             with pytest.raises(NextokenError) as info, stream:
                 first = next(stream)
                 server.kill()
@@ -166,3 +180,5 @@ def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
                 client.complete(PROMPT, max_tokens=2)
     finally:
         server.stop()
+        for t in busy:
+            t.join(10)
