@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from typing import Any
 
 from nextoken import __version__
 from nextoken.errors import UserError
@@ -51,8 +52,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     return parser, modules
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> tuple[Any, argparse.Namespace | None]:
+    """The chosen subcommand's module and its parsed arguments (None: no subcommand, help was printed).
+
+    argparse exits (status 2, with a usage line) on a flag it does not know.
+    """
     # Build only the chosen subcommand's parser: importing every CLI module would be slow.
     if argv and argv[0] in COMMANDS and not argv[0].startswith("-"):
         name = argv[0]
@@ -62,13 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(parser)
         args = parser.parse_args(argv[1:])
         args.command = name
-    else:
-        parser, _ = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
-        module = importlib.import_module(COMMANDS[args.command][0])
+        return module, args
+    parser, _ = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return None, None
+    return importlib.import_module(COMMANDS[args.command][0]), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    module, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if module is None:
+        return 0
     try:
         return int(module.run(args) or 0)
     except UserError as e:

@@ -72,10 +72,15 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, typing.Any]:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --preset < --config file < flags, validated: what `nextoken train` will run."""
     from nextoken.train.config import resolve_train_config
+
+    return resolve_train_config(args.preset, args.config, overrides_from_args(args))
+
+
+def run(args: argparse.Namespace) -> int:
     from nextoken.train.loop import train
 
-    cfg = resolve_train_config(args.preset, args.config, overrides_from_args(args))
-    train(cfg)
+    train(config_from_args(args))
     return 0

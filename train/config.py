@@ -299,7 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (768 tokens/step) beat a 96-wide model at 1536 tokens/step and a 128-context one at 2048; a
     # 128 context did not pay for its cost. max_time stops a run on a busy machine (before the decay ends).
     "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=3800,
-                             lr_decay_iters=3800, learning_rate=5e-3, min_lr=5e-4, warmup_iters=50, beta2=0.99,
+                             learning_rate=5e-3, min_lr=5e-4, warmup_iters=50, beta2=0.99,
                              weight_decay=0.1, dropout=0.0, tokenizer="char", eval_interval=950, eval_iters=20,
                              max_time=120.0, lr_schedule="time", **RECIPE),
     # GPT-2 small (124M) shape, for GPU runs.
