@@ -19,7 +19,6 @@ const state = {
   vocab: null,
   metricsHistory: [], // [{t, generated}] for the tokens/s rate
   lastMetricsAt: 0,
-  echoRefused: null, // the server's 400 message while it refuses echo
 };
 let keyBox = null;
 
@@ -177,17 +176,10 @@ async function score() {
   try {
     const res = await api("/v1/completions", { method: "POST", json: body });
     if (!res.ok) {
-      const err = await errorOf(res);
-      if (err.status === 400 && (err.param === "echo" || /echo/i.test(err.message))) {
-        state.echoRefused = err.message;
-        showEchoNote();
-        status.textContent = "";
-        return;
-      }
-      throw err;
+      $("score-summary").replaceChildren(); // an answer refused: no figures from an earlier text
+      $("heat").replaceChildren();
+      throw await errorOf(res);
     }
-    state.echoRefused = null;
-    $("score-note").hidden = true;
     const out = await res.json();
     renderScore(text, out.choices[0].logprobs);
     status.textContent = "";
@@ -196,19 +188,6 @@ async function score() {
   } finally {
     $("score").disabled = false;
   }
-}
-
-function showEchoNote() {
-  const note = $("score-note");
-  note.hidden = false;
-  note.replaceChildren(
-    "Scoring needs the server to return the prompt's own log-probabilities (",
-    el("code", { text: "echo: true" }), " with ", el("code", { text: "logprobs" }), " and ",
-    el("code", { text: "max_tokens: 0" }), " on /v1/completions). This server does not support that yet; it answered: “",
-    el("strong", { text: state.echoRefused }), "”. Nothing is shown rather than an estimate.",
-  );
-  $("score-summary").replaceChildren();
-  $("heat").replaceChildren();
 }
 
 export function scoreNumbers(tokenLogprobs) {
@@ -450,7 +429,6 @@ function selectTab(name) {
     tab.tabIndex = on ? 0 : -1;
     $(`panel-${t}`).hidden = !on;
   }
-  if (name === "score" && state.echoRefused) showEchoNote();
   const kind = name === "score" ? "score" : "gen";
   if (state.pinned[kind] >= 0) showDetail(kind, state.pinned[kind]);
   else showHint();

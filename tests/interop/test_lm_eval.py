@@ -15,8 +15,8 @@ drops one, or counts bytes or words differently.
   document it scores what ``hf`` does.
 * ``local-completions`` against the real server, ``max_length=W+2`` (lm-eval's API backends keep
   one position for the token they ask to generate and send a window's ``W + 1`` tokens as one
-  echoed prompt, so ``W = max_length - 2``). It needs the server's ``echo`` + ``logprobs``;
-  the test asks the running server at run time and skips, naming the reason, while it has none.
+  echoed prompt, so ``W = max_length - 2``). It needs the server's ``echo`` + ``logprobs``,
+  which the test checks first, so a server that lost them fails with the reason.
 """
 
 from __future__ import annotations
@@ -120,8 +120,7 @@ def test_local_completions_against_server(interop_server: ServerProcess, interop
     """Through the server lm-eval gets the same perplexity as nextoken eval and, on the other two
     tasks, the same accuracy and exact-match as its hf backend on the same weights."""
     missing = _echo_supported(interop_server)
-    if missing is not None:
-        pytest.skip(f"the server does not score prompts yet (echo + logprobs): {missing}")
+    assert missing is None, f"the server does not score prompts (echo + logprobs): {missing}"
     res = lm_eval_results("local-completions", {
         "model": "interop", "base_url": interop_server.url + "/v1/completions", "tokenizer": str(interop_artifact),
         "tokenizer_backend": "huggingface", "max_length": WINDOW + 2, "num_concurrent": 1, "max_retries": 1,
