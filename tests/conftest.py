@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny trained run (seconds on a CPU), free ports, the shared corpus."""
+"""Shared fixtures: a tiny trained run (seconds on a CPU), free ports, a real server process."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # A small corpus with repetition, so a tiny model learns something in a few dozen steps.
 TINY_TEXT = (
@@ -24,17 +24,22 @@ TINY_TEXT = (
 ) * 40
 
 
+def metric(url: str, name: str, *, headers: dict[str, str] | None = None, **labels: str) -> float:
+    """Sum of one metric's samples in a server's /metrics whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", headers=headers, timeout=10).text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def shakespeare() -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared corpora live beside the repository)")
-    return SHAKESPEARE
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +133,41 @@ class ServerProcess:
     def group_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-s", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
+
+    def engine_pid(self) -> int:
+        """The engine process: the one child the server spawns (the HTTP process is forked)."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "spawn_main"], capture_output=True,
+                             text=True).stdout.split()
+        assert len(out) == 1, f"expected one engine process, found {out}"
+        return int(out[0])
+
+    @contextlib.contextmanager
+    def engine_frozen(self) -> Iterator[int]:
+        """SIGSTOP the engine for the block: requests are admitted and queue, but no token is made.
+
+        What a test does "while requests are in flight" then cannot race the engine, however fast
+        it is; the engine resumes (SIGCONT) on leaving the block, even on a failure.
+        """
+        pid = self.engine_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pid
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def wait_until_full(self, timeout: float = 30, headers: dict[str, str] | None = None) -> None:
+        """Until admission refuses a request (429): every place of batch + queue is taken.
+
+        The probe is invalid, so it is never admitted: a full server refuses it before reading the
+        body (429), any other answers 400 (and counts one validation error).
+        """
+        deadline = time.monotonic() + timeout
+        while (code := httpx.post(self.url + "/v1/completions", json={"max_tokens": -1}, headers=headers,
+                                  timeout=30).status_code) != 429:
+            assert code == 400, code
+            assert time.monotonic() < deadline, "the server never filled up"
+            time.sleep(0.01)
 
     def kill(self) -> None:
         """SIGKILL every process of the server at once: what a crash looks like to clients."""

@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -153,23 +154,30 @@ def test_loadtest_sweep_against_the_server(locked_server: ServerProcess, tmp_pat
 
 
 def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
-    server = ServerProcess(serve_artifact)
+    """A kill after the first token: StreamError with the text so far, never a retry; then refused.
+
+    Eight long requests and the stream under test are admitted while the engine is frozen, so all
+    nine share the batch from the first step and the stream is hundreds of steps from its end when
+    the kill comes (alone, the tiny model could finish 400 tokens before the client reads one).
+    """
+    server = ServerProcess(serve_artifact, "--max-batch-size", "9", "--max-queue", "0")
     busy: list[threading.Thread] = []
     try:
-        # Eight long streams share the batch, so the one under test is hundreds of steps from its end
-        # when the kill comes (alone, the tiny model could finish 200 tokens before the client reads one).
         def occupy() -> None:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.post(server.url + "/v1/completions", timeout=60,
                            json={"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "logprobs": 5})
 
         busy = [threading.Thread(target=occupy) for _ in range(8)]
-        for t in busy:
-            t.start()
-        with Client(server.url, max_retries=0) as client:
+        with Client(server.url, max_retries=0) as client, ThreadPoolExecutor(1) as pool:
             stream = client.stream(PROMPT, max_tokens=400, temperature=1.0, extra_body={"ignore_eos": True})
+            with server.engine_frozen():
+                for t in busy:
+                    t.start()
+                opened = pool.submit(next, stream)  # its first token comes once the engine runs
+                server.wait_until_full()  # all nine admitted
             with pytest.raises(NextokenError) as info, stream:
-                first = next(stream)
+                first = opened.result(60)
                 server.kill()
                 for _ in stream:
                     pass

@@ -25,8 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, ServerProcess, free_port
-from tests.serve.test_server import metric
+from tests.conftest import REPO, ServerProcess, free_port, metric
 
 nextoken_client = pytest.importorskip("nextoken_client")
 

@@ -15,7 +15,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import TINY_TEXT, ServerProcess, train_tiny
@@ -132,13 +131,3 @@ def pg_server(pg_artifact: Path) -> Iterator[ServerProcess]:
     s.stop()
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of one metric's samples in the server's /metrics whose labels include ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total

@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nextoken import __version__
 from nextoken.serve import metrics as M
-from tests.conftest import REPO, ServerProcess, free_port
-from tests.serve.test_server import metric, post
+from tests.conftest import REPO, ServerProcess, free_port, metric
+from tests.serve.test_server import post
 
 N, M_TOKENS = 3, 5  # N finished requests of M_TOKENS tokens each
 MODEL = "tiny:1"
@@ -321,7 +321,10 @@ def test_every_figure_is_true_for_known_traffic(fresh: ServerProcess) -> None:
         next(r.iter_lines())
     # one rejected
     assert post(url, {"prompt": "the", "temperature": 9}).status_code == 400
-    time.sleep(0.5)  # the cancelled request's bookkeeping happens when its stream closes
+    deadline = time.monotonic() + 10  # the cancelled request's bookkeeping happens when its stream closes
+    while metric(url, "nextoken_requests_total", outcome="cancelled", model="tiny-serve:1") < 1:
+        assert time.monotonic() < deadline, "the abandoned stream was never counted as cancelled"
+        time.sleep(0.02)
 
     model = {"model": "tiny-serve:1"}
     assert metric(url, "nextoken_requests_total", endpoint="completions", outcome="length", **model) == N + 1
@@ -425,8 +428,10 @@ def test_a_gateway_reads_queue_depth_and_cache_use(serve_artifact: Path) -> None
     threads = [threading.Thread(target=open_stream, args=(c,)) for c in clients]
     seen: list[tuple[float, float, float]] = []  # (waiting, running, kv) as the picker reads them
     try:
-        for t in threads:
-            t.start()
+        with s.engine_frozen():  # the five arrive together: one runs, four queue
+            for t in threads:
+                t.start()
+            s.wait_until_full()
         while any(t.is_alive() for t in threads):
             fams = {f.name: f.samples for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)}
             names = (M.VLLM_WAITING, M.VLLM_RUNNING, M.VLLM_KV_USAGE, M.VLLM_KV_USAGE_OLD)

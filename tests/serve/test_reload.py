@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
-from tests.serve.test_server import metric
+from tests.conftest import ServerProcess, metric
 
 
 def point_current(models: Path, version: str) -> None:

@@ -6,14 +6,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, metric
 
 
 def post(url: str, body: dict, path: str = "/v1/completions", **kw) -> httpx.Response:
@@ -31,17 +31,6 @@ def stream_chunks(url: str, body: dict, path: str = "/v1/completions") -> list:
                 data = line[len("data: "):]
                 chunks.append(data if data == "[DONE]" else json.loads(data))
     return chunks
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include ``labels``."""
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            lab = line[len(name):line.rfind(" ")]
-            if all(f'{k}="{v}"' in lab for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # --- happy paths -------------------------------------------------------------------------------
@@ -380,32 +369,37 @@ def test_non_streaming_disconnect_frees_the_slot(narrow: ServerProcess) -> None:
     assert metric(narrow.url, "nextoken_generation_tokens_total") - generated < 3 + 500
 
 
-def test_a_queued_stream_whose_client_left_gives_up_its_place(server: ServerProcess) -> None:
-    """A streaming request waiting for a slot is cancelled when its client leaves, before it costs a token."""
-    long = {"prompt": "the", "max_tokens": 505, "ignore_eos": True, "logprobs": 20, "presence_penalty": 0.1}
-    generated = metric(server.url, "nextoken_generation_tokens_total")
-    cancelled = metric(server.url, "nextoken_requests_total", outcome="cancelled")
-    # 16 for 8 slots: 8 run and 8 wait, so a request arriving now waits behind 8 whole generations
-    threads = [threading.Thread(target=post, args=(server.url, long)) for _ in range(16)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while metric(server.url, "nextoken_requests_waiting") < 1:
-        assert time.monotonic() < deadline, "no request ever waited"
-        time.sleep(0.005)
-    body = json.dumps({"prompt": "x", "max_tokens": 5, "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        time.sleep(0.02)  # queued behind the others
-    for t in threads:
-        t.join()
-    deadline = time.monotonic() + 5
-    while metric(server.url, "nextoken_requests_total", outcome="cancelled") == cancelled:
-        assert time.monotonic() < deadline, "the queued request was never cancelled"
-        time.sleep(0.02)
-    # Before: it waited for a slot, was prefilled, and only then noticed nobody was listening.
-    assert metric(server.url, "nextoken_generation_tokens_total") - generated == 16 * 505
+def test_a_queued_stream_whose_client_left_gives_up_its_place(serve_artifact) -> None:
+    """A streaming request waiting for a slot is cancelled when its client leaves, before it costs a token.
+
+    With the engine frozen, 16 long requests fill the 8 slots and 8 queue places and the stream
+    under test takes the 17th place (the next request is refused), so it is queued behind 8 whole
+    generations when its client leaves, however fast the engine.
+    """
+    s = ServerProcess(serve_artifact, "--max-batch-size", "8", "--max-queue", "9")
+    try:
+        long = {"prompt": "the", "max_tokens": 505, "ignore_eos": True, "logprobs": 20, "presence_penalty": 0.1}
+        generated = metric(s.url, "nextoken_generation_tokens_total")
+        cancelled = metric(s.url, "nextoken_requests_total", outcome="cancelled")
+        threads = [threading.Thread(target=post, args=(s.url, long)) for _ in range(16)]
+        with s.engine_frozen():
+            for t in threads:
+                t.start()
+            body = json.dumps({"prompt": "x", "max_tokens": 5, "stream": True}).encode()
+            with socket.create_connection(("127.0.0.1", s.port)) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                s.wait_until_full()  # all 17 admitted: the stream is queued
+            deadline = time.monotonic() + 10
+            while metric(s.url, "nextoken_requests_total", outcome="cancelled") == cancelled:
+                assert time.monotonic() < deadline, "the queued request was never cancelled"
+                time.sleep(0.02)
+        for t in threads:
+            t.join()
+        # Before: it waited for a slot, was prefilled, and only then noticed nobody was listening.
+        assert metric(s.url, "nextoken_generation_tokens_total") - generated == 16 * 505
+    finally:
+        s.stop()
 
 
 def test_api_key(serve_artifact) -> None:
@@ -427,52 +421,60 @@ def test_api_key(serve_artifact) -> None:
         s.stop()
 
 
+def _refused_while_draining(url: str) -> None:
+    """A request that arrives during the drain: a whole HTTP 503 with Retry-After and the error body."""
+    r = post(url, {"prompt": "x", "max_tokens": 1}, timeout=30)  # a reset connection raises here
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.headers, r.text)
+    assert r.json()["error"]["code"] == "unavailable" and r.json()["error"]["type"] == "server_error"
+
+
 @pytest.mark.parametrize("how", ["SIGTERM to the main process", "SIGINT to the process group (Ctrl-C)"])
 def test_a_signal_drains_in_flight_streams_then_exits(serve_artifact, how: str) -> None:
     """Stop admitting (503), finish every stream whole (queued ones too), exit 0 with every process gone.
 
     A terminal's Ctrl-C signals every process of the group: the worker used to die of
-    KeyboardInterrupt and the streams were cut.
+    KeyboardInterrupt and the streams were cut. The signal comes once all 12 streams are admitted
+    (a 13th request is refused with 429: one slot + a queue of 11), with the engine frozen, so the
+    checks below run mid-drain however fast the engine is; then the engine goes on and every
+    stream finishes.
     """
-    # One slot: the streams run one after another (12 x 400 engine steps, seconds however fast the
-    # engine), so most are still queued or running while the checks below run.
-    s = ServerProcess(serve_artifact, "--max-batch-size", "1")
+    n, new = 12, 400
+    s = ServerProcess(serve_artifact, "--max-batch-size", "1", "--max-queue", str(n - 1))
     try:
-        n, new = 12, 400
         body = {"prompt": "the", "max_tokens": new, "ignore_eos": True, "logprobs": 20, "stream": True}
         chunks: list[list] = [[] for _ in range(n)]
-        started = threading.Event()
 
         def consume(i: int) -> None:
             with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        started.set()
                         chunks[i].append(line[len("data: "):])
 
         threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        assert started.wait(30)
-        deadline = time.monotonic() + 10
-        while metric(s.url, "nextoken_requests_waiting") < 1:  # requests queue behind the one slot
-            assert time.monotonic() < deadline
-        assert len(s.group_pids()) >= 3  # main, API server, inference worker (+ LitServe's manager)
-        if how.startswith("SIGTERM"):
-            s.proc.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(s.proc.pid, signal.SIGINT)
-        deadline = time.monotonic() + 2
-        while httpx.get(s.url + "/ready").status_code != 503:  # readiness turns 503; liveness stays 200
-            assert time.monotonic() < deadline
-        assert httpx.get(s.url + "/health").json()["status"] == "draining"
-        r = post(s.url, {"prompt": "x", "max_tokens": 1})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
-        assert any(t.is_alive() for t in threads)  # the checks above really ran during the drain
+        with s.engine_frozen():
+            for t in threads:
+                t.start()
+            s.wait_until_full()  # all 12 admitted, none can finish
+            assert len(s.group_pids()) >= 3  # main, API server, inference worker (+ LitServe's manager)
+            if how.startswith("SIGTERM"):
+                s.proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(s.proc.pid, signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while httpx.get(s.url + "/ready").status_code != 503:  # readiness turns 503; liveness stays 200
+                assert time.monotonic() < deadline
+            assert httpx.get(s.url + "/health").json()["status"] == "draining"
+            # New requests during the drain, one by one and eight at once: each a whole 503, none a reset.
+            for _ in range(3):
+                _refused_while_draining(s.url)
+            with ThreadPoolExecutor(8) as pool:  # an assertion in a thread is raised here, by result()
+                for f in [pool.submit(_refused_while_draining, s.url) for _ in range(8)]:
+                    f.result()
+            assert all(t.is_alive() for t in threads) and s.proc.poll() is None  # all of it during the drain
         for t in threads:
             t.join(120)
         for c in chunks:
-            assert c[-1] == "[DONE]"
+            assert c and c[-1] == "[DONE]"
             assert sum(len(json.loads(x)["choices"][0]["token_ids"]) for x in c[:-1]) == new  # finished whole
         assert s.proc.wait(30) == 0
         deadline = time.monotonic() + 10
@@ -487,8 +489,7 @@ def test_a_dead_worker_fails_in_flight_streams_and_the_server_exits_1(serve_arti
     """Stock LitServe left the stream open until uvicorn was killed 30 s later, then exited 0."""
     s = ServerProcess(serve_artifact)
     try:
-        worker = int(subprocess.run(["pgrep", "-P", str(s.proc.pid), "-f", "spawn_main"], capture_output=True,
-                                    text=True).stdout.split()[0])
+        worker = s.engine_pid()
         chunks: list = []
         t0 = time.monotonic()
         with httpx.stream("POST", s.url + "/v1/completions", timeout=30,

@@ -59,26 +59,35 @@ def test_keeps_last_k_and_the_best(tmp_path, tiny_corpus) -> None:
 
 
 def test_kill_9_leaves_the_last_good_checkpoint(tmp_path, tiny_corpus) -> None:
+    """SIGKILL inside a checkpoint write (a hidden temporary folder exists, the process frozen with SIGSTOP
+    so it cannot finish the write first) leaves the last complete checkpoint, which resumes."""
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "nextoken", "train", "--data", str(tiny_corpus), "--tokenizer", "char",
            "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
            "--max-iters", "100000", "--eval-interval", "3", "--eval-iters", "1", "--sample-tokens", "0",
            "--out-dir", str(run), "--no-progress", "--no-tensorboard", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "checkpoints"
     try:
-        deadline = time.time() + 60
-        while len(list_checkpoints(run / "checkpoints")) < 3 and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.137)  # land somewhere inside a step or a checkpoint write
+        deadline = time.time() + 120
+        while True:
+            assert time.time() < deadline and proc.poll() is None, "never caught a checkpoint mid-write"
+            if len(list_checkpoints(ckpts)) >= 2 and any(ckpts.glob(".tmp-step-*")):
+                proc.send_signal(signal.SIGSTOP)  # frozen: what we see now is what the kill will leave
+                if any(ckpts.glob(".tmp-step-*")):
+                    break
+                proc.send_signal(signal.SIGCONT)  # the write finished between the two looks: catch the next
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    good = find_resume_checkpoint(run / "checkpoints", warn=lambda m: None)
-    assert good is not None
+    assert any(ckpts.glob(".tmp-step-*"))  # killed inside a write: half a checkpoint lies in the folder
+    good = find_resume_checkpoint(ckpts, warn=lambda m: None)
+    assert good is not None and good.step == list_checkpoints(ckpts)[-1].step
     verify_checkpoint(good.path)
-    # resuming from it works
+    # resuming from it works, and the half-written folder is swept away
     train_tiny(run, tiny_corpus, max_iters=good.step + 3, eval_interval=3, resume="auto", sample_tokens=0)
-    assert list_checkpoints(run / "checkpoints")[-1].step == good.step + 3
+    assert list_checkpoints(ckpts)[-1].step == good.step + 3
+    assert not any(ckpts.glob(".tmp-step-*"))
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, tiny_corpus) -> None:
