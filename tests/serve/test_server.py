@@ -283,23 +283,21 @@ def narrow(serve_artifact):
 
 
 def test_overload_gets_429_with_retry_after_at_once(narrow: ServerProcess) -> None:
-    results: list[tuple[int, float, str | None]] = []
-
-    def one() -> None:
-        t0 = time.perf_counter()
-        r = post(narrow.url, {"prompt": "the", "max_tokens": 500, "ignore_eos": True})
-        results.append((r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")))
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    ok = [r for r in results if r[0] == 200]
-    rejected = [r for r in results if r[0] == 429]
-    assert ok and rejected and len(ok) + len(rejected) == 8
-    assert all(r[2] == "1" for r in rejected)
-    assert max(r[1] for r in rejected) < min(r[1] for r in ok)  # refused at once, never queued
+    """With the one place taken and the engine frozen, seven more requests are all answered 429:
+    refused at once, never queued (a queued request could not be answered while nothing runs)."""
+    held: list[int] = []
+    holder = threading.Thread(target=lambda: held.append(
+        post(narrow.url, {"prompt": "the", "max_tokens": 500, "ignore_eos": True}).status_code))
+    with narrow.engine_frozen():
+        holder.start()
+        narrow.wait_until_full()
+        with ThreadPoolExecutor(7) as pool:
+            answers = list(pool.map(lambda _: post(narrow.url, {"prompt": "the", "max_tokens": 5}), range(7)))
+        assert holder.is_alive()  # the running request is still waiting for the engine
+    holder.join(60)
+    assert held == [200]
+    assert [r.status_code for r in answers] == [429] * 7
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded" for r in answers)
 
 
 def test_admission_counts_every_choice_as_one_engine_request(serve_artifact) -> None:
