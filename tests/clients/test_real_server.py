@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,18 +119,27 @@ def test_wrong_or_missing_key_is_401(locked_server: ServerProcess) -> None:
 
 
 def test_saturated_server_answers_429_with_retry_after(locked_server: ServerProcess) -> None:
+    """12 streams at a 1-slot, 1-queue server whose engine is frozen: two are admitted and wait, ten are
+    refused at once (OverloadedError, never retried with max_retries=0); then the two complete."""
     async def main() -> list[BaseException | str]:
         async with AsyncClient(locked_server.url, api_key="sk-right", max_retries=0) as client:
             async def one() -> str:
                 async with await client.stream(PROMPT, max_tokens=100, temperature=1.0) as stream:
                     return "".join([e.text async for e in stream])
 
-            return await asyncio.gather(*(one() for _ in range(12)), return_exceptions=True)
+            tasks = [asyncio.ensure_future(one()) for _ in range(12)]
+            with locked_server.engine_frozen():
+                deadline = time.monotonic() + 30
+                while sum(t.done() for t in tasks) < 10:  # the refusals; the admitted two wait for the engine
+                    assert time.monotonic() < deadline, [t for t in tasks if t.done()]
+                    await asyncio.sleep(0.01)
+                assert sum(t.done() for t in tasks) == 10
+            return await asyncio.gather(*tasks, return_exceptions=True)
 
     results = asyncio.run(main())
     refused = [r for r in results if isinstance(r, OverloadedError)]
-    assert refused, f"12 concurrent requests never saturated a 1-slot, 1-queue server: {results}"
-    assert all(r.status_code == 429 and r.retry_after is not None for r in refused)
+    assert len(refused) == 10 and all(r.status_code == 429 and r.retry_after is not None for r in refused), results
+    assert sum(isinstance(r, str) for r in results) == 2, results
     assert any(isinstance(r, str) for r in results)  # and the admitted ones completed
     # With retries on, the SDK waits out Retry-After and gets through.
     with Client(locked_server.url, api_key="sk-right", max_retries=4) as client:
