@@ -40,7 +40,7 @@ from nextoken.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from nextoken.train.config import GPTConfig, TrainConfig
+from nextoken.train.config import GPTConfig, TrainConfig, resumes_own_run
 from nextoken.train.data import (
     TokenData,
     WindowSampler,
@@ -172,10 +172,20 @@ class MetricsLog:
 
 
 def _prepare_tokenizer_and_data(cfg: TrainConfig, run_dir: Path, info: D.DistInfo, resuming: bool,
-                                say: Callable[[str], None], given: Any = None) -> tuple[Any, TokenData]:
-    """The run's tokenizer (kept when resuming, ``given`` by an --init-from folder, else trained) and data."""
-    files = resolve_sources(cfg.data)
+                                say: Callable[[str], None], given: Any = None,
+                                own_run: bool = False, quiet: bool = False) -> tuple[Any, TokenData]:
+    """The run's tokenizer (kept when resuming, ``given`` by an --init-from folder, else trained) and data.
+
+    ``own_run``: continuing the run in ``run_dir``, whose tokenizer and tokenized corpus are read
+    as they are (the sources are not read again, nothing is rewritten).
+    """
     tok_path = run_dir / "tokenizer.json"
+    if own_run and tok_path.is_file() and (run_dir / "data" / "manifest.json").is_file():
+        D.barrier(info)
+        data = TokenData(run_dir / "data")
+        data.check_block_size(cfg.block_size)
+        return load_tokenizer(tok_path), data
+    files = resolve_sources(cfg.data)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resuming and tok_path.is_file():
@@ -193,7 +203,7 @@ def _prepare_tokenizer_and_data(cfg: TrainConfig, run_dir: Path, info: D.DistInf
             atomic_write_text(tok_path, tok.to_str(pretty=True))
         manifest = tokenize_corpus(files, tok, run_dir / "data", text_field=cfg.text_field,
                                    max_chars=cfg.max_corpus_chars, val_fraction=cfg.val_fraction,
-                                   progress=cfg.progress)
+                                   progress=cfg.progress and not quiet)
         say(f"corpus: {manifest.num_documents} documents, {manifest.num_chars:,} characters, "
             f"{manifest.num_tokens:,} tokens (vocab {tok.get_vocab_size()}); "
             f"{manifest.split:,} train / {manifest.num_tokens - manifest.split:,} val")
@@ -273,25 +283,33 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or choose a new "
                         "--out-dir", flag="--out-dir")
     resume_path = resume_from.path if hasattr(resume_from, "path") else resume_from
+    # Continuing the run in this folder (cfg holds its saved settings: train.config.resumed_settings):
+    # its tokenizer, tokenized corpus and architecture as saved; config.json is rewritten only after
+    # the checkpoint has loaded, and only if a setting a resume may change did change.
+    saved_config = json.loads((run_dir / "config.json").read_text()) if resumes_own_run(cfg.resume, run_dir) else None
 
     start = None
-    if cfg.init_from:  # the folder's architecture, tokenizer and weights (its config settled cfg's fields)
+    if cfg.init_from and saved_config is None:  # the folder's architecture, tokenizer and weights
         from nextoken.export.hf import init_from_hf
 
         start = init_from_hf(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
         say(f"starting from {cfg.init_from}: {start.config.n_layer} layers, {start.config.n_embd} wide, "
             f"context {start.config.block_size}")
     tok, data = _prepare_tokenizer_and_data(cfg, run_dir, info, resume_path is not None, say,
-                                            given=start.tokenizer if start else None)
+                                            given=start.tokenizer if start else None,
+                                            own_run=saved_config is not None, quiet=quiet)
     eot_id = tok.token_to_id(EOT)
     if cfg.doc_mask and eot_id is None:
         raise UserError(f"the tokenizer has no {EOT} token to find document boundaries by", flag="--doc-mask")
     # An --init-from model keeps its own vocabulary size (a padded table stays padded) and context.
-    mcfg: GPTConfig = start.config if start else cfg.model_config(tok.get_vocab_size())
-    if info.is_main:
-        run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(),
-                      "tokenizer": {"kind": tokenizer_kind(tok), "vocab_size": tok.get_vocab_size(),
-                                    **special_token_ids(tok)}}
+    if saved_config is not None:
+        mcfg = GPTConfig.from_dict(saved_config["model"])
+    else:
+        mcfg = start.config if start else cfg.model_config(tok.get_vocab_size())
+    run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(),
+                  "tokenizer": {"kind": tokenizer_kind(tok), "vocab_size": tok.get_vocab_size(),
+                                **special_token_ids(tok)}}
+    if info.is_main and saved_config is None:
         atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2))
 
     # --- model, optimizer, state -------------------------------------------------------------
@@ -347,6 +365,13 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         if "scaler" in state and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         say(f"resuming from {resume_path} at step {start_iter}")
+    if info.is_main and saved_config is not None:
+        # The checkpoint has loaded: now record what changed (a longer budget, another cadence). Where
+        # the run lives and how this invocation resumed it describe the command, not the run.
+        kept = {k: saved_config["train"][k] for k in ("out_dir", "resume") if k in saved_config["train"]}
+        if dict(run_config["train"], **kept) != saved_config["train"]:
+            saved_config["train"] = dict(run_config["train"], **kept)
+            atomic_write_text(run_dir / "config.json", json.dumps(saved_config, indent=2))
 
     n_params = raw.num_params()
     say(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} wide, "
