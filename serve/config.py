@@ -40,7 +40,8 @@ class ServeConfig:
     max_num_batched_tokens: int = _opt(256, "tokens one engine step may process: one per decoding row, the rest "
                                             "for prompt chunks (chunked prefill; bounds the pause a burst of "
                                             "prompts puts on running streams)")
-    prefix_cache_mb: float = _opt(64.0, "host memory for cached prompt prefixes (0 turns prefix caching off)")
+    prefix_cache_mb: float | None = _opt(None, "host memory for cached prompt prefixes (0 turns prefix caching off; "
+                                                "default: 64 on cpu, 0 on cuda, where it is not built yet)")
     prefix_block_size: int = _opt(16, "tokens per prefix-cache block")
     # compute
     device: str = _opt("cpu", "where ONNX Runtime runs the model", choices=("cpu", "cuda"))
@@ -57,6 +58,10 @@ class ServeConfig:
                                             "(vllm: what Gateway API inference extensions scrape)",
                                       choices=("vllm",))
     log_level: str = _opt("warning", "log level", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        if self.prefix_cache_mb is None:  # the default follows the device: prefix caching is CPU-only for now
+            self.prefix_cache_mb = 0.0 if self.device == "cuda" else 64.0
 
     @property
     def max_inflight(self) -> int:
@@ -81,8 +86,8 @@ class ServeConfig:
         need(self.prefix_cache_mb >= 0, "--prefix-cache-mb", f"must be >= 0, got {self.prefix_cache_mb}")
         need(self.prefix_block_size >= 1, "--prefix-block-size", f"must be >= 1, got {self.prefix_block_size}")
         need(not (self.device == "cuda" and self.prefix_cache_mb > 0), "--prefix-cache-mb",
-             "prefix caching copies KV through host memory and is CPU-only for now; pass --prefix-cache-mb 0 with "
-             "--device cuda")
+             "prefix caching copies KV through host memory and is CPU-only for now; leave --prefix-cache-mb out "
+             "(or 0) with --device cuda")
         need(self.threads >= 0, "--threads", f"must be >= 0, got {self.threads}")
         need(self.drain_timeout >= 0, "--drain-timeout", f"must be >= 0, got {self.drain_timeout}")
         need(self.reload_poll_s > 0, "--reload-poll-s", f"must be > 0, got {self.reload_poll_s}")
@@ -109,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()
             parser.add_argument(f.name, metavar=meta["positional"], help=meta["help"])
             continue
         kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
-        kwargs: dict[str, Any] = {"default": f.default, "help": f"{meta['help']} (default: {f.default})"}
+        help_ = meta["help"] if f.default is None else f"{meta['help']} (default: {f.default})"
+        kwargs: dict[str, Any] = {"default": f.default, "help": help_}
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:

@@ -23,6 +23,7 @@ import yaml
 from nextoken.export import cli_models, cli_retrain
 from nextoken.export.registry import CURRENT
 from nextoken.serve import cli as serve_cli
+from nextoken.serve.config import ServeConfig, from_args
 from tests.conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -152,6 +153,27 @@ def test_gpu_override_reserves_a_gpu_and_serves_on_cuda() -> None:
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert server["build"]["dockerfile"] == "docker/Dockerfile.serve-gpu"
+
+
+def validated_serve_config(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> ServeConfig:
+    """What `nextoken serve` would run for ``argv``: parsed, then ServeConfig.validate() (which names a bad flag)."""
+    args = parse(argv)
+    if args.api_key_env:
+        monkeypatch.setenv(args.api_key_env, "set-by-the-deployment")
+    return from_args(args).validate()
+
+
+@pytest.mark.parametrize("where", ["docker-compose.yml", "docker-compose.gpu.yml", "Dockerfile.serve",
+                                   "Dockerfile.serve-gpu"])
+def test_every_shipped_serve_command_starts(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command line a deployment ships passes the checks `nextoken serve` makes before it starts."""
+    if where.startswith("docker-compose"):
+        argv = load(REPO / where)["services"]["server"]["command"]
+    else:
+        argv = json.loads(dockerfile(DOCKER / where)["CMD"])
+    cfg = validated_serve_config(argv, monkeypatch)
+    assert (cfg.device == "cuda") == ("gpu" in where)
+    assert cfg.prefix_cache_mb == (0 if cfg.device == "cuda" else 64)  # the default follows the device
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.serve", "Dockerfile.serve-gpu", "Dockerfile.train"])

@@ -30,7 +30,7 @@ import yaml
 
 from nextoken.export.registry import CURRENT
 from tests.conftest import REPO, ServerProcess, free_port, metric
-from tests.deploy.test_compose import parse
+from tests.deploy.test_compose import parse, validated_serve_config
 
 K8S = REPO / "deploy" / "k8s"
 BASE = K8S / "base"
@@ -242,6 +242,13 @@ def test_gpu_overlay_serves_on_cuda_with_one_gpu(base: list[dict[str, Any]], gpu
 
 
 # --- a real server and a real Prometheus --------------------------------------------------------
+@pytest.mark.parametrize("variant", ["base", "gpu"])
+def test_the_server_args_of_each_variant_start(variant: str, request: pytest.FixtureRequest,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = validated_serve_config(container(request.getfixturevalue(variant))["args"], monkeypatch)
+    assert (cfg.device == "cuda") == (variant == "gpu")
+
+
 def _flags_for_loopback(args: list[str]) -> list[str]:
     """The Deployment's flags, bound to loopback on ServerProcess's free port, one thread."""
     out, skip = [], {"--host", "--port", "--threads"}
