@@ -75,14 +75,25 @@ def parse_args(argv: list[str]) -> tuple[Any, argparse.Namespace | None]:
     return importlib.import_module(COMMANDS[args.command][0]), args
 
 
+# Modules of the [train] extra: `pip install .` (serving only) leaves them out.
+TRAIN_EXTRA_MODULES = {"torch", "safetensors", "matplotlib", "tensorboard", "yaml", "onnx", "onnxscript"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    module, args = parse_args(sys.argv[1:] if argv is None else argv)
-    if module is None:
-        return 0
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        module, args = parse_args(argv)
+        if module is None:
+            return 0
         return int(module.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"error: `nextoken {argv[0]}` needs the training extra (no module named {e.name!r}): "
+              "pip install 'nextoken[train]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
