@@ -9,7 +9,6 @@ non-empty folder there is refused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from nextoken.export.artifact import FORMAT, gpt2_style_config, write_json, writ
 from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, quantize_int8
 from nextoken.export.serving import export_serving_onnx, verify_serving
 from nextoken.export.verify import verify_onnx
+from nextoken.fileio import replace_folder
 from nextoken.train.checkpoint import load_weights
 from nextoken.train.config import GPTConfig
 from nextoken.train.model import GPT
@@ -58,17 +58,6 @@ def _check_out(out: Path) -> None:
 def generation_config(model: GPTConfig, eos_token_id: int) -> dict[str, Any]:
     """Default sampling, the same as ``nextoken generate``'s flags."""
     return ecosystem.generation_config(block_size=model.block_size, eos_token_id=eos_token_id)
-
-
-def _place(tmp: Path, out: Path) -> None:
-    """Swap the finished folder in: the old artifact survives until the new one is in place."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best", name: str | None = None,
@@ -165,7 +154,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         options = dict(graph, quantize=quantize, torch=torch.__version__, onnx=onnx.__version__,
                        onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
         write_manifest(tmp, name=name, version=version, source=source, export=options, verification=verification)
-        _place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,6 +35,7 @@ import torch
 
 from nextoken.errors import UserError
 from nextoken.export.source import RunSource, load_source
+from nextoken.fileio import follow_umask
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 ARCH = "gpt2"
@@ -267,6 +268,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best
             if not check["passed"]:
                 raise UserError("the GGUF file does not read back as written: " + "; ".join(check["problems"][:5])
                                 + " (nothing was written; --no-verify skips the check)", flag="--verify")
+        follow_umask(tmp)  # the writer's temporary file is private
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

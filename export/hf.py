@@ -42,7 +42,8 @@ from nextoken import __version__
 from nextoken.errors import UserError
 from nextoken.export.artifact import gpt2_style_config, write_json
 from nextoken.export.ecosystem import EOT, generation_config, write_tokenizer_files
-from nextoken.export.source import RunSource, load_source, replace_folder
+from nextoken.export.source import RunSource, load_source
+from nextoken.fileio import replace_folder
 from nextoken.train.config import GPTConfig
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -39,7 +39,7 @@ from typing import Any
 
 from nextoken.errors import UserError
 from nextoken.export.artifact import ArtifactError, load_artifact, write_json, write_manifest
-from nextoken.fileio import fsync_dir
+from nextoken.fileio import follow_umask, fsync_dir
 
 CURRENT = "current"
 LOCK = ".lock"
@@ -286,7 +286,7 @@ def publish(artifact_dir: str | Path, models_dir: str | Path, *, version: str | 
             write_json(tmp / "published.json", {
                 "version": version, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "artifact": str(src.resolve()), "run": str(run.resolve()) if run is not None else None})
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the server may run as another user
+            follow_umask(tmp)  # mkdtemp makes it 0700, copy2 keeps a private file private
             fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:

@@ -7,8 +7,6 @@ flags in the same words when a run folder or checkpoint is wrong.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,14 +92,3 @@ def load_source(run_dir: str | Path, checkpoint: str = "best", *, gpt2_format: s
         raise UserError(f"{run_dir}/tokenizer.json has no <|endoftext|> token", flag="RUN")
     return RunSource(run_dir, cfg, gpt_cfg, model, tok, tokenizer_kind(tok), special["eos_token_id"],
                      special["unk_token_id"], ckpt, meta)
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Swap a finished folder in: the old one survives until the new one is in place."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
