@@ -145,6 +145,11 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
     if not (folder / "manifest.json").is_file():
+        from nextoken.export.registry import CURRENT  # the registry imports this module
+
+        if (folder / CURRENT).exists():
+            raise ArtifactError(f"{folder} is a models folder, not one artifact: pass {folder / CURRENT}, which "
+                                "follows each version `nextoken retrain` publishes")
         raise ArtifactError(f"{folder} is not an artifact (no manifest.json); create one with `nextoken export`")
     manifest = _read_json(folder / "manifest.json")
     if manifest.get("format") != FORMAT:

@@ -197,6 +197,14 @@ def _ready(url: str) -> bool:
         return False
 
 
+def example_curl(url: str, api_key_env: str | None, version_dir: Path) -> str:
+    """A request that works as printed: the key when the server needs one, and tokens the context holds."""
+    context = int(json.loads((version_dir / "config.json").read_text(encoding="utf-8"))["n_positions"])
+    body = json.dumps({"prompt": "def ", "max_tokens": min(64, context // 2), "stream": True})
+    auth = f" -H \"Authorization: Bearer ${api_key_env}\"" if api_key_env else ""
+    return f"curl -N {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
 def serve_stage(opts: UpOptions, version_dir: Path) -> tuple[str, int]:
     """Start `nextoken serve MODELS/current`, wait until healthy, print the URL, relay signals until it exits."""
     current = Path(opts.models_dir) / "current"
@@ -235,8 +243,7 @@ def serve_stage(opts: UpOptions, version_dir: Path) -> tuple[str, int]:
         _say(f"  {url}/runs       this model's training run: loss curve from log(vocab), samples, attention")
         _say(f"  {url}/metrics    Prometheus metrics (tokens/s, TTFT, running and waiting requests)")
         _say(f"  {url}/v1/completions  the OpenAI-compatible API, e.g.")
-        _say(f"      curl -N {url}/v1/completions -H 'Content-Type: application/json' "
-             "-d '{\"prompt\": \"def \", \"max_tokens\": 64, \"stream\": true}'")
+        _say(f"      {example_curl(url, opts.api_key_env, version_dir)}")
         _say("Ctrl-C stops the server (requests in flight finish first).")
         rc = child.wait()
     except BaseException:

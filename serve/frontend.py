@@ -475,7 +475,7 @@ class Frontend:
                 if not fan.open:
                     break
                 batch = await fan.next()
-            outcome = "finished"
+            outcome = fan.finish_reason()
             if req.include_usage:
                 yield sse(builder.usage_chunk(fan.prompt_tokens(), fan.completion_tokens()))
             yield SSE_DONE
@@ -487,7 +487,7 @@ class Frontend:
             logger.error("%s: %s", builder.id, e)
             yield sse(INTERNAL_ERROR)
         finally:
-            fan.close(outcome if outcome != "finished" else "cancelled")
+            fan.close("error" if outcome == "error" else "cancelled")  # choices still open: none once finished
             log.write(outcome, fan.prompt_tokens(), fan.completion_tokens())
 
     async def _complete(self, req: GenerationRequest, builder: ResponseBuilder, fan: Fanout, request: Request,
@@ -503,7 +503,7 @@ class Frontend:
                     return Response(status_code=499)  # the client went away; nobody reads this
                 work.result()
             builder.model = fan.runs[0].model.id
-            outcome = "finished"
+            outcome = fan.finish_reason()
             return JSONResponse(builder.final([r.state for r in fan.runs], fan.prompt_tokens()))
         except RequestError as e:
             outcome = "error"
@@ -516,7 +516,7 @@ class Frontend:
             return JSONResponse(INTERNAL_ERROR, status_code=500)
         finally:
             watcher.cancel()
-            fan.close(outcome if outcome != "finished" else "cancelled")
+            fan.close("error" if outcome == "error" else "cancelled")  # choices still open: none once finished
             log.write(outcome, fan.prompt_tokens(), fan.completion_tokens())
 
 
@@ -547,6 +547,10 @@ class Fanout:
             if run.done:
                 self._finished(run, run.state.finish_reason)
         return out
+
+    def finish_reason(self) -> str:
+        """The request's outcome as the metrics name it (stop, length...): its choices' reasons, joined."""
+        return ",".join(sorted({r.state.finish_reason for r in self.runs}))
 
     def _finished(self, run: ChoiceRun, outcome: str) -> None:
         if run in self.open:

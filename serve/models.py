@@ -13,6 +13,7 @@ counted, and the running one keeps serving; it is retried only once the path cha
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -142,7 +143,7 @@ class ModelSet:
         if version is None:
             self._failed_sig = sig
             logger.error("refusing the model at %s: %s; still serving %s", sig[0], error, self.current.id)
-            self.on_change("failed", {"path": sig[0], "reason": error.split(":")[0], "id": Path(sig[0]).name,
+            self.on_change("failed", {"path": sig[0], "reason": error.split(":")[0], "id": self._refused_id(sig[0]),
                                       "error": error})
             return
         old = self.current
@@ -153,6 +154,15 @@ class ModelSet:
             self.on_change("freed", {"id": old.id})
         logger.warning("now serving %s (was %s)", version.id, old.id)
         self.on_change("switched", {"id": version.id, "previous": old.id})
+
+    def _refused_id(self, folder: str) -> str:
+        """The refused version as ``name:version`` (the label every metric uses), read from its manifest
+        without trusting the rest; a folder without a readable one is this model's version of its name."""
+        try:
+            manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+            return f"{manifest['name']}:{manifest['version']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{self.current.artifact.name}:{Path(folder).name}"
 
     # --- requests ------------------------------------------------------------------------------
     def add(self, req: AddRequest) -> None:

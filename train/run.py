@@ -47,9 +47,15 @@ def read_run_config(run_dir: Path, flag: str = "RUN") -> dict[str, Any]:
         raise UserError(f"{run_dir} is not a run folder (no config.json)", flag=flag)
     try:
         cfg = json.loads(cfg_path.read_text())
-        GPTConfig.from_dict(cfg["model"])
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise UserError(f"{cfg_path} is not a valid run config: {e}", flag=flag) from None
+    if isinstance(cfg, dict) and "model_type" in cfg and "model" not in cfg:
+        raise UserError(f"{run_dir} is a Hugging Face model folder (model_type {cfg['model_type']!r}), not a nextoken "
+                        f"run: `nextoken train --init-from {run_dir}` continues training it", flag=flag)
+    try:
+        GPTConfig.from_dict(cfg["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_path} is not a valid run config: {e!r}", flag=flag) from None
     return cfg
 
 

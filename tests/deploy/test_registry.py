@@ -221,3 +221,14 @@ def test_the_server_follows_the_pointer_the_registry_writes(tiny_artifact: Path,
     (models / "current").write_text("2\n")  # the pointer-file form, for filesystems without symlinks
     assert resolve_artifact_dir(models / "current") == resolve_current(models).resolve() == (models / "2").resolve()
     assert signature(models / "current") == before
+
+
+def test_serving_the_models_folder_names_its_current_pointer(tiny_artifact: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from nextoken.cli import main
+
+    models = tmp_path / "models"
+    publish(tiny_artifact, models)
+    assert main(["serve", str(models)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ARTIFACT_DIR: ") and f"pass {models / 'current'}" in err

@@ -135,3 +135,17 @@ def test_a_parity_failure_at_export_publishes_nothing(published: Path, tmp_path:
     assert "retrain failed at step 'export'" in err and "--verify: the exported graph disagrees with PyTorch" in err
     assert "nothing was published" in err
     assert _snapshot(published) == before
+
+
+def test_quiet_prints_the_result_and_nothing_else(tiny_corpus: Path, tmp_path: Path) -> None:
+    """--quiet: no progress bar (the tokenizer's included), only the result line."""
+    import subprocess
+    import sys
+
+    flags = [f for f in TINY if f not in ("--no-progress", "--quiet")]  # progress on, as a user leaves it
+    res = subprocess.run([sys.executable, "-m", "nextoken", "retrain", "--models-dir", str(tmp_path / "models"),
+                          "--data", str(tiny_corpus), "--max-iters", "3", *flags, "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert res.stdout == f"published version 1 (scratch): {tmp_path / 'models' / '1'}\n"

@@ -127,3 +127,13 @@ def test_eval_errors_name_the_flag(tiny_bpe_run: Path, tiny_bpe_artifact: Path, 
         assert main(["eval", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and flag in err and "Traceback" not in err, (argv, err)
+
+
+def test_a_hugging_face_folder_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "a.txt").write_text(TEXTS[0])
+    assert main(["eval", str(hf), "--data", str(tmp_path / "a.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is a Hugging Face model folder (model_type 'gpt2')" in err and "Traceback" not in err, err

@@ -166,3 +166,26 @@ def test_up_serves_the_playground_and_stops_on_ctrl_c(up_dir: Path, tiny_corpus:
         if proc.poll() is None:
             proc.wait()
         log.close()
+
+
+def test_the_printed_curl_works_as_printed(serve_artifact: Path) -> None:
+    """The request `up` prints (with the key header when the server needs a key) gets a stream, not a 401/400."""
+    import shlex
+
+    from nextoken.export.up import example_curl
+    from tests.conftest import ServerProcess
+
+    s = ServerProcess(serve_artifact, "--api-key-env", "UP_TEST_KEY", env={"UP_TEST_KEY": "sekret"})
+    try:
+        words = shlex.split(example_curl(s.url, "UP_TEST_KEY", serve_artifact))
+        assert words[:2] == ["curl", "-N"]
+        headers = dict(h.split(": ", 1) for h in (words[i + 1] for i, w in enumerate(words) if w == "-H"))
+        with pytest.MonkeyPatch.context() as mp:  # as the user's shell expands it, with the key exported
+            mp.setenv("UP_TEST_KEY", "sekret")
+            headers = {k: os.path.expandvars(v) for k, v in headers.items()}
+        body = words[words.index("-d") + 1]
+        r = httpx.post(words[2], headers=headers, content=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.text.rstrip().endswith("data: [DONE]")
+    finally:
+        s.stop()

@@ -185,16 +185,16 @@ def test_reload_failure_reasons_are_the_documented_ones(tmp_path: Path) -> None:
     s = samples(run_metrics("""
         m = ServerMetrics()
         m.precreate("tiny:1")
-        m.reload_failed("3", "invalid artifact")
+        m.reload_failed("tiny:3", "invalid artifact")
         try:
-            m.reload_failed("4", "disk on fire")
+            m.reload_failed("tiny:4", "disk on fire")
         except ValueError as e:
             assert "unknown reload failure reason 'disk on fire'" in str(e)
         else:
             raise SystemExit("an undocumented reason was accepted")
     """, tmp_path))
-    assert value(s, "nextoken_model_reload_failures_total", model="3", reason="invalid artifact") == 1
-    assert label_values(s, "nextoken_model_reload_failures_total", "model") == {"tiny:1", "3"}
+    assert value(s, "nextoken_model_reload_failures_total", model="tiny:3", reason="invalid artifact") == 1
+    assert label_values(s, "nextoken_model_reload_failures_total", "model") == {"tiny:1", "tiny:3"}
 
 
 def test_vllm_compat_exposes_one_series_per_gauge_summed_over_versions(tmp_path: Path) -> None:

@@ -312,12 +312,14 @@ def test_metadata_is_recorded_in_the_request_log(server: ServerProcess) -> None:
     c.chat.completions.create(model=model_id(server), messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                               user="alice", metadata={"team": "eval"}, safety_identifier="u-17",
                               prompt_cache_key="k-3")
-    c.completions.create(model=model_id(server), prompt="the", max_tokens=2, user="bob")
+    c.completions.create(model=model_id(server), prompt="the", max_tokens=2, user="bob", extra_body={"ignore_eos": True})
     records = [json.loads(line.split(" nextoken.serve.requests ", 1)[1]) for line in server.output().splitlines()
                if " nextoken.serve.requests " in line]
+    # outcome: the finish reason, as nextoken_requests_total's outcome label names it
     assert any(r.get("user") == "alice" and r.get("metadata") == {"team": "eval"} and r.get("safety_identifier")
-               == "u-17" and r.get("prompt_cache_key") == "k-3" and r["outcome"] == "finished" for r in records)
-    assert any(r.get("user") == "bob" and r["endpoint"] == "completions" for r in records)
+               == "u-17" and r.get("prompt_cache_key") == "k-3" and r["outcome"] in ("stop", "length")
+               for r in records)
+    assert any(r.get("user") == "bob" and r["endpoint"] == "completions" and r["outcome"] == "length" for r in records)
 
 
 # --- structured output -----------------------------------------------------------------------

@@ -84,6 +84,8 @@ def test_new_version_under_load_then_a_corrupt_one_is_refused(models: Path) -> N
         time.sleep(1.5)
         refusals = s.output().count("refusing the model at")
         assert refusals in (1, 2) and metric(s.url, "nextoken_model_reload_failures_total") == refusals
+        # labelled as every other series is, name:version (its manifest is intact; its weights are not)
+        assert metric(s.url, "nextoken_model_reload_failures_total", model="tiny-serve:3") == refusals
         m = len(results)
         assert wait_for(lambda: len(results) >= m + 8)
     finally:
