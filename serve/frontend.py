@@ -10,9 +10,9 @@ string is cancelled in the engine at once (its later tokens are dropped here).
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``; vLLM's ``/tokenize``,
 ``/detokenize``, ``/tokenizer_info``; probes ``/health`` (liveness: the server process answers and
 its engine is alive) and ``/ready`` (readiness: a model is loaded and the server is not draining);
-``/metrics``; ``POST /admin/reload``; the playground at ``/``. Admission is decided before the body
-is read when the server is full (a 429 in microseconds), and again once the number of choices is
-known.
+``/metrics``; ``POST /admin/reload``; ``/openapi.json``; the pages (the playground at ``/``, the API
+at ``/docs``). Admission is decided before the body is read when the server is full (a 429 in
+microseconds), and again once the number of choices is known.
 """
 
 from __future__ import annotations

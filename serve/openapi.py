@@ -10,6 +10,10 @@ model with another context is reflected at once.
 
 LitServe's internal routes (``/``, ``/litserve/health``, ``/litserve/info``) are not part of this API
 and are left out of the document.
+
+The document is read in a browser at ``/docs``, a static page of ours (``serve/static/docs.html``).
+FastAPI's own ``/docs`` (Swagger UI) and ``/redoc`` fetch their scripts from a CDN: blank offline
+and outside the pages' Content-Security-Policy, so ``install_openapi`` removes them.
 """
 
 from __future__ import annotations
@@ -211,6 +215,19 @@ def openapi_document(app: FastAPI, limits: Limits) -> dict[str, Any]:
     return doc
 
 
+def remove_cdn_pages(app: FastAPI) -> None:
+    """Drop FastAPI's Swagger UI, its OAuth2 redirect and ReDoc: they load from a CDN (see the module note).
+
+    LitServe builds the FastAPI app with their default paths and offers no option to leave them out,
+    and FastAPI mounts them as the app is made, so the routes are taken out afterwards.
+    """
+    gone = {app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url} - {None}
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in gone]
+    app.docs_url = app.redoc_url = app.swagger_ui_oauth2_redirect_url = None
+
+
 def install_openapi(app: FastAPI, limits: Callable[[], Limits]) -> None:
-    """Serve ``openapi_document`` at /openapi.json (and in /docs), rebuilt for the version serving now."""
+    """Serve ``openapi_document`` at /openapi.json, rebuilt for the version serving now (the page /docs
+    draws it), and remove the CDN pages."""
     app.openapi = lambda: openapi_document(app, limits())  # type: ignore[method-assign]
+    remove_cdn_pages(app)

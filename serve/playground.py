@@ -1,9 +1,10 @@
-"""The browser playground: static pages at ``/`` and ``/runs``, plus the small JSON routes they read.
+"""The browser pages: the playground at ``/``, the run page at ``/runs``, the API page at ``/docs``,
+plus the small JSON routes they read.
 
 The pages are plain files in ``serve/static/`` (HTML, CSS, ES modules; no build step, nothing
 from a CDN: the Content-Security-Policy sent with them allows this server only). Everything
 the pages show comes from the public API (``/v1/completions`` with ``logprobs``, ``/v1/models``,
-``/metrics``) and from two read-only routes added here:
+``/metrics``, ``/openapi.json``) and from two read-only routes added here:
 
 * ``GET /api/model``: the served version's artifact described (parameters, layers, vocabulary,
   where it was exported from, parity figures), re-read when the served version changes;
@@ -13,7 +14,8 @@ the pages show comes from the public API (``/v1/completions`` with ``logprobs``,
 Auth: the static files and ``/api/auth`` hold nothing about the model and must load in a
 browser that cannot attach ``Authorization`` headers to a page load, so ``StaticPages`` answers
 them in front of the API-key middleware (``mount_playground`` must therefore be called after
-that middleware is added). Every JSON route with data, like the API itself, needs the key.
+that middleware is added). Every JSON route with data, like the API itself, needs the key:
+``/docs`` loads without it and then asks for it, since ``/openapi.json`` describes the served model.
 
 The run page's routes live in ``nextoken.serve.runs``; here they are mounted for the served
 model's own training run (the folder its manifest names, when it exists on this machine). This
@@ -34,7 +36,9 @@ from starlette.responses import FileResponse
 
 STATIC_DIR = Path(__file__).with_name("static")
 ASSET_PREFIX = "/ui/"
-PAGES = {"/": "index.html", "/runs": "runs.html"}
+# /docs draws /openapi.json itself (docs.js): FastAPI's Swagger UI and ReDoc load from a CDN and are removed
+# (openapi.remove_cdn_pages).
+PAGES = {"/": "index.html", "/runs": "runs.html", "/docs": "docs.html"}
 AUTH_PATH = "/api/auth"
 # The pages load only this server's files and talk only to it; inline scripts and styles are not used.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -154,7 +158,7 @@ def describe_artifact(artifact_dir: str | Path, model_id: str) -> dict[str, Any]
 
 
 def mount_playground(app: FastAPI, model: Callable[[], ServedModelView], *, api_key_required: bool) -> None:
-    """Serve the playground at ``/`` and the served model's run page at ``/runs`` on ``app``.
+    """Serve the playground at ``/``, the served model's run page at ``/runs`` and the API page at ``/docs``.
 
     ``model`` returns the version taking new requests (``OpenAISpec.model``); it is called per
     request, so a hot-reloaded version shows at once. Call this after the API-key middleware

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,15 +76,20 @@ class PageWatch:
 
 @pytest.fixture
 def open_page(browser: object) -> Iterator[object]:
-    """``open_page(url, viewport=DESKTOP) -> (page, watch)`` in a fresh context (its own storage)."""
+    """``open_page(url, viewport=DESKTOP, before=None) -> (page, watch)`` in a fresh context (its own storage).
+
+    ``before(page)`` runs before the page is loaded: to listen from its first request on."""
     opened = []
 
-    def _open(url: str, viewport: dict[str, int] = DESKTOP) -> tuple[object, PageWatch]:
+    def _open(url: str, viewport: dict[str, int] = DESKTOP,
+              before: Callable[[object], None] | None = None) -> tuple[object, PageWatch]:
         context = browser.new_context(viewport=viewport)
         page = context.new_page()
         page.set_default_timeout(30_000)
         watch = PageWatch(page)
         opened.append((context, watch))
+        if before is not None:
+            before(page)
         page.goto(url)
         page.wait_for_selector("body[data-ready]")
         return page, watch

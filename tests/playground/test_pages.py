@@ -54,7 +54,8 @@ def test_only_the_static_folders_files_are_served_with_the_csp(tmp_path: Path) -
     assert set(PAGES) <= set(files)
     for url, f in files.items():
         assert f.resolve().is_relative_to(STATIC_DIR.resolve()) and f.is_file(), url
-    assert {"/ui/index.html", "/ui/playground.js", "/ui/common.js", "/ui/runs.js", "/ui/style.css"} <= set(files)
+    assert {"/ui/index.html", "/ui/playground.js", "/ui/common.js", "/ui/runs.js", "/ui/style.css", "/ui/docs.js",
+            "/ui/openapi.js"} <= set(files)
     client = TestClient(_app(tmp_path, key="k"))
     for url in ("/", "/runs", "/ui/playground.js"):
         r = client.get(url)
@@ -67,6 +68,28 @@ def test_only_the_static_folders_files_are_served_with_the_csp(tmp_path: Path) -
                    "/ui/.hidden", "/index.html"):
         assert client.get(sneaky).status_code in (401, 404), sneaky  # never a file outside the list
     assert client.post("/").status_code in (401, 404, 405)  # only GET/HEAD are answered outside the key
+
+
+def test_fastapis_cdn_pages_are_removed_and_docs_is_ours(tmp_path: Path) -> None:
+    """FastAPI mounts Swagger UI (/docs) and ReDoc (/redoc), which load from a CDN; the app keeps /openapi.json
+    and answers /docs with the static page only once the playground is mounted."""
+    from nextoken.serve.openapi import Limits, install_openapi
+
+    def app(*, pages: bool) -> FastAPI:
+        a = FastAPI()
+        install_openapi(a, lambda: Limits(context=64, vocab_size=65, capacity=4))
+        if pages:
+            mount_playground(a, lambda: _Model(tmp_path), api_key_required=False)
+        return a
+
+    assert "cdn" in TestClient(FastAPI()).get("/docs").text  # what FastAPI gives by default
+    client = TestClient(app(pages=False))
+    for gone in ("/docs", "/docs/oauth2-redirect", "/redoc"):
+        assert client.get(gone).status_code == 404, gone
+    assert "/v1/completions" in client.get("/openapi.json").json()["paths"]
+    page = TestClient(app(pages=True)).get("/docs")
+    assert page.status_code == 200 and page.headers["content-security-policy"] == CSP
+    assert '<script type="module" src="/ui/docs.js">' in page.text
 
 
 def test_pages_skip_the_key_but_data_routes_do_not(tmp_path: Path) -> None:
