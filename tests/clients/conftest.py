@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import gc
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from nextoken_client import AsyncClient
 from tests.clients.fakeserver import Script, serve
 from tests.conftest import ServerProcess, free_port
 
@@ -28,6 +32,27 @@ def fake(fake_server: tuple[str, Script]) -> tuple[str, Script]:
     script.replies.clear()
     script.requests.clear()
     return url, script
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """Only reference counting frees objects, so a stream caught in a reference cycle keeps its
+    connection (the cyclic GC runs at whim: with the fake server, whenever its thread allocates)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextlib.asynccontextmanager
+async def one_connection_client(url: str) -> AsyncIterator[AsyncClient]:
+    """An ``AsyncClient`` with one pooled connection and a 1 s pool timeout: if a stream kept its
+    connection after its loop ended, the next request fails with ``APITimeoutError``."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+        yield AsyncClient(url, http_client=http, max_retries=0, connect_timeout=1.0)
 
 
 # -- the real server ---------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from nextoken_client import (
     APIConnectionError,
     AsyncClient,
     AuthenticationError,
+    ChatMessage,
     Client,
     NextokenError,
     OverloadedError,
@@ -31,7 +34,8 @@ from nextoken_client import (
     ValidationError,
 )
 from nextoken_client.loadtest.cli import main as loadtest_main
-from tests.conftest import ServerProcess
+from tests.clients.conftest import one_connection_client
+from tests.conftest import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
 PROMPT = "the cat sat"
@@ -89,6 +93,74 @@ def test_async_client_complete_and_concurrent_streams(real_server: ServerProcess
     text, streamed = asyncio.run(main())
     # Four requests batched together must each still get the single-request greedy answer.
     assert streamed == [text] * 4
+
+
+def test_async_stream_every_form(real_server: ServerProcess) -> None:
+    """`async for` over the call or the awaited call, `async with` over either, and chat: all the
+    greedy answer; a refused request raises its ValidationError wherever the stream is first used."""
+    hello: list[ChatMessage] = [{"role": "user", "content": "hello"}]
+    greedy = {"max_tokens": 8, "temperature": 0.0}
+
+    async def main() -> None:
+        async with AsyncClient(real_server.url) as client:
+            done = await client.complete(PROMPT, **greedy)
+            texts = ["".join([e.text async for e in client.stream(PROMPT, **greedy)])]
+            stream = await client.stream(PROMPT, **greedy)
+            texts.append("".join([e.text async for e in stream]))
+            async with client.stream(PROMPT, **greedy) as stream:
+                texts.append("".join([e.text async for e in stream]))
+            async with await client.stream(PROMPT, **greedy) as stream:
+                texts.append("".join([e.text async for e in stream]))
+            assert texts == [done.text] * 4 and stream.response.is_closed
+            chat = await client.chat(hello, **greedy)
+            assert "".join([e.text async for e in client.chat_stream(hello, **greedy)]) == chat.text
+
+            too_long = {"max_tokens": 100_000}  # past the model's 512-token context
+            with pytest.raises(ValidationError) as info:
+                async for _ in client.stream(PROMPT, **too_long):
+                    pass
+            assert info.value.status_code == 400 and info.value.code == "context_length_exceeded"
+            with pytest.raises(ValidationError):
+                async with client.stream(PROMPT, **too_long):
+                    pass
+            with pytest.raises(ValidationError):
+                await client.chat_stream(hello, **too_long)
+
+    asyncio.run(main())
+
+
+def test_async_stream_break_frees_the_connection(real_server: ServerProcess, no_cyclic_gc: None) -> None:
+    """Leaving `async for` over the call early closes the stream at once: the next request gets
+    the client's only connection instead of timing out waiting for it."""
+
+    async def main() -> str:
+        async with one_connection_client(real_server.url) as client:
+            async for event in client.stream(PROMPT, max_tokens=400, extra_body={"ignore_eos": True}):
+                if event.text:
+                    break
+            return (await client.complete(PROMPT, max_tokens=2)).finish_reason or ""
+
+    assert asyncio.run(main()) in ("stop", "length")
+
+
+def sdk_examples() -> list[Any]:
+    """The README's Python blocks that use the SDK (the project's README and the client's own)."""
+    found = []
+    for path in (REPO / "README.md", REPO / "clients" / "python" / "README.md"):
+        blocks = re.findall(r"^```python\n(.*?)^```", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+        found += [pytest.param(code, id=f"{path.relative_to(REPO)}:{i}")
+                  for i, code in enumerate(blocks) if "nextoken_client" in code]
+    return found
+
+
+@pytest.mark.parametrize("code", sdk_examples())
+def test_readme_sdk_examples_run_as_written(real_server: ServerProcess, code: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Each example, pointed at the test server instead of port 8000, runs and prints an answer."""
+    assert "http://127.0.0.1:8000" in code
+    exec(compile(code.replace("http://127.0.0.1:8000", real_server.url), "README example", "exec"),
+         {"__name__": "__main__"})
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("bad", [{"top_p": 2.0}, {"max_tokens": 0}, {"temperature": -1.0}])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 
 from nextoken_client import (
@@ -19,6 +20,7 @@ from nextoken_client import (
     StreamError,
     ValidationError,
 )
+from tests.clients.conftest import one_connection_client
 from tests.clients.fakeserver import Reply, Script, completion
 from tests.conftest import free_port
 
@@ -168,3 +170,108 @@ def test_a_200_that_is_not_a_json_object_is_an_error_not_an_empty_result(fake: t
     script.replies.append(Reply(body="<html>captive portal</html>"))
     with Client(url) as client, pytest.raises(NextokenError, match="captive portal"):
         client.complete("x")
+
+
+def test_async_stream_every_form(fake: tuple[str, Script]) -> None:
+    """`async for` over the call or the awaited call, `async with` over either; each closes its response."""
+    url, script = fake
+    script.replies += [Reply(pieces=["a", "b"]) for _ in range(5)]
+
+    async def main() -> list[str]:
+        got = []
+        async with AsyncClient(url) as client:
+            never_used = client.stream("x")  # nothing is sent until the stream is used
+            assert script.requests == []
+            await never_used.aclose()
+            assert [e async for e in never_used] == [] and script.requests == []
+
+            got.append("".join([e.text async for e in client.stream("x")]))
+
+            stream = await client.stream("x")  # opened: the request has been answered
+            assert len(script.requests) == 2 and not stream.response.is_closed
+            got.append("".join([e.text async for e in stream]))
+            assert stream.response.is_closed  # read to the end
+
+            async with client.stream("x") as stream:
+                got.append("".join([e.text async for e in stream]))
+            assert stream.response.is_closed
+
+            async with await client.stream("x") as stream:
+                got.append("".join([e.text async for e in stream]))
+            assert stream.response.is_closed
+
+            got.append("".join([e.text async for e in client.chat_stream([{"role": "user", "content": "hi"}])]))
+        return got
+
+    assert asyncio.run(main()) == ["ab"] * 5
+    assert [body.get("stream") for _, body, _ in script.requests] == [True] * 5
+    assert "messages" in script.requests[-1][1]
+
+
+def test_async_stream_break_returns_the_connection(fake: tuple[str, Script], no_cyclic_gc: None) -> None:
+    url, script = fake
+    # Each stream stalls after its first piece, so it is still open when the loop breaks.
+    stalled, ok = Reply(pieces=["a", "b"], stall=5.0), Reply(body=completion("ok"))
+    script.replies += [stalled, ok, stalled, ok, stalled, ok]
+
+    async def main() -> None:
+        async with one_connection_client(url) as client:
+            async for event in client.stream("x"):
+                assert event.text == "a"
+                break
+            assert (await client.complete("x")).text == "ok"  # the one connection came back
+
+            async with client.stream("x") as stream:
+                async for _ in stream:
+                    break
+            assert stream.response.is_closed
+            assert (await client.complete("x")).text == "ok"
+
+            # The check can fail: a stream kept alive and unclosed after a break holds the connection.
+            held = await client.stream("x")
+            async for _ in held:
+                break
+            with pytest.raises(APITimeoutError):
+                await client.complete("x")
+            await held.aclose()
+            assert (await client.complete("x")).text == "ok"
+
+    asyncio.run(main())
+
+
+def test_sync_stream_break_returns_the_connection(fake: tuple[str, Script], no_cyclic_gc: None) -> None:
+    url, script = fake
+    script.replies += [Reply(pieces=["a", "b"], stall=5.0), Reply(body=completion("ok"))]
+    with httpx.Client(limits=httpx.Limits(max_connections=1)) as http:
+        client = Client(url, http_client=http, max_retries=0, connect_timeout=1.0)
+        for _ in client.stream("x"):
+            break
+        assert client.complete("x").text == "ok"
+
+
+def test_async_stream_errors_raise_where_the_stream_is_used(fake: tuple[str, Script]) -> None:
+    url, script = fake
+    script.replies += [Reply(status=400, body=ERR), Reply(status=400, body=ERR), Reply(status=400, body=ERR),
+                       Reply(status=429, headers={"retry-after": "0"}, body={"error": {"message": "busy"}}),
+                       Reply(pieces=["p", "q", "r"], cut_after=1)]
+
+    async def main() -> None:
+        async with AsyncClient(url, max_retries=1) as client:
+            with pytest.raises(ValidationError) as info:
+                async for _ in client.stream("x"):
+                    pass
+            assert info.value.status_code == 400 and info.value.param == "max_tokens"
+            with pytest.raises(ValidationError):
+                async with client.stream("x"):
+                    pass
+            with pytest.raises(ValidationError):
+                await client.stream("x")
+            # Opening is retried (the 429); the stream cut after its first piece is not.
+            got = []
+            with pytest.raises(StreamError) as cut:
+                async for event in client.stream("x"):
+                    got.append(event.text)
+            assert got == ["p"] and cut.value.text == "p"
+
+    asyncio.run(main())
+    assert len(script.requests) == 5

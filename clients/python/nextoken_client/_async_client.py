@@ -8,6 +8,7 @@ retried only while opening it; once its 200 arrived, failures surface as ``Strea
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -74,24 +75,28 @@ class AsyncClient:
         body = request_body("completion", prompt, False, self._settings.model, sampling)
         return parse_completion(await self._post_json("/v1/completions", body))
 
-    async def stream(self, prompt: str, **sampling: Unpack[SamplingParams]) -> AsyncStream:
+    def stream(self, prompt: str, **sampling: Unpack[SamplingParams]) -> AsyncStream:
         """Generate a completion of ``prompt`` and iterate over it as it is produced::
 
-            async with await client.stream("Hello", max_tokens=16) as events:
+            async with client.stream("Hello", max_tokens=16) as events:
                 async for event in events:
                     print(event.text, end="")
+
+        The request is sent when the stream is first used: ``async for`` over the call,
+        ``async with``, or ``await client.stream(...)`` (which opens it and returns it).
         """
         body = request_body("completion", prompt, True, self._settings.model, sampling)
-        return AsyncStream(await self._send("POST", "/v1/completions", body, stream=True))
+        return AsyncStream(opener=functools.partial(self._send, "POST", "/v1/completions", body, stream=True))
 
     async def chat(self, messages: Sequence[ChatMessage], **sampling: Unpack[SamplingParams]) -> Completion:
         """One assistant reply to ``messages``; ``Completion.text`` is its content."""
         body = request_body("chat", messages, False, self._settings.model, sampling)
         return parse_completion(await self._post_json("/v1/chat/completions", body))
 
-    async def chat_stream(self, messages: Sequence[ChatMessage], **sampling: Unpack[SamplingParams]) -> AsyncStream:
+    def chat_stream(self, messages: Sequence[ChatMessage], **sampling: Unpack[SamplingParams]) -> AsyncStream:
+        """``chat`` as a stream, used like ``stream``."""
         body = request_body("chat", messages, True, self._settings.model, sampling)
-        return AsyncStream(await self._send("POST", "/v1/chat/completions", body, stream=True))
+        return AsyncStream(opener=functools.partial(self._send, "POST", "/v1/chat/completions", body, stream=True))
 
     # -- server information -----------------------------------------------------------------------
 

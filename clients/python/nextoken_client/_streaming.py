@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -176,6 +176,54 @@ class _EventBuilder:
         return StreamError(message, text="".join(self.text), events=self.events)
 
 
+def _iter_events(response: httpx.Response, builder: _EventBuilder) -> Generator[StreamEvent, None, None]:
+    # A module function, not a method: a generator holding its stream would form a reference cycle,
+    # and then a loop that breaks early would leave the connection checked out until the cyclic GC
+    # ran. Without the cycle, dropping the stream closes the generator, whose finally closes the
+    # response.
+    decoder = SSEDecoder()
+    try:
+        for chunk in response.iter_bytes():
+            for sse in decoder.feed(chunk):
+                yield from builder.feed(sse)
+                if builder.done:
+                    return
+        for sse in decoder.flush():
+            yield from builder.feed(sse)
+        yield from builder.end()
+    except httpx.TimeoutException as e:
+        raise APITimeoutError(f"no token within the read timeout after {builder.events} events: {e}") from e
+    except httpx.TransportError as e:
+        raise builder.error(f"the connection broke mid-stream after {builder.events} events: {e}") from e
+    finally:
+        response.close()
+
+
+async def _aiter_events(response: httpx.Response, builder: _EventBuilder) -> AsyncGenerator[StreamEvent, None]:
+    # No reference to the stream, as in _iter_events: when `async for event in client.stream(...)`
+    # breaks, the stream is freed at once and asyncio's async-generator finalizer runs this
+    # finally on the loop, returning the connection without waiting for the cyclic GC.
+    decoder = SSEDecoder()
+    try:
+        async for chunk in response.aiter_bytes():
+            for sse in decoder.feed(chunk):
+                for event in builder.feed(sse):
+                    yield event
+                if builder.done:
+                    return
+        for sse in decoder.flush():
+            for event in builder.feed(sse):
+                yield event
+        for event in builder.end():
+            yield event
+    except httpx.TimeoutException as e:
+        raise APITimeoutError(f"no token within the read timeout after {builder.events} events: {e}") from e
+    except httpx.TransportError as e:
+        raise builder.error(f"the connection broke mid-stream after {builder.events} events: {e}") from e
+    finally:
+        await response.aclose()
+
+
 class Stream(Iterator[StreamEvent]):
     """Iterate over a completion as it is generated; use it in a ``with`` block (or call ``close()``)
     so the connection returns to the pool even when you stop early."""
@@ -183,7 +231,7 @@ class Stream(Iterator[StreamEvent]):
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
         self._builder = _EventBuilder()
-        self._iterator = self._events()
+        self._iterator = _iter_events(response, self._builder)
 
     @property
     def text(self) -> str:
@@ -195,25 +243,6 @@ class Stream(Iterator[StreamEvent]):
 
     def __iter__(self) -> Iterator[StreamEvent]:
         return self
-
-    def _events(self) -> Iterator[StreamEvent]:
-        builder = self._builder
-        decoder = SSEDecoder()
-        try:
-            for chunk in self.response.iter_bytes():
-                for sse in decoder.feed(chunk):
-                    yield from builder.feed(sse)
-                    if builder.done:
-                        return
-            for sse in decoder.flush():
-                yield from builder.feed(sse)
-            yield from builder.end()
-        except httpx.TimeoutException as e:
-            raise APITimeoutError(f"no token within the read timeout after {builder.events} events: {e}") from e
-        except httpx.TransportError as e:
-            raise builder.error(f"the connection broke mid-stream after {builder.events} events: {e}") from e
-        finally:
-            self.response.close()
 
     def close(self) -> None:
         self._iterator.close()  # runs the generator's finally if it had started
@@ -229,51 +258,77 @@ class Stream(Iterator[StreamEvent]):
 
 
 class AsyncStream(AsyncIterator[StreamEvent]):
-    """The async twin of ``Stream``: ``async with`` / ``async for``, ``aclose()``."""
+    """The async twin of ``Stream``. ``AsyncClient.stream()`` returns one that opens its request on
+    first use, so each of these works, with the same retries while opening::
 
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
+        async for event in client.stream(...): ...           # the stream closes when dropped
+        async with client.stream(...) as stream: ...         # closes on leaving the block
+        stream = await client.stream(...)                    # open now: errors raise here
+        async with await client.stream(...) as stream: ...
+
+    Prefer ``async with`` (or ``aclose()``) when you may stop early and keep a reference.
+    """
+
+    def __init__(self, response: httpx.Response | None = None, *,
+                 opener: Callable[[], Awaitable[httpx.Response]] | None = None) -> None:
+        if (response is None) == (opener is None):
+            raise TypeError("AsyncStream takes either an open response or an opener")
+        self._response = response
+        self._opener = opener
         self._builder = _EventBuilder()
-        self._iterator = self._events()
+        self._iterator = None if response is None else _aiter_events(response, self._builder)
+        self._opening = False
+        self._closed = False
+
+    @property
+    def response(self) -> httpx.Response:
+        if self._response is None:
+            raise RuntimeError("the stream is not open yet: await it, or use it with async with / async for")
+        return self._response
 
     @property
     def text(self) -> str:
         return "".join(self._builder.text)
 
+    async def _open(self) -> AsyncStream:
+        if self._iterator is not None or self._closed:
+            return self
+        if self._opening:  # a second open would send the request twice and leak one response
+            raise RuntimeError("this stream is already being opened by another task")
+        assert self._opener is not None
+        self._opening = True
+        try:
+            self._response = await self._opener()
+        finally:
+            self._opening = False
+        if self._closed:  # aclose() came while the request was in flight: nobody will read it
+            await self._response.aclose()
+            return self
+        self._iterator = _aiter_events(self._response, self._builder)
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncStream]:
+        return self._open().__await__()
+
     async def __anext__(self) -> StreamEvent:
+        if self._iterator is None:
+            await self._open()
+            if self._iterator is None:  # closed before it was ever opened
+                raise StopAsyncIteration
         return await self._iterator.__anext__()
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         return self
 
-    async def _events(self) -> AsyncIterator[StreamEvent]:
-        builder = self._builder
-        decoder = SSEDecoder()
-        try:
-            async for chunk in self.response.aiter_bytes():
-                for sse in decoder.feed(chunk):
-                    for event in builder.feed(sse):
-                        yield event
-                    if builder.done:
-                        return
-            for sse in decoder.flush():
-                for event in builder.feed(sse):
-                    yield event
-            for event in builder.end():
-                yield event
-        except httpx.TimeoutException as e:
-            raise APITimeoutError(f"no token within the read timeout after {builder.events} events: {e}") from e
-        except httpx.TransportError as e:
-            raise builder.error(f"the connection broke mid-stream after {builder.events} events: {e}") from e
-        finally:
-            await self.response.aclose()
-
     async def aclose(self) -> None:
-        await self._iterator.aclose()
-        await self.response.aclose()
+        self._closed = True
+        if self._iterator is not None:
+            await self._iterator.aclose()  # runs its finally if it had started
+        if self._response is not None:
+            await self._response.aclose()  # and covers the case where it never did
 
     async def __aenter__(self) -> AsyncStream:
-        return self
+        return await self._open()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
