@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nextoken_client.loadtest import RequestRecord, percentile, summarize
+from nextoken_client.loadtest import ErrorDetail, RequestRecord, percentile, summarize
 from nextoken_client.loadtest.cli import main
+from nextoken_client.loadtest.report import format_table
 from nextoken_client.loadtest.workload import LengthSpec, file_workload, synthetic_workload
 from tests.clients.fakeserver import Reply, Script
 
@@ -51,6 +52,29 @@ def test_single_token_requests_have_no_tpot_and_errors_are_named() -> None:
     assert s.tpot_ms is None and s.itl_ms is None and s.level == "rate=4"
     with pytest.raises(ValueError, match="unknown SLO"):
         summarize([], 1.0, slo_ms={"latency": 1.0})
+
+
+def test_failures_are_grouped_with_the_servers_message() -> None:
+    """Identical failures make one line with their count; the console shows the five most frequent."""
+    too_long = ErrorDetail("max_tokens too large", "invalid_request_error", "max_tokens", "context_length_exceeded")
+    records = [RequestRecord(ok=False, error="ValidationError(400)", error_detail=too_long)] * 3
+    records += [RequestRecord(ok=False, error="StreamError", error_detail=ErrorDetail(f"cut after {i} events"))
+                for i in range(6)]
+    records += [RequestRecord(ok=False, error="OverloadedError(429)"), RequestRecord(ok=True, latency=0.1)]
+    s = summarize(records, 1.0, concurrency=1)
+    assert s.failures == {"ValidationError(400)": 3, "StreamError": 6, "OverloadedError(429)": 1}
+    assert s.failure_details[0] == {"kind": "ValidationError(400)", "count": 3, "message": "max_tokens too large",
+                                    "type": "invalid_request_error", "param": "max_tokens",
+                                    "code": "context_length_exceeded"}
+    assert len(s.failure_details) == 8 and {"kind": "OverloadedError(429)", "count": 1, "message": None, "type": None,
+                                            "param": None, "code": None} in s.failure_details
+    lines = format_table([s]).splitlines()
+    at = lines.index("failures at concurrency=1: 10 of 11 requests")
+    assert lines[at + 1] == ("  3 x ValidationError(400): max_tokens too large (type: invalid_request_error, "
+                             "param: max_tokens, code: context_length_exceeded)")
+    assert lines[at + 2] == "  1 x OverloadedError(429)"
+    assert lines[at + 3].startswith("  1 x StreamError: cut after ")
+    assert lines[at + 6:] == ["  ... 3 more distinct failures (3 requests); --json-out lists them all"]
 
 
 def test_length_specs() -> None:
@@ -154,8 +178,10 @@ def test_send_one_times_a_known_stall(fake: tuple[str, Script]) -> None:
     r = asyncio.run(run())
     assert r.ok and r.output_tokens == 4 and r.prompt_tokens == 1 and len(r.itl) == 3
     assert r.ttft is not None and r.ttft < 0.25
-    assert sorted(r.itl)[-1] >= 0.3 and sorted(r.itl)[1] < 0.1
-    assert r.tpot is not None and 0.1 <= r.tpot <= (r.latency - r.ttft) / 3 + 1e-9
+    # Reading the first token late (the fake server shares this process, on a loaded machine)
+    # shortens the gap the client sees by as much, so the stall shows as a little under 0.3 s.
+    assert sorted(r.itl)[-1] >= 0.25 and sorted(r.itl)[1] < 0.1
+    assert r.tpot is not None and 0.25 / 3 <= r.tpot <= (r.latency - r.ttft) / 3 + 1e-9
 
 
 @pytest.mark.parametrize("argv", [["--slo", "latency=5"], ["--concurrency", "0"], ["--output-len", "uniform:9:2"],
@@ -164,3 +190,23 @@ def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as info:
         main(["--base-url", "http://127.0.0.1:9", *argv])
     assert info.value.code == 2 and capsys.readouterr().err
+
+
+def test_cli_prints_and_saves_the_servers_error(fake: tuple[str, Script], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    url, script = fake
+    message = "prompt (9 tokens) + max_tokens (600) = 609 exceeds this model's context of 512 tokens"
+    error = {"error": {"message": message, "type": "invalid_request_error", "param": "max_tokens",
+                       "code": "context_length_exceeded"}}
+    script.replies += [Reply(status=400, body=error) for _ in range(3)]
+    rc = main(["--base-url", url, "--concurrency", "1", "--num-requests", "3", "--warmup", "0", "--output-len", "600",
+               "--json-out", str(tmp_path / "sweep.json"), "--no-progress"])
+    assert rc == 1  # nothing completed
+    out = capsys.readouterr().out
+    assert ("  3 x ValidationError(400): " + message + " (type: invalid_request_error, param: max_tokens, "
+            "code: context_length_exceeded)") in out.splitlines()
+    level = json.loads((tmp_path / "sweep.json").read_text())["levels"][0]
+    assert level["failures"] == {"ValidationError(400)": 3}
+    assert level["failure_details"] == [{"kind": "ValidationError(400)", "count": 3, "message": message,
+                                         "type": "invalid_request_error", "param": "max_tokens",
+                                         "code": "context_length_exceeded"}]

@@ -235,6 +235,28 @@ def test_loadtest_sweep_against_the_server(locked_server: ServerProcess, tmp_pat
         "latency_distribution.png", "throughput.png", "ttft_p99.png"]
 
 
+def test_loadtest_shows_the_servers_refusal(real_server: ServerProcess, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """max_tokens past the context: every request is a 400, and the report says why, in the
+    console and in the JSON."""
+    rc = loadtest_main(["--base-url", real_server.url, "--concurrency", "1", "--num-requests", "4", "--warmup", "0",
+                        "--input-len", "3", "--output-len", "1000", "--json-out", str(tmp_path / "sweep.json"),
+                        "--no-progress"])
+    assert rc == 1  # nothing completed
+    out = capsys.readouterr().out
+    assert "failures at concurrency=1: 4 of 4 requests" in out
+    said = re.compile(r"ValidationError\(400\): prompt \(\d+ tokens\) \+ max_tokens \(1000\) = \d+ exceeds this "
+                      r"\w+'s context of 512 tokens \(type: \w+, param: max_tokens, code: context_length_exceeded\)$")
+    assert any(said.search(line) for line in out.splitlines()), out
+    level = json.loads((tmp_path / "sweep.json").read_text())["levels"][0]
+    assert level["failures"] == {"ValidationError(400)": 4}
+    details = level["failure_details"]
+    assert sum(d["count"] for d in details) == 4
+    for d in details:
+        assert d["kind"] == "ValidationError(400)" and "max_tokens (1000)" in d["message"]
+        assert (d["param"], d["code"]) == ("max_tokens", "context_length_exceeded") and d["type"]
+
+
 def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
     """A kill after the first token: StreamError with the text so far, never a retry; then refused.
 

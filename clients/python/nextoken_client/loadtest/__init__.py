@@ -5,6 +5,6 @@ times every token, ``stats`` turns timings into metrics, ``report`` prints/saves
 ``plots`` draws them. Only ever talks to the URL it is given.
 """
 
-from .stats import LevelSummary, RequestRecord, percentile, summarize
+from .stats import ErrorDetail, LevelSummary, RequestRecord, percentile, summarize
 
-__all__ = ["LevelSummary", "RequestRecord", "percentile", "summarize"]
+__all__ = ["ErrorDetail", "LevelSummary", "RequestRecord", "percentile", "summarize"]

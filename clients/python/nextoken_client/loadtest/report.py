@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from .stats import LevelSummary, RequestRecord
 
-__all__ = ["Progress", "format_table", "write_json"]
+__all__ = ["Progress", "format_table", "describe_failure", "write_json"]
+
+# Messages often differ per request (they quote its token count), so a failing sweep could print
+# one line per request; the console shows the most frequent, the JSON keeps them all.
+MAX_FAILURE_LINES = 5
 
 
 class Progress:
@@ -67,7 +71,7 @@ def _rows(s: LevelSummary) -> list[tuple[str, str]]:
 
 
 def format_table(summaries: Sequence[LevelSummary]) -> str:
-    """One column per level, one row per metric, then failures by kind."""
+    """One column per level, one row per metric, then each level's failures with the server's message."""
     columns = [dict(_rows(s)) for s in summaries]
     names = [name for name, _ in _rows(summaries[0])] if summaries else []
     headers = [s.level for s in summaries]
@@ -78,10 +82,23 @@ def format_table(summaries: Sequence[LevelSummary]) -> str:
     for n in names:
         lines.append("  ".join([n.ljust(first), *(c[n].rjust(w) for c, w in zip(columns, widths, strict=True))]))
     for s in summaries:
-        if s.failures:
-            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(s.failures.items()))
-            lines.append(f"failures at {s.level}: {kinds}")
+        if s.failed:
+            lines.append(f"failures at {s.level}: {s.failed} of {s.completed + s.failed} requests")
+            lines += [f"  {d['count']} x {describe_failure(d)}" for d in s.failure_details[:MAX_FAILURE_LINES]]
+            rest = s.failure_details[MAX_FAILURE_LINES:]
+            if rest:
+                lines.append(f"  ... {len(rest)} more distinct failures ({sum(d['count'] for d in rest)} requests); "
+                             "--json-out lists them all")
     return "\n".join(lines)
+
+
+def describe_failure(detail: Mapping[str, Any]) -> str:
+    """``ValidationError(400): <server message> (type: ..., param: ..., code: ...)``."""
+    text = str(detail["kind"])
+    if detail.get("message"):
+        text += f": {detail['message']}"
+    extra = ", ".join(f"{k}: {detail[k]}" for k in ("type", "param", "code") if detail.get(k))
+    return f"{text} ({extra})" if extra else text
 
 
 def write_json(path: Path, config: dict[str, Any], summaries: Sequence[LevelSummary]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .._async_client import AsyncClient
 from .._exceptions import APIStatusError, NextokenError
-from .stats import RequestRecord
+from .stats import ErrorDetail, RequestRecord
 from .workload import WorkItem
 
 __all__ = ["send_one", "run_closed", "run_open"]
@@ -27,6 +27,18 @@ def failure_kind(exc: NextokenError) -> str:
     if isinstance(exc, APIStatusError):
         return f"{type(exc).__name__}({exc.status_code})"
     return type(exc).__name__
+
+
+def error_detail(exc: NextokenError) -> ErrorDetail:
+    """The server's own explanation (its error body), so a sweep that fails says why."""
+    if isinstance(exc, APIStatusError):
+        return ErrorDetail(exc.message, _text(exc.type), _text(exc.param), _text(exc.code))
+    return ErrorDetail(exc.message)
+
+
+def _text(value: object) -> str | None:
+    # Any JSON may come from a foreign server; a string keeps the detail hashable for grouping.
+    return None if value is None else str(value)
 
 
 async def send_one(client: AsyncClient, item: WorkItem, sampling: Mapping[str, Any]) -> RequestRecord:
@@ -52,7 +64,8 @@ async def send_one(client: AsyncClient, item: WorkItem, sampling: Mapping[str, A
                 last = now
                 counted += max(len(event.token_ids), 1)
     except NextokenError as e:
-        return RequestRecord(ok=False, latency=time.perf_counter() - start, error=failure_kind(e))
+        return RequestRecord(ok=False, latency=time.perf_counter() - start, error=failure_kind(e),
+                             error_detail=error_detail(e))
     latency = time.perf_counter() - start
     return RequestRecord(
         ok=True, latency=latency, ttft=ttft, itl=gaps,

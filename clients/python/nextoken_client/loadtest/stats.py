@@ -18,9 +18,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RequestRecord", "LevelSummary", "percentile", "distribution", "summarize", "SLO_KEYS"]
+__all__ = ["ErrorDetail", "RequestRecord", "LevelSummary", "percentile", "distribution", "summarize", "SLO_KEYS"]
 
 SLO_KEYS = ("ttft", "tpot", "e2el")  # milliseconds, as on the command line
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """Why one request failed, in the server's words: the OpenAI error body's message, type, param
+    and code (for a broken connection or stream, only the SDK's message). Hashable, so identical
+    failures group into one line of the report."""
+
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | None = None
 
 
 @dataclass
@@ -34,6 +46,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None  # failure kind, e.g. "OverloadedError(429)" or "StreamError"
+    error_detail: ErrorDetail | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -85,6 +98,8 @@ class LevelSummary:
     e2el_ms: dict[str, float] | None
     goodput: float | None = None  # requests/s meeting every SLO, when SLOs were given
     slo_ms: dict[str, float] | None = None
+    # One entry per distinct failure, most frequent first: {kind, count, message, type, param, code}.
+    failure_details: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,4 +143,13 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, *, concurrenc
         e2el_ms=distribution([r.latency for r in ok]),
         goodput=sum(meets_slo(r, slo_ms) for r in records) / duration_s if slo_ms else None,
         slo_ms=dict(slo_ms) if slo_ms else None,
+        failure_details=failure_details(records),
     )
+
+
+def failure_details(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
+    """Failed requests grouped by kind and error detail, most frequent first."""
+    counts = Counter((r.error or "unknown", r.error_detail) for r in records if not r.ok)
+    details = [{"kind": kind, "count": n, "message": d and d.message, "type": d and d.type,
+                "param": d and d.param, "code": d and d.code} for (kind, d), n in counts.items()]
+    return sorted(details, key=lambda d: (-d["count"], d["kind"], d["message"] or ""))
