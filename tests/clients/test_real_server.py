@@ -30,7 +30,9 @@ from nextoken_client import (
     Client,
     NextokenError,
     OverloadedError,
+    Stream,
     StreamError,
+    StreamEvent,
     ValidationError,
 )
 from nextoken_client.loadtest.cli import main as loadtest_main
@@ -274,14 +276,20 @@ def test_server_killed_mid_stream_then_refused(serve_artifact: Path) -> None:
 
         busy = [threading.Thread(target=occupy) for _ in range(8)]
         with Client(server.url, max_retries=0) as client, ThreadPoolExecutor(1) as pool:
-            stream = client.stream(PROMPT, max_tokens=400, temperature=1.0, extra_body={"ignore_eos": True})
+            def open_stream() -> tuple[Stream, StreamEvent]:
+                # Sent while the engine is frozen: the server answers a stream only with its first
+                # token, so opening it before the freeze let it run alone (and, on a busy machine,
+                # finish) before the other eight arrived, and the server never filled up.
+                opened = client.stream(PROMPT, max_tokens=400, temperature=1.0, extra_body={"ignore_eos": True})
+                return opened, next(opened)
+
             with server.engine_frozen():
                 for t in busy:
                     t.start()
-                opened = pool.submit(next, stream)  # its first token comes once the engine runs
+                opening = pool.submit(open_stream)  # its 200 and first token come once the engine runs
                 server.wait_until_full()  # all nine admitted
+            stream, first = opening.result(60)
             with pytest.raises(NextokenError) as info, stream:
-                first = opened.result(60)
                 server.kill()
                 for _ in stream:
                     pass
