@@ -312,7 +312,8 @@ def test_metadata_is_recorded_in_the_request_log(server: ServerProcess) -> None:
     c.chat.completions.create(model=model_id(server), messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                               user="alice", metadata={"team": "eval"}, safety_identifier="u-17",
                               prompt_cache_key="k-3")
-    c.completions.create(model=model_id(server), prompt="the", max_tokens=2, user="bob", extra_body={"ignore_eos": True})
+    c.completions.create(model=model_id(server), prompt="the", max_tokens=2, user="bob",
+                         extra_body={"ignore_eos": True})
     records = [json.loads(line.split(" nextoken.serve.requests ", 1)[1]) for line in server.output().splitlines()
                if " nextoken.serve.requests " in line]
     # outcome: the finish reason, as nextoken_requests_total's outcome label names it
