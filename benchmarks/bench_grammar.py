@@ -3,7 +3,7 @@
     python benchmarks/bench_grammar.py                       # every installed engine, full run
     python benchmarks/bench_grammar.py --steps 40 --repeats 1 --vocabs char bpe2000   # a smoke run
 
-Candidates, each measured only if it imports: llguidance (what serve/grammar.py uses; also measured
+Candidates, each measured only if it imports: llguidance (what serve/engine/grammar.py uses; also measured
 through that module's own fill_masks + apply_masks), outlines-core, xgrammar. xgrammar requires
 PyTorch, transformers and triton, so it can never be a serving dependency; to compare it, install it
 in a scratch environment (``pip install --no-deps xgrammar apache-tvm-ffi`` next to torch and
@@ -85,7 +85,7 @@ class Vocab:
 def build_vocabs(names: list[str]) -> list[Vocab]:
     from tokenizers import Tokenizer
 
-    from nextoken.serve.textstream import TokenBytes
+    from nextoken.serve.http.textstream import TokenBytes
     from nextoken.train.tokenizer import EOT, train_tokenizer
 
     text = CORPUS.read_text(encoding="utf-8")
@@ -179,7 +179,7 @@ class LLGuidance(Candidate):
 
 
 class NextokenGrammar(Candidate):
-    """llguidance through serve/grammar.py, as the server runs it: fill_masks (float32 bias) + apply_masks."""
+    """llguidance through serve/engine/grammar.py, as the server runs it: fill_masks (float32 bias) + apply_masks."""
 
     name = "nextoken"
     threads = 0  # GrammarConfig.threads: 0 = in the engine thread

@@ -3,11 +3,11 @@
     pytest benchmarks/bench_micro.py --benchmark-only
 
 - tokenizer encode / decode of ~8 KB of text (a byte-level BPE trained here, vocab 512)
-- the server's sampler (serve/sampling.py): the per-row loop at batch 32, and BatchSampler at batch 1
+- the server's sampler (serve/engine/sampler.py): the per-row loop at batch 32, and BatchSampler at batch 1
   and 32 over vocabularies of 2048 and 4096 (greedy, temperature, top-k + top-p, top-p on flat and
   peaked logits, penalties, logprobs 5); benchmarks/bench_sampler.py runs old and new interleaved
 - one engine decode step at batch 1 and batch 32 (serve/engine.py, a small artifact built here)
-- SSE: the server's chunk encoding (serve/protocol.py) and the client's decoding of a 64-token stream
+- SSE: the server's chunk encoding (serve/http/protocol.py) and the client's decoding of a 64-token stream
 
 Other jobs share these cores:
 compare figures only from one run, and record ``uptime`` beside them (docs/field-notes.md).
@@ -74,7 +74,7 @@ def test_sse_client_decode_64_tokens(benchmark: Any) -> None:
 
 
 def test_sse_server_chunk_encoding(benchmark: Any) -> None:
-    from nextoken.serve.protocol import ResponseBuilder, sse
+    from nextoken.serve.http.protocol import ResponseBuilder, sse
 
     builder = ResponseBuilder("completions", "m")
     out = benchmark(lambda: sse(builder.chunk("tok ", [7], None, None)))
@@ -85,7 +85,7 @@ def test_sampler_batch_32(benchmark: Any) -> None:
     """The per-row sampler (until the engine moves to BatchSampler): the "before" of the cases below."""
     import numpy as np
 
-    from nextoken.serve.sampling import RowState, SamplingParams, sample
+    from nextoken.serve.engine.sampler import RowState, SamplingParams, sample
 
     V = 4096
     logits = np.random.default_rng(0).standard_normal((32, V), dtype=np.float32)
@@ -101,7 +101,7 @@ def test_batch_sampler(benchmark: Any, case: str, batch: int, vocab: int) -> Non
     """BatchSampler.sample, one step over ``batch`` slots (benchmarks/bench_sampler.py: old vs new, interleaved)."""
     import numpy as np
 
-    from nextoken.serve.sampling import BatchSampler
+    from nextoken.serve.engine.sampler import BatchSampler
 
     params, kind = SAMPLER_CASES[case]
     logits = make_sampler_logits(kind, batch, vocab)
@@ -119,7 +119,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
     context 256), with 32 slots."""
     from nextoken.export.artifact import load_artifact
     from nextoken.export.build import export_run
-    from nextoken.serve.runner import Runner
+    from nextoken.export.runtime import Runner
     from tests.conftest import TINY_TEXT, train_tiny
 
     root = tmp_path_factory.mktemp("bench-engine")

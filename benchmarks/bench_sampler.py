@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nextoken.serve.sampling import BatchSampler, RowState, SamplingParams, sample
+from nextoken.serve.engine.sampler import BatchSampler, RowState, SamplingParams, sample
 
 # case -> (settings for row i, logits kind)
 CASES: dict[str, tuple[Callable[[int], SamplingParams], str]] = {

@@ -109,7 +109,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from nextoken.export.artifact import load_artifact
-    from nextoken.serve.runner import Runner
+    from nextoken.export.runtime import Runner
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, required=True)

@@ -23,7 +23,7 @@ if ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' 
   fi
 fi
 # nextoken itself (package-dir maps serve/ -> nextoken.serve), without fetching anything
-python3 -c "import nextoken.serve.runner" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+python3 -c "import nextoken.export.runtime" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 if [ -z "$ART" ]; then
   ART=$(mktemp -d)/bench-art
   python3 - "$ART" <<'PY'

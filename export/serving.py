@@ -164,7 +164,7 @@ def verify_serving(model: GPT, serving_path: str | Path, *, config: dict[str, An
                    max_new: int = 24, chunk: int = 5, seed: int = 0, dtype: str = "fp32") -> dict[str, Any]:
     """Run the serving graph the way the engine does and compare it with PyTorch, token for token.
 
-    Through the real ``nextoken.serve.runner.Runner`` (the engine's own cache and binding code):
+    Through the real ``nextoken.export.runtime.Runner`` (the engine's own cache and binding code):
     requests of different lengths join at different steps into free slots of a 3-slot cache,
     prompts longer than ``chunk`` are prefilled in chunks while other rows decode, rows leave when
     done and their slots are reused. Each request decodes greedily from its own logits; afterwards
@@ -175,7 +175,7 @@ def verify_serving(model: GPT, serving_path: str | Path, *, config: dict[str, An
     import numpy as np
 
     from nextoken.export.artifact import Artifact
-    from nextoken.serve.runner import Runner
+    from nextoken.export.runtime import Runner
 
     model = model.float().cpu().eval()
     c = model.config

@@ -28,8 +28,8 @@ def build_app(paths: list[str], api_key: str | None = None) -> object:
 
     from fastapi import FastAPI
 
-    from nextoken.serve.middleware import ApiKeyMiddleware, install_openai_errors
-    from nextoken.serve.playground import StaticPages
+    from nextoken.serve.http.middleware import ApiKeyMiddleware, install_openai_errors
+    from nextoken.serve.http.playground import StaticPages
     from nextoken.serve.runs import RunRoutes, find_runs
 
     folders = [Path(p) for p in paths]

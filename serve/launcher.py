@@ -43,11 +43,11 @@ def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
 
 def serve(config: ServeConfig) -> int:
     from nextoken.serve import litserve_adapter
-    from nextoken.serve.engine_client import SharedState
-    from nextoken.serve.engine_loop import EngineLoop, Pipes
-    from nextoken.serve.frontend import Frontend
+    from nextoken.serve.engine.loop import EngineLoop, Pipes
+    from nextoken.serve.engine.versions import resolve_artifact_dir
+    from nextoken.serve.http.engine_client import SharedState
+    from nextoken.serve.http.frontend import Frontend
     from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
-    from nextoken.serve.models import resolve_artifact_dir
 
     try:
         artifact = load_artifact(resolve_artifact_dir(config.artifact_dir))  # the one hash check at start-up

@@ -27,7 +27,7 @@ from typing import Any
 import litserve as ls
 from litserve.specs.base import LitSpec
 
-from nextoken.serve.engine_loop import EngineLoop
+from nextoken.serve.engine.loop import EngineLoop
 
 logger = logging.getLogger("nextoken.serve")
 

@@ -51,7 +51,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 ENDPOINTS = ("completions", "chat")
 OUTCOMES = ("stop", "length", "cancelled", "error")
 ERROR_KINDS = ("validation", "overloaded", "unauthorised", "unavailable", "internal")
-RELOAD_FAILURE_REASONS = ("invalid artifact", "failed warm-up")  # serve/models.py: the error's text before ':'
+RELOAD_FAILURE_REASONS = ("invalid artifact", "failed warm-up")  # serve/engine/versions.py: the error's text before ':'
 STEP_PHASES = ("prefill", "decode")
 
 # Gateway API Inference Extension (model-server protocol) / vLLM names -> what they mean here.

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from nextoken.serve.sampling import SamplingParams
+from nextoken.serve.engine.sampler import SamplingParams
 
 
 # --- frontend -> engine ---------------------------------------------------------------------------

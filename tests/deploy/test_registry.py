@@ -207,7 +207,7 @@ def test_the_server_follows_the_pointer_the_registry_writes(tiny_artifact: Path,
     """serve/ resolves `current` with its own code (it polls it every second); both pointer forms the
     registry can write must lead it to the same folder as `resolve_current`, and a repoint must change
     the signature the server watches."""
-    from nextoken.serve.models import resolve_artifact_dir, signature
+    from nextoken.serve.engine.versions import resolve_artifact_dir, signature
 
     models = tmp_path / "models"
     publish(tiny_artifact, models)

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 
 from nextoken.export.artifact import load_artifact
+from nextoken.export.runtime import Runner
 from nextoken.export.serving import verify_serving
-from nextoken.serve.runner import Runner
 from nextoken.train.run import load_run
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from nextoken.serve.playground import CSP
+from nextoken.serve.http.playground import CSP
 from tests.playground.conftest import PHONE
 
 # The first test to use them builds the session's model (train + export): minutes on a busy 2-core machine.

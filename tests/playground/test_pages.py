@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from nextoken.serve.playground import (
+from nextoken.serve.http.playground import (
     ASSET_PREFIX,
     CSP,
     PAGES,
@@ -35,7 +35,7 @@ class _Model:
 
 
 def _app(model_path: Path, *, key: str | None = None) -> FastAPI:
-    from nextoken.serve.middleware import ApiKeyMiddleware
+    from nextoken.serve.http.middleware import ApiKeyMiddleware
 
     app = FastAPI()
 
@@ -73,7 +73,7 @@ def test_only_the_static_folders_files_are_served_with_the_csp(tmp_path: Path) -
 def test_fastapis_cdn_pages_are_removed_and_docs_is_ours(tmp_path: Path) -> None:
     """FastAPI mounts Swagger UI (/docs) and ReDoc (/redoc), which load from a CDN; the app keeps /openapi.json
     and answers /docs with the static page only once the playground is mounted."""
-    from nextoken.serve.openapi import Limits, install_openapi
+    from nextoken.serve.http.openapi import Limits, install_openapi
 
     def app(*, pages: bool) -> FastAPI:
         a = FastAPI()
@@ -164,7 +164,7 @@ def test_serving_side_imports_no_training_code_until_attention_is_asked_for(pg_a
 import sys
 from fastapi import FastAPI
 from starlette.testclient import TestClient
-from nextoken.serve.playground import mount_playground
+from nextoken.serve.http.playground import mount_playground
 
 class M:
     path = {str(pg_artifact)!r}

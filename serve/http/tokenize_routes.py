@@ -21,9 +21,9 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from nextoken.serve import schema
-from nextoken.serve.bodies import read_json
-from nextoken.serve.protocol import CHAT_TEMPLATE, RequestError, chat_prompt, validate
+from nextoken.serve.http import schema
+from nextoken.serve.http.bodies import read_json
+from nextoken.serve.http.protocol import CHAT_TEMPLATE, RequestError, chat_prompt, validate
 
 
 class TokenizerModel(Protocol):

@@ -12,8 +12,8 @@ import pytest
 
 from nextoken.export.artifact import load_artifact
 from nextoken.serve.config import ServeConfig
-from nextoken.serve.engine_loop import EngineLoop, Pipes
-from nextoken.serve.sampling import SamplingParams
+from nextoken.serve.engine.loop import EngineLoop, Pipes
+from nextoken.serve.engine.sampler import SamplingParams
 from nextoken.serve.wire import AddRequest, CancelRequest, ModelStatus, RequestFailed, StepOutput
 
 

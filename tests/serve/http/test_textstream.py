@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nextoken.serve.textstream import TextStream, TokenBytes
+from nextoken.serve.http.textstream import TextStream, TokenBytes
 from nextoken.train.tokenizer import train_tokenizer
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from nextoken.serve.protocol import RequestError, loads_json
+from nextoken.serve.http.protocol import RequestError, loads_json
 
 MAX_BODY_BYTES = 1 << 20
 

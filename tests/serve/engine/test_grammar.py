@@ -1,4 +1,4 @@
-"""Structured output on the token level (serve/grammar.py): masks from llguidance over our own vocabularies.
+"""Structured output on the token level (serve/engine/grammar.py): masks from llguidance over our own vocabularies.
 
 Generation here is random logits + the module's masks + sampling (Gumbel-max: an exact draw from the
 softmax of the masked logits), in batches, on a character vocabulary and a byte-level BPE trained with
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from nextoken.serve.grammar import (
+from nextoken.serve.engine.grammar import (
     GrammarCompiler,
     GrammarConfig,
     GrammarError,

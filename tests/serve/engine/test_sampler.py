@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nextoken.serve import sampling
-from nextoken.serve.sampling import BatchSampler, RowState, SamplingParamError, SamplingParams, sample
+from nextoken.serve.engine import sampler as sampling
+from nextoken.serve.engine.sampler import BatchSampler, RowState, SamplingParamError, SamplingParams, sample
 
 V = 50
 EOS = V - 1
@@ -194,7 +194,7 @@ def test_min_tokens_keeps_eos_and_stop_ids_away_exactly_until_the_count() -> Non
 
 
 def as_bias(allowed: np.ndarray) -> np.ndarray:
-    """serve/grammar.py's additive form of a mask: 0 where allowed, -inf where not."""
+    """serve/engine/grammar.py's additive form of a mask: 0 where allowed, -inf where not."""
     return np.where(allowed, np.float32(0), np.float32(-np.inf)).astype(np.float32)
 
 

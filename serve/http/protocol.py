@@ -38,8 +38,8 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from nextoken.serve import schema
-from nextoken.serve.sampling import SamplingParams
+from nextoken.serve.engine.sampler import SamplingParams
+from nextoken.serve.http import schema
 
 MAX_STOP = schema.MAX_STOP
 MAX_TOP_LOGPROBS = schema.MAX_TOP_LOGPROBS

@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer
 
 from nextoken.export.artifact import load_artifact
-from nextoken.serve.core import EngineCore, EngineOptions, RequestRejected
-from nextoken.serve.sampling import SamplingParams
+from nextoken.serve.engine.core import EngineCore, EngineOptions, RequestRejected
+from nextoken.serve.engine.sampler import SamplingParams
 from nextoken.serve.wire import AddRequest
 
 _ids = itertools.count()

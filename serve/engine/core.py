@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from nextoken.export.artifact import Artifact
-from nextoken.serve.prefix_cache import PrefixCache
-from nextoken.serve.runner import Runner
-from nextoken.serve.sampling import BatchSampler, SamplingParamError, SamplingParams
-from nextoken.serve.scheduler import Scheduler, Sequence
+from nextoken.export.runtime import Runner
+from nextoken.serve.engine.prefix_cache import PrefixCache
+from nextoken.serve.engine.sampler import BatchSampler, SamplingParamError, SamplingParams
+from nextoken.serve.engine.scheduler import Scheduler, Sequence
 from nextoken.serve.wire import AddRequest, Finished, RequestFailed, Started, StepOutput
 
 logger = logging.getLogger("nextoken.serve")
@@ -85,7 +85,7 @@ class _Req:
     params: SamplingParams
     model: str
     stop_ids: frozenset[int]  # token ids that end it (end-of-text unless ignore_eos, plus stop_token_ids)
-    matcher: Any = None  # its grammar's state (serve/grammar.py Matcher) when it asked for structured output
+    matcher: Any = None  # its grammar's state (serve/engine/grammar.py Matcher) when it asked for structured output
     started: bool = False
     prompt_lp: list[np.ndarray] | None = None  # prompt logprobs per chunk: (n,) each
     prompt_top_ids: list[np.ndarray] | None = None  # (n, N) each
@@ -124,7 +124,7 @@ class EngineCore:
         self._masks: np.ndarray | None = None  # (S, V) float32 additive grammar masks, reused every step
 
     def _compile(self, spec: Any) -> Any:
-        from nextoken.serve.grammar import GrammarCompiler, GrammarError
+        from nextoken.serve.engine.grammar import GrammarCompiler, GrammarError
 
         if self._grammar is None:
             self._grammar = GrammarCompiler(self.artifact.tokenizer_path.read_text(encoding="utf-8"),

@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextoken.serve import schema
-from nextoken.serve.protocol import RequestError, parse_request
+from nextoken.serve.http import schema
+from nextoken.serve.http.protocol import RequestError, parse_request
 from tests.conftest import ServerProcess
-from tests.serve import test_openai_compat as compat
+from tests.serve.http import test_openai_compat as compat
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 MESSAGES = [{"role": "user", "content": "hi"}]

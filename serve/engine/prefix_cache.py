@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nextoken.serve.runner import Runner
+from nextoken.export.runtime import Runner
 
 
 @dataclass

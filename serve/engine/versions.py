@@ -24,8 +24,8 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from nextoken.export.artifact import Artifact, ArtifactError, load_artifact
-from nextoken.serve.core import EngineCore
-from nextoken.serve.sampling import SamplingParams
+from nextoken.serve.engine.core import EngineCore
+from nextoken.serve.engine.sampler import SamplingParams
 from nextoken.serve.wire import AddRequest, StepOutput
 
 logger = logging.getLogger("nextoken.serve")

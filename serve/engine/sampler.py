@@ -12,7 +12,7 @@ Each row's logits are transformed in Hugging Face ``generate``'s order:
    generated ``min_tokens`` tokens,
 3. repetition penalty (over prompt and generated tokens: positive logits divided, negative multiplied),
 4. presence and frequency penalties (OpenAI's, over generated tokens),
-5. grammar mask (tokens the row's grammar forbids set to -inf; the masks come from serve/grammar.py),
+5. grammar mask (tokens the row's grammar forbids set to -inf; the masks come from serve/engine/grammar.py),
 6. temperature (below 1e-5 = greedy: the argmax of 1-5, and 7-9 are skipped),
 7. top-k (ties with the k-th value survive, as in Hugging Face),
 8. top-p (nucleus over the tokens sorted by probability high to low, equal ones by token id; a token
@@ -118,7 +118,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None = none; N = each prompt token's plus the top N alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     ignore_eos: bool = False
-    structured: Any = None  # None | a grammar spec (serve/grammar.py's StructuredSpec): masks come with sample()
+    structured: Any = None  # None | a grammar spec (serve/engine/grammar.py's StructuredSpec): masks come with sample()
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -390,7 +390,7 @@ class BatchSampler:
     def sample(self, logits: np.ndarray, slots: np.ndarray, allowed: np.ndarray | None = None) -> SampleResult:
         """Pick one token per row of ``logits`` (n, V) for the requests in ``slots`` (n,) and record it.
 
-        ``allowed`` (n, V): the grammar's masks, bool (True = allowed) or serve/grammar.py's additive
+        ``allowed`` (n, V): the grammar's masks, bool (True = allowed) or serve/engine/grammar.py's additive
         float32 bias (0 = allowed, -inf = not; the cheaper to apply), read only in rows whose request
         has ``structured`` set; None when no row has one.
         """

@@ -56,7 +56,7 @@ import llguidance as llg
 import numpy as np
 from tokenizers import Tokenizer
 
-from nextoken.serve.textstream import TokenBytes
+from nextoken.serve.http.textstream import TokenBytes
 
 KINDS = ("json_object", "json_schema", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # The request field each kind comes from: the parameter a 400 names.

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from nextoken.serve.engine_loop import Pipes
+from nextoken.serve.engine.loop import Pipes
 from nextoken.serve.wire import (
     AddRequest,
     CancelRequest,

@@ -25,8 +25,8 @@ from typing import Any
 
 from nextoken.export.artifact import Artifact
 from nextoken.serve.config import ServeConfig
-from nextoken.serve.core import EngineCore, EngineOptions, RequestRejected, StepStats
-from nextoken.serve.models import ModelSet
+from nextoken.serve.engine.core import EngineCore, EngineOptions, RequestRejected, StepStats
+from nextoken.serve.engine.versions import ModelSet
 from nextoken.serve.wire import AddRequest, CancelRequest, ModelStatus, ReloadRequest, RequestFailed, StepOutput
 
 logger = logging.getLogger("nextoken.serve")

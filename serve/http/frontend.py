@@ -35,11 +35,11 @@ from starlette.requests import ClientDisconnect
 from tokenizers import Tokenizer
 
 from nextoken.export.artifact import Artifact
-from nextoken.serve.bodies import parse_json, read_body
 from nextoken.serve.config import ServeConfig
-from nextoken.serve.engine_client import EngineClient, EngineDead, RequestStream, SharedState, Update
-from nextoken.serve.engine_loop import Pipes
-from nextoken.serve.protocol import (
+from nextoken.serve.engine.loop import Pipes
+from nextoken.serve.http.bodies import parse_json, read_body
+from nextoken.serve.http.engine_client import EngineClient, EngineDead, RequestStream, SharedState, Update
+from nextoken.serve.http.protocol import (
     SSE_DONE,
     ChoiceState,
     GenerationRequest,
@@ -50,9 +50,9 @@ from nextoken.serve.protocol import (
     sse,
     structured_spec,
 )
-from nextoken.serve.request_log import RequestLog, install_request_log
-from nextoken.serve.textstream import TextStream, TokenBytes
-from nextoken.serve.tokenize_routes import check_model
+from nextoken.serve.http.request_log import RequestLog, install_request_log
+from nextoken.serve.http.textstream import TextStream, TokenBytes
+from nextoken.serve.http.tokenize_routes import check_model
 from nextoken.serve.wire import AddRequest, ModelStatus
 
 logger = logging.getLogger("nextoken.serve")
@@ -298,11 +298,11 @@ class Frontend:
                 ("/v1/chat/completions", self.chat_completions, ["POST"])]
 
     def install(self, app: FastAPI) -> None:
+        from nextoken.serve.http.middleware import ApiKeyMiddleware, LeaveSigintToMain, install_openai_errors
+        from nextoken.serve.http.openapi import Limits, install_openapi
+        from nextoken.serve.http.playground import mount_playground
+        from nextoken.serve.http.tokenize_routes import mount_tokenizer_routes
         from nextoken.serve.metrics import render_latest
-        from nextoken.serve.middleware import ApiKeyMiddleware, LeaveSigintToMain, install_openai_errors
-        from nextoken.serve.openapi import Limits, install_openapi
-        from nextoken.serve.playground import mount_playground
-        from nextoken.serve.tokenize_routes import mount_tokenizer_routes
 
         install_openai_errors(app)
         app.add_middleware(StartEngineClient, frontend=self)

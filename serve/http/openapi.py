@@ -11,7 +11,7 @@ model with another context is reflected at once.
 LitServe's internal routes (``/``, ``/litserve/health``, ``/litserve/info``) are not part of this API
 and are left out of the document.
 
-The document is read in a browser at ``/docs``, a static page of ours (``serve/static/docs.html``).
+The document is read in a browser at ``/docs``, a static page of ours (``serve/http/static/docs.html``).
 FastAPI's own ``/docs`` (Swagger UI) and ``/redoc`` fetch their scripts from a CDN: blank offline
 and outside the pages' Content-Security-Policy, so ``install_openapi`` removes them.
 """
@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from nextoken import __version__
-from nextoken.serve import schema
+from nextoken.serve.http import schema
 
 LITSERVE_INTERNAL = frozenset({"/", "/litserve/health", "/litserve/info"})
 _REF = "#/components/schemas/{model}"

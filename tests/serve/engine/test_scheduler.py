@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nextoken.serve.scheduler import Scheduler, Sequence
+from nextoken.serve.engine.scheduler import Scheduler, Sequence
 
 
 def seq(rid: str, n: int = 3, **kw) -> Sequence:

@@ -1,7 +1,7 @@
 """The browser pages: the playground at ``/``, the run page at ``/runs``, the API page at ``/docs``,
 plus the small JSON routes they read.
 
-The pages are plain files in ``serve/static/`` (HTML, CSS, ES modules; no build step, nothing
+The pages are plain files in ``serve/http/static/`` (HTML, CSS, ES modules; no build step, nothing
 from a CDN: the Content-Security-Policy sent with them allows this server only). Everything
 the pages show comes from the public API (``/v1/completions`` with ``logprobs``, ``/v1/models``,
 ``/metrics``, ``/openapi.json``) and from two read-only routes added here:
