@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nextoken.export.artifact import load_artifact  # noqa: E402
 from nextoken.serve.engine.core import EngineCore, EngineOptions  # noqa: E402
-from nextoken.serve.engine.sampler import SamplingParams  # noqa: E402
-from nextoken.serve.wire import AddRequest  # noqa: E402
+from nextoken.serve.wire import AddRequest, SamplingParams  # noqa: E402
 
 PROMPT = 16
 

@@ -85,7 +85,7 @@ class Vocab:
 def build_vocabs(names: list[str]) -> list[Vocab]:
     from tokenizers import Tokenizer
 
-    from nextoken.serve.http.textstream import TokenBytes
+    from nextoken.serve.tokens import TokenBytes
     from nextoken.train.tokenizer import EOT, train_tokenizer
 
     text = CORPUS.read_text(encoding="utf-8")
@@ -185,7 +185,7 @@ class NextokenGrammar(Candidate):
     threads = 0  # GrammarConfig.threads: 0 = in the engine thread
 
     def setup(self, v: Vocab) -> None:
-        from nextoken.serve import grammar
+        from nextoken.serve.engine import grammar
 
         self.g = grammar
         self.compiler = grammar.GrammarCompiler(v.tokenizer_json, v.size, v.eos_id,
@@ -194,8 +194,11 @@ class NextokenGrammar(Candidate):
 
     def compile(self, kind: str, payload: Any) -> Any:
         self.compiler._cache.clear()  # cold: time the real compile, not the LRU hit
-        spec = self.g.StructuredSpec("guided_json", payload) if kind == "json" else self.g.StructuredSpec(
-            "guided_regex", payload)
+        from nextoken.serve.wire import StructuredKind, StructuredSpec
+
+        schema = json.loads(payload) if isinstance(payload, str) else payload
+        spec = (StructuredSpec(StructuredKind.JSON_SCHEMA, "guided_json", schema=schema) if kind == "json"
+                else StructuredSpec(StructuredKind.REGEX, "guided_regex", regex=payload))
         self.compiler.compile(spec)
         return spec
 

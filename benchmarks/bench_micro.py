@@ -3,11 +3,10 @@
     pytest benchmarks/bench_micro.py --benchmark-only
 
 - tokenizer encode / decode of ~8 KB of text (a byte-level BPE trained here, vocab 512)
-- the server's sampler (serve/engine/sampler.py): the per-row loop at batch 32, and BatchSampler at batch 1
-  and 32 over vocabularies of 2048 and 4096 (greedy, temperature, top-k + top-p, top-p on flat and
-  peaked logits, penalties, logprobs 5); benchmarks/bench_sampler.py runs old and new interleaved
-- one engine decode step at batch 1 and batch 32 (serve/engine.py, a small artifact built here)
-- SSE: the server's chunk encoding (serve/http/protocol.py) and the client's decoding of a 64-token stream
+- the server's sampler (serve/engine/sampler.py): BatchSampler at batch 1 and 32 over vocabularies of 2048
+  and 4096 (greedy, temperature, top-k + top-p, top-p on flat and peaked logits, penalties, logprobs 5)
+- one runner decode step at batch 1 and batch 32 (export/runtime.py, a small artifact built here)
+- SSE: the server's chunk encoding (serve/http/builder.py) and the client's decoding of a 64-token stream
 
 Other jobs share these cores:
 compare figures only from one run, and record ``uptime`` beside them (docs/field-notes.md).
@@ -17,19 +16,44 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package (shared fixtures)
 
-from benchmarks.bench_sampler import CASES as SAMPLER_CASES
-from benchmarks.bench_sampler import make_logits as make_sampler_logits
+from nextoken.serve.wire import SamplingParams
 from nextoken_client._streaming import SSEDecoder, _EventBuilder
 
 TEXT = ("the cat sat on the mat. the dog lay on the rug. a quick brown fox jumps over the lazy dog.\n"
         "hello world, hello there. how are you? i love next token prediction.\n") * 50  # ~8 KB
+
+
+# case -> (settings for row i, logits kind)
+SAMPLER_CASES: dict[str, tuple[Callable[[int], SamplingParams], str]] = {
+    "greedy": (lambda i: SamplingParams(temperature=0), "normal"),
+    "temperature": (lambda i: SamplingParams(temperature=0.8, seed=i), "normal"),
+    "top-k + top-p": (lambda i: SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=i), "normal"),
+    "top-p": (lambda i: SamplingParams(temperature=0.8, top_p=0.9, seed=i), "normal"),
+    "top-p, peaked": (lambda i: SamplingParams(temperature=0.8, top_p=0.9, seed=i), "peaked"),
+    "penalties": (lambda i: SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.3,
+                                           frequency_penalty=0.3, seed=i), "normal"),
+    "logprobs 5": (lambda i: SamplingParams(temperature=0.8, logprobs=5, seed=i), "normal"),
+}
+
+
+def make_sampler_logits(kind: str, batch: int, vocab: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, vocab), dtype=np.float32)  # (B, V)
+    if kind == "peaked":  # a handful of likely tokens over a long flat tail
+        x *= 2.0
+        for b in range(batch):
+            x[b, rng.choice(vocab, 8, replace=False)] += np.linspace(12.0, 6.0, 8, dtype=np.float32)
+    return x
+
 
 
 @pytest.fixture(scope="module")
@@ -74,31 +98,21 @@ def test_sse_client_decode_64_tokens(benchmark: Any) -> None:
 
 
 def test_sse_server_chunk_encoding(benchmark: Any) -> None:
-    from nextoken.serve.http.protocol import ResponseBuilder, sse
+    """One streamed completions chunk of one token, built from the response models and encoded."""
+    from nextoken.serve.http.builder import ChoiceState, ResponseBuilder, sse
+    from nextoken.serve.http.plan import Choice
 
     builder = ResponseBuilder("completions", "m")
-    out = benchmark(lambda: sse(builder.chunk("tok ", [7], None, None)))
+    st = ChoiceState(Choice(0, 0, [1, 2], [2], "x", SamplingParams()))
+    out = benchmark(lambda: sse(builder.chunk(st, "tok ", [7], None, None)))
     assert out.startswith(b"data: ") and out.endswith(b"\n\n")
-
-
-def test_sampler_batch_32(benchmark: Any) -> None:
-    """The per-row sampler (until the engine moves to BatchSampler): the "before" of the cases below."""
-    import numpy as np
-
-    from nextoken.serve.engine.sampler import RowState, SamplingParams, sample
-
-    V = 4096
-    logits = np.random.default_rng(0).standard_normal((32, V), dtype=np.float32)
-    rows = [RowState(SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i), V, [1, 2, 3]) for i in range(32)]
-    out = benchmark(sample, logits, rows)
-    assert out.token_ids.shape == (32,)
 
 
 @pytest.mark.parametrize("vocab", [2048, 4096])
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("case", list(SAMPLER_CASES))
 def test_batch_sampler(benchmark: Any, case: str, batch: int, vocab: int) -> None:
-    """BatchSampler.sample, one step over ``batch`` slots (benchmarks/bench_sampler.py: old vs new, interleaved)."""
+    """BatchSampler.sample, one step over ``batch`` slots."""
     import numpy as np
 
     from nextoken.serve.engine.sampler import BatchSampler

@@ -1,26 +1,155 @@
-"""The wire: typed messages between the HTTP side (frontend) and the engine process.
+"""The wire: the pipes between the HTTP process(es) and the engine process, and every message on them.
 
-In: ``AddRequest``, ``CancelRequest``, ``ReloadRequest`` (frontend -> engine, one pipe).
-Out: ``StepOutput`` (one per engine step, every row's new token at once), ``RequestFailed`` and
-``ModelStatus`` (engine -> frontend). A value crosses the boundary once, in one shape: the
-frontend's ``SamplingParams`` is the engine's, token ids stay ids (the frontend detokenizes; the
-engine never touches text), and a step's tokens travel as arrays, so the engine does no per-row
-Python work to report them.
+In: ``AddRequest``, ``CancelRequest``, ``ReloadRequest`` (HTTP -> engine), each in an ``Envelope``
+naming the HTTP process that sent it. Out: ``StepOutput`` (one per engine step, every row's new token
+at once), ``RequestFailed`` and ``ModelStatus`` (engine -> HTTP), shipped in lists. A value crosses
+the boundary once, in one shape: the HTTP side's ``SamplingParams`` is the engine's, token ids stay
+ids (the HTTP side detokenizes; the engine never touches text), and a step's tokens travel as arrays,
+so the engine does no per-row Python work to report them.
 
-Everything here is a plain dataclass of builtins and NumPy arrays: it pickles as is.
+This is the only module both sides of ``serve/`` share besides the configuration, the metric
+definitions and the tokenizer's byte table (``config``, ``metrics``, ``tokens``). Everything here is
+a plain dataclass or enum of builtins and NumPy arrays: it pickles as is. Rules about what a request
+may ask for live in the HTTP side's request contract (``serve/http/requests.py``); here there is only
+``SamplingParams.check``, the model-dependent part, which both sides run against the version in
+front of them.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Union
 
 import numpy as np
 
-from nextoken.serve.engine.sampler import SamplingParams
+
+class _Text(str, Enum):
+    """A string enum that prints and labels as its value (metrics, JSON, logs)."""
+
+    def __str__(self) -> str:
+        return self.value
 
 
-# --- frontend -> engine ---------------------------------------------------------------------------
+class FinishReason(_Text):
+    STOP = "stop"  # end-of-text, a stop token id, or (HTTP side) a stop string
+    LENGTH = "length"  # max_tokens, or the end of the context
+    CANCELLED = "cancelled"  # the client left, or the HTTP side cancelled it
+
+
+class ModelEvent(_Text):
+    STARTING = "starting"  # (HTTP side only) no word from the engine yet
+    LOADED = "loaded"  # the first version is serving
+    SWITCHED = "switched"  # a newly published version took over
+    FAILED = "failed"  # a new version was refused; ``last_error`` says why, the old one still serves
+    FREED = "freed"  # an old version finished its last request and left memory
+
+
+class StructuredKind(_Text):
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # a JSON schema
+    REGEX = "regex"  # a regular expression the whole output matches
+    CHOICE = "choice"  # one of a list of strings
+    GRAMMAR = "grammar"  # a Lark or GBNF grammar
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """One request's structure, validated by the request contract; the engine compiles it to a grammar.
+
+    ``param`` is the request field it came from, which a refusal (a schema llguidance cannot enforce,
+    a grammar the vocabulary cannot start) names in its 400.
+    """
+
+    kind: StructuredKind
+    param: str
+    schema: dict | None = None  # JSON_SCHEMA
+    regex: str | None = None  # REGEX
+    choices: tuple[str, ...] = ()  # CHOICE
+    grammar: str | None = None  # GRAMMAR
+    whitespace: str | None = None  # JSON kinds: the whitespace allowed between tokens (None: the engine's)
+
+
+class ParamError(ValueError):
+    """A request the model in front of us cannot take (HTTP 400 naming ``param``)."""
+
+    def __init__(self, message: str, param: str | None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+@dataclass
+class SamplingParams:
+    """One request's settings, as the request contract made them (it alone checks their ranges).
+
+    Values are already normalised: temperature 0 is greedy (top-k, top-p and min-p off), top_k 0 is
+    off. ``check`` is the model-dependent part of validation (vLLM's ``verify(model_config)``).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # tokens to generate; None = the rest of the context; 0 = only with prompt_logprobs (score the prompt)
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings: the HTTP side's text stream handles them
+    stop_token_ids: list[int] = field(default_factory=list)  # token ids that end the sequence (besides EOS)
+    seed: int | None = None
+    logprobs: int | None = None  # None = none; N = the chosen token's plus the top N alternatives
+    prompt_logprobs: int | None = None  # None = none; N = each prompt token's plus the top N alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    ignore_eos: bool = False
+    structured: StructuredSpec | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_counts(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def check(self, prompt_ids: list[int], *, vocab_size: int, context: int, where: str = "",
+              prompt_param: str = "prompt") -> int:
+        """The checks that depend on the model: token ids in its vocabulary, prompt + output in its context.
+
+        Returns the tokens to generate (``max_tokens``, or what the context leaves). ``where`` names the
+        prompt among several in messages (" (prompt 2)"); ``prompt_param`` is the request field that
+        holds it (``messages`` for a chat). Raises ``ParamError``.
+        """
+        for name, ids in (("logit_bias", list(self.logit_bias)), ("stop_token_ids", self.stop_token_ids)):
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise ParamError(f"{name} token ids must be < the vocabulary size {vocab_size}, got {bad[0]}", name)
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and v > vocab_size:
+                raise ParamError(f"{name} must be <= the vocabulary size {vocab_size}, got {v}", name)
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ParamError(f"prompt token ids must be in [0, {vocab_size}), got {bad}", prompt_param)
+        n = len(prompt_ids)
+        if n == 0:
+            raise ParamError("the prompt is empty after tokenization", prompt_param)
+        room = 0 if self.max_tokens == 0 else 1  # room for one token, unless the prompt is only scored
+        if n + room > context:
+            raise ParamError(f"the prompt{where} is {n} tokens long; this model's context is {context} tokens",
+                             prompt_param, "context_length_exceeded")
+        max_tokens = context - n if self.max_tokens is None else self.max_tokens
+        if n + max_tokens > context:
+            raise ParamError(f"prompt{where} ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
+                             f"this model's context of {context} tokens", "max_tokens", "context_length_exceeded")
+        if self.min_tokens > max_tokens:
+            raise ParamError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
+        return max_tokens
+
+
+# --- HTTP -> engine ------------------------------------------------------------------------------
 @dataclass
 class AddRequest:
     rid: str
@@ -34,7 +163,7 @@ class AddRequest:
 
 @dataclass
 class CancelRequest:
-    rid: str  # the client left, or the frontend saw a stop string: drop it between steps
+    rid: str  # the client left, or the HTTP side saw a stop string: drop it between steps
 
 
 @dataclass
@@ -42,7 +171,23 @@ class ReloadRequest:
     """Look for a new model version now (the engine also looks about once a second)."""
 
 
-# --- engine -> frontend ---------------------------------------------------------------------------
+@dataclass
+class Shutdown:
+    """The request pipe is closed: the server is stopping (put by the engine's own reader, never sent)."""
+
+
+ToEngine = Union[AddRequest, CancelRequest, ReloadRequest, Shutdown]  # noqa: UP007 (a runtime alias)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One message to the engine and the HTTP process whose pipe its answers go back on."""
+
+    frontend: int
+    message: ToEngine
+
+
+# --- engine -> HTTP ------------------------------------------------------------------------------
 @dataclass
 class Started:
     """Facts about a request known when its first output is ready."""
@@ -60,10 +205,10 @@ class Started:
 
 @dataclass
 class Finished:
-    reason: str  # "stop" (end-of-text or a stop token) | "length" | "cancelled"
+    reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    stop_token: int | None = None  # the token id that ended it, for "stop"
+    stop_token: int | None = None  # the token id that ended it, for STOP
 
 
 @dataclass
@@ -88,10 +233,6 @@ class RequestFailed:
     param: str | None = None
     code: str = "internal_error"
 
-    def body(self) -> dict[str, Any]:
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
 
 @dataclass
 class ModelStatus:
@@ -107,5 +248,22 @@ class ModelStatus:
     eos_id: int
     provider: str
     models_loaded: int
-    event: str = "loaded"  # "loaded" | "switched" | "failed" (then last_error says why)
-    last_error: str | None = None
+    event: ModelEvent = ModelEvent.LOADED
+    last_error: str | None = None  # with FAILED: why the new version was refused
+
+
+FromEngine = Union[StepOutput, RequestFailed, ModelStatus]  # noqa: UP007 (a runtime alias)
+
+
+class Pipes:
+    """Direct queues between the HTTP process(es) and the engine process, made before either starts.
+
+    ``requests``: ``Envelope``s in. ``responses[i]``: lists of ``FromEngine`` messages out to HTTP
+    process ``i``. Plain pipes (~1 us a put), not manager proxies: the engine process, spawned,
+    receives them pickled; the HTTP process, forked, inherits them.
+    """
+
+    def __init__(self, num_frontends: int = 1) -> None:
+        ctx = mp.get_context("spawn")  # a fork-context lock may not be shared with a spawned process
+        self.requests = ctx.SimpleQueue()
+        self.responses = [ctx.SimpleQueue() for _ in range(num_frontends)]

@@ -29,22 +29,28 @@ import numpy as np
 from nextoken.export.artifact import Artifact
 from nextoken.export.runtime import Runner
 from nextoken.serve.engine.prefix_cache import PrefixCache
-from nextoken.serve.engine.sampler import BatchSampler, SamplingParamError, SamplingParams
+from nextoken.serve.engine.sampler import BatchSampler
 from nextoken.serve.engine.scheduler import Scheduler, Sequence
-from nextoken.serve.wire import AddRequest, Finished, RequestFailed, Started, StepOutput
+from nextoken.serve.wire import (
+    AddRequest,
+    Finished,
+    FinishReason,
+    ParamError,
+    RequestFailed,
+    SamplingParams,
+    Started,
+    StepOutput,
+    StructuredSpec,
+)
 
 logger = logging.getLogger("nextoken.serve")
 
 
-class RequestRejected(Exception):
+class RequestRejected(ParamError):
     """A request the version that would run it cannot take (a client error: HTTP 400)."""
 
-    def __init__(self, message: str, *, param: str | None, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.param, self.code = param, code
-
     def failure(self, rid: str) -> RequestFailed:
-        return RequestFailed(rid, 400, str(self), self.param, self.code)
+        return RequestFailed(rid, 400, self.message, self.param, self.code)
 
 
 @dataclass
@@ -123,7 +129,7 @@ class EngineCore:
         self._grammar: Any = None  # GrammarCompiler, made on the first structured request
         self._masks: np.ndarray | None = None  # (S, V) float32 additive grammar masks, reused every step
 
-    def _compile(self, spec: Any) -> Any:
+    def _compile(self, spec: StructuredSpec) -> Any:
         from nextoken.serve.engine.grammar import GrammarCompiler, GrammarError
 
         if self._grammar is None:
@@ -133,7 +139,7 @@ class EngineCore:
         try:
             return self._grammar.compile(spec)
         except GrammarError as e:
-            raise RequestRejected(str(e), param=e.param) from None
+            raise RequestRejected(str(e), e.param) from None
 
     # --- requests ------------------------------------------------------------------------------
     def add(self, req: AddRequest) -> None:
@@ -142,28 +148,15 @@ class EngineCore:
             raise ValueError(f"request id {req.rid!r} is already in the engine")
         ids = list(req.prompt_ids)
         p = req.params
-        if not ids:
-            raise RequestRejected("the prompt is empty", param="prompt")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size}), got {bad}", param="prompt")
-        try:
-            p.verify(self.vocab_size)
-        except SamplingParamError as e:
-            raise RequestRejected(str(e), param=e.param) from None
-        max_tokens = self.max_len - len(ids) if p.max_tokens is None else p.max_tokens
-        if len(ids) >= self.max_len and not (max_tokens == 0 and len(ids) == self.max_len):
-            raise RequestRejected(f"the prompt is {len(ids)} tokens long; this server's context is {self.max_len} "
-                                  "tokens", param="prompt", code="context_length_exceeded")
-        if len(ids) + max_tokens > self.max_len:
-            raise RequestRejected(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {len(ids) + max_tokens} "
-                                  f"exceeds this server's context of {self.max_len} tokens", param="max_tokens",
-                                  code="context_length_exceeded")
+        try:  # the HTTP side checked against the version it saw; this is the version that runs it
+            max_tokens = p.check(ids, vocab_size=self.vocab_size, context=self.max_len)
+        except ParamError as e:
+            raise RequestRejected(e.message, e.param, e.code) from None
         matcher = None
         if p.structured is not None:
             if p.ignore_eos:  # a finished structure allows only end-of-text
                 raise RequestRejected("ignore_eos cannot be combined with structured output: once the structure is "
-                                      "complete only end-of-text may follow", param="ignore_eos")
+                                      "complete only end-of-text may follow", "ignore_eos")
             matcher = self._compile(p.structured)
         seq = Sequence(req.rid, ids, max_tokens, req.arrival, use_prefix_cache=p.prompt_logprobs is None)
         stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else {self.eos_id})
@@ -223,7 +216,7 @@ class EngineCore:
             if seq.slot >= 0:  # it held a slot (the scheduler has taken it back already)
                 generated = int(self.generated[seq.slot])
                 self._release_slot(seq.slot)
-            out.finished[seq.rid] = Finished("cancelled", seq.num_prompt, generated)
+            out.finished[seq.rid] = Finished(FinishReason.CANCELLED, seq.num_prompt, generated)
 
         t_prefill = time.perf_counter()
         for seq in sched.admitted:
@@ -296,7 +289,8 @@ class EngineCore:
                 rid, slot, stop = out.rids[i], int(slots[i]), bool(stopped[i])
                 r = self.reqs.pop(rid)
                 tok = int(tokens[i])
-                out.finished[rid] = Finished("stop" if stop else "length", r.seq.num_prompt, int(self.generated[slot]),
+                reason = FinishReason.STOP if stop else FinishReason.LENGTH
+                out.finished[rid] = Finished(reason, r.seq.num_prompt, int(self.generated[slot]),
                                              tok if stop and tok in r.stop_ids else None)
                 self.scheduler.finish(rid)
                 self._release_slot(slot)
@@ -305,7 +299,7 @@ class EngineCore:
             del self.reqs[r.seq.rid]
             self.scheduler.finish(r.seq.rid)
             self._release_slot(r.seq.slot)
-            out.finished[r.seq.rid] = Finished("length", r.seq.num_prompt, 0)
+            out.finished[r.seq.rid] = Finished(FinishReason.LENGTH, r.seq.num_prompt, 0)
         if not out.time:
             out.time = time.time()
         if self.on_step is not None:

@@ -13,8 +13,7 @@ dependency weight (benchmarks/bench_grammar.py has the comparison). Kinds of str
 Surface, for the engine process (one ``GrammarCompiler`` per model version)::
 
     compiler = GrammarCompiler(tokenizer_json, vocab_size, eos_id)
-    spec = spec_from_request(body)            # None when the request asks for no structure
-    matcher = compiler.compile(spec)          # GrammarError(message, param): answer 400 naming param
+    matcher = compiler.compile(spec)          # a wire.StructuredSpec; GrammarError(message, param): a 400
     bias = np.zeros((B, vocab_size), np.float32)    # reused every step (or bool: True = allowed)
     rows = compiler.fill_masks(matchers, bias)      # matchers: one Matcher | None per batch row
     apply_masks(logits, bias, rows)           # logits (B, V) float32, in place: -inf where not allowed
@@ -22,9 +21,10 @@ Surface, for the engine process (one ``GrammarCompiler`` per model version)::
     matcher.accept(token_id)                  # every row with a matcher; TokenRejected means a sampler bug
     matcher.is_terminated()                   # the grammar is complete: only EOS is allowed from now on
 
-``validate(spec)`` is the cheap check for the HTTP process (no tokenizer, ~0.1-5 ms): it catches
-malformed payloads, invalid schemas, regexes and grammars before a request is admitted. ``compile``
-may run on any thread (its cache is locked); ``fill_masks`` and a Matcher belong to one thread at a time.
+The request contract validated the spec's shape; ``compile`` refuses what llguidance cannot enforce
+(invalid schemas, regexes and grammars, a vocabulary that cannot start the output) with a
+``GrammarError`` naming the request field, which the engine answers as a 400. ``compile`` may run on
+any thread (its cache is locked); ``fill_masks`` and a Matcher belong to one thread at a time.
 
 NOTE on the mask format: ``fill_masks`` writes an additive float32 bias (0 = allowed, -inf = not) rather
 than a bool mask (a bool one is available too). Adding it is branch-free: on (32, 4096) float32 logits
@@ -45,31 +45,22 @@ This module knows nothing about HTTP, sampling or ONNX Runtime.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import llguidance as llg
 import numpy as np
 from tokenizers import Tokenizer
 
-from nextoken.serve.http.textstream import TokenBytes
-
-KINDS = ("json_object", "json_schema", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
-# The request field each kind comes from: the parameter a 400 names.
-PARAM = {"json_object": "response_format", "json_schema": "response_format", "guided_json": "guided_json",
-         "guided_regex": "guided_regex", "guided_choice": "guided_choice", "guided_grammar": "guided_grammar"}
-JSON_KINDS = ("json_object", "json_schema", "guided_json")
-GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+from nextoken.serve.tokens import TokenBytes
+from nextoken.serve.wire import StructuredKind, StructuredSpec
 
 # JSON whitespace between tokens, at most 16 characters per gap: a tiny or confused model can otherwise
 # fill max_tokens with spaces and newlines (llguidance's default pattern is unbounded), while indented,
 # pretty-printed JSON still fits.
 DEFAULT_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,16}"
-_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NEG_INF_BITS = np.int32(-8388608)  # 0xFF800000, float32 -inf
 
 
@@ -84,27 +75,6 @@ class GrammarError(ValueError):
 
 class TokenRejected(RuntimeError):
     """A token the row's mask did not allow reached ``Matcher.accept``: a bug in applying the masks."""
-
-
-@dataclass(frozen=True)
-class StructuredSpec:
-    """One request's structure: ``kind`` (one of KINDS) and its payload as the request gave it.
-
-    Payloads: json_object -> None; json_schema -> OpenAI's ``json_schema`` object (dict with ``name``,
-    ``schema``, optional ``strict`` and ``description``); guided_json -> a schema (dict, or its JSON text);
-    guided_regex -> str; guided_choice -> list of str; guided_grammar -> Lark or GBNF text.
-    ``whitespace`` (vLLM's guided_whitespace_pattern) replaces DEFAULT_WHITESPACE for the JSON kinds.
-    Every schema is enforced in full whatever ``strict`` says: a keyword llguidance cannot enforce is
-    refused (GrammarError), never dropped.
-    """
-
-    kind: str
-    payload: Any = None
-    whitespace: str | None = None
-
-    @property
-    def param(self) -> str:
-        return PARAM.get(self.kind, "response_format")
 
 
 @dataclass
@@ -122,89 +92,10 @@ class GrammarConfig:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
 
 
-def spec_from_request(fields: Mapping[str, Any]) -> StructuredSpec | None:
-    """The structure a completions or chat request body asks for (None: plain text).
-
-    Reads ``response_format`` and vLLM's ``guided_*`` fields (a field set to null counts as absent) and
-    refuses more than one structure at once, or a ``guided_whitespace_pattern`` without a JSON kind.
-    """
-    found: list[StructuredSpec] = []
-    rf = fields.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, Mapping):
-            raise GrammarError(f"response_format must be an object, got {type(rf).__name__}", "response_format")
-        kind = rf.get("type")
-        if kind == "json_object":
-            found.append(StructuredSpec("json_object"))
-        elif kind == "json_schema":
-            if "json_schema" not in rf:
-                raise GrammarError("response_format of type json_schema needs a json_schema object",
-                                   "response_format")
-            found.append(StructuredSpec("json_schema", rf["json_schema"]))
-        elif kind != "text":
-            raise GrammarError(f"response_format.type must be one of text, json_object, json_schema, got {kind!r}",
-                               "response_format")
-    found += [StructuredSpec(f, fields[f]) for f in GUIDED_FIELDS if fields.get(f) is not None]
-    if len(found) > 1:
-        names = ", ".join(s.param for s in found)
-        raise GrammarError(f"at most one structured-output field per request, got {names}", found[1].param)
-    ws = fields.get("guided_whitespace_pattern")
-    if ws is not None:
-        if not found or found[0].kind not in JSON_KINDS:
-            raise GrammarError("guided_whitespace_pattern applies to JSON output only (response_format json_object"
-                               " or json_schema, or guided_json)", "guided_whitespace_pattern")
-        if not isinstance(ws, str):
-            raise GrammarError(f"guided_whitespace_pattern must be a string, got {type(ws).__name__}",
-                               "guided_whitespace_pattern")
-        found[0] = StructuredSpec(found[0].kind, found[0].payload, ws)
-    return found[0] if found else None
-
-
-def _schema_of(spec: StructuredSpec) -> dict:
-    """The JSON schema a JSON kind asks for, with the payload's shape checked."""
-    if spec.kind == "json_object":
-        if spec.payload is not None:
-            raise GrammarError("json_object takes no payload", spec.param)
-        return {"type": "object"}
-    if spec.kind == "json_schema":
-        js = spec.payload
-        if not isinstance(js, Mapping):
-            raise GrammarError(f"response_format.json_schema must be an object, got {type(js).__name__}", spec.param)
-        unknown = sorted(set(js) - {"name", "schema", "strict", "description"})
-        if unknown:
-            raise GrammarError(f"response_format.json_schema has unknown fields: {', '.join(unknown)}", spec.param)
-        name = js.get("name")
-        if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
-            raise GrammarError(f"response_format.json_schema.name must be 1-64 characters of a-z, A-Z, 0-9, _ or -,"
-                               f" got {name!r}", spec.param)
-        if js.get("strict") is not None and not isinstance(js["strict"], bool):
-            raise GrammarError(f"response_format.json_schema.strict must be a boolean, got {js['strict']!r}",
-                               spec.param)
-        if js.get("description") is not None and not isinstance(js["description"], str):
-            raise GrammarError("response_format.json_schema.description must be a string", spec.param)
-        schema = js.get("schema")
-        if not isinstance(schema, Mapping):
-            raise GrammarError("response_format.json_schema.schema must be a JSON schema object, got "
-                               f"{type(schema).__name__}", spec.param)
-        return dict(schema)
-    payload = spec.payload  # guided_json: a schema object or its JSON text (vLLM takes both)
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except json.JSONDecodeError as e:
-            raise GrammarError(f"guided_json is not valid JSON: {e}", spec.param) from None
-    if not isinstance(payload, Mapping):
-        raise GrammarError(f"guided_json must be a JSON schema object, got {type(payload).__name__}", spec.param)
-    return dict(payload)
-
-
 def _grammar_text(spec: StructuredSpec, config: GrammarConfig) -> str:
     """The llguidance grammar for ``spec`` (also the cache key: equal grammars compile once)."""
-    if spec.kind not in KINDS:
-        raise GrammarError(f"unknown structured-output kind {spec.kind!r}, expected one of {', '.join(KINDS)}",
-                           spec.param)
-    if spec.kind in JSON_KINDS:
-        schema = _schema_of(spec)
+    if spec.kind in (StructuredKind.JSON_OBJECT, StructuredKind.JSON_SCHEMA):
+        schema = spec.schema if spec.kind == StructuredKind.JSON_SCHEMA else {"type": "object"}
         if spec.whitespace is not None:
             is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
                 llg.LLMatcher.grammar_from_regex(spec.whitespace))
@@ -218,41 +109,21 @@ def _grammar_text(spec: StructuredSpec, config: GrammarConfig) -> str:
             return llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         except (ValueError, TypeError) as e:
             raise GrammarError(f"invalid JSON schema: {e}", spec.param) from None
-    if spec.whitespace is not None:
-        raise GrammarError("guided_whitespace_pattern applies to JSON output only", "guided_whitespace_pattern")
-    p = spec.payload
-    if spec.kind == "guided_regex":
-        if not isinstance(p, str) or not p:
-            raise GrammarError("guided_regex must be a non-empty string", spec.param)
-        return llg.LLMatcher.grammar_from_regex(p)
-    if spec.kind == "guided_choice":
-        if not isinstance(p, list | tuple) or not p or not all(isinstance(c, str) and c for c in p):
-            raise GrammarError("guided_choice must be a non-empty list of non-empty strings", spec.param)
+    if spec.kind == StructuredKind.REGEX:
+        return llg.LLMatcher.grammar_from_regex(spec.regex)
+    if spec.kind == StructuredKind.CHOICE:
         # Each choice is a Lark string literal: json.dumps escapes quotes, backslashes and controls.
-        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in p))
-    if not isinstance(p, str) or not p.strip():
-        raise GrammarError("guided_grammar must be a non-empty Lark or GBNF grammar", spec.param)
+        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                      for c in spec.choices))
     try:
-        return llg.grammar_from("grammar", p)  # Lark, or GBNF converted to Lark
+        return llg.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
     except ValueError as e:
         raise GrammarError(f"invalid grammar: {e}", spec.param) from None
 
 
-def validate(spec: StructuredSpec, config: GrammarConfig | None = None) -> None:
-    """Raise GrammarError if ``spec`` is malformed or its schema / regex / grammar is invalid.
-
-    Needs no tokenizer, so the HTTP process can call it before admitting a request; a grammar that
-    passes can still be refused by ``compile`` when the model's vocabulary cannot start it.
-    """
-    text = _grammar_text(spec, config or GrammarConfig())
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
-    if is_error:
-        raise GrammarError(_error_message(spec, messages[0] if messages else ""), spec.param)
-
-
 def _error_message(spec: StructuredSpec, error: str) -> str:
-    what = {"guided_regex": "regex", "guided_choice": "choice list", "guided_grammar": "grammar"}.get(
-        spec.kind, "JSON schema")
+    what = {StructuredKind.REGEX: "regex", StructuredKind.CHOICE: "choice list", StructuredKind.GRAMMAR: "grammar"
+            }.get(spec.kind, "JSON schema")
     return f"invalid {what}: {_one_line(error)}"
 
 

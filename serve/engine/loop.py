@@ -17,7 +17,6 @@ This module knows nothing about HTTP or LitServe (``litserve_adapter`` runs it i
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import queue
 import threading
 import time
@@ -26,25 +25,21 @@ from typing import Any
 from nextoken.export.artifact import Artifact
 from nextoken.serve.config import ServeConfig
 from nextoken.serve.engine.core import EngineCore, EngineOptions, RequestRejected, StepStats
-from nextoken.serve.engine.versions import ModelSet
-from nextoken.serve.wire import AddRequest, CancelRequest, ModelStatus, ReloadRequest, RequestFailed, StepOutput
+from nextoken.serve.engine.versions import ModelSet, VersionChange
+from nextoken.serve.wire import (
+    AddRequest,
+    CancelRequest,
+    Envelope,
+    ModelEvent,
+    ModelStatus,
+    Pipes,
+    ReloadRequest,
+    RequestFailed,
+    Shutdown,
+    StepOutput,
+)
 
 logger = logging.getLogger("nextoken.serve")
-
-
-class Pipes:
-    """Direct queues between the HTTP process(es) and the engine process, made before either starts.
-
-    ``requests``: wire messages in (``AddRequest`` | ``CancelRequest`` | ``ReloadRequest``), with the
-    sending HTTP process's index: ``(frontend, message)``. ``responses[i]``: lists of wire messages
-    out to HTTP process ``i``. Plain pipes (~1 us a put), not manager proxies: the engine process,
-    spawned, receives them pickled; the HTTP process, forked, inherits them.
-    """
-
-    def __init__(self, num_frontends: int = 1) -> None:
-        ctx = mp.get_context("spawn")  # a fork-context lock may not be shared with a spawned process
-        self.requests = ctx.SimpleQueue()
-        self.responses = [ctx.SimpleQueue() for _ in range(num_frontends)]
 
 
 def engine_options(config: ServeConfig) -> EngineOptions:
@@ -141,25 +136,26 @@ class EngineLoop:
 
         return EngineCore(artifact, engine_options(self.config), on_step)
 
-    def _on_change(self, kind: str, info: dict[str, Any]) -> None:
+    def _on_change(self, change: VersionChange) -> None:
         m, models = self.metrics, self.models
-        if kind in ("loaded", "switched") and m is not None:
-            v = models.current
-            m.version_loaded(v.id, model_version=v.artifact.version, backend="onnxruntime",
-                             provider=v.core.runner.provider)
-            if kind == "switched":
-                m.reloaded(v.id)
-        elif kind == "freed" and m is not None:
-            m.version_freed(info["id"])
-        elif kind == "failed" and m is not None:
-            m.reload_failed(info["id"], info["reason"])
-        if kind == "failed":
-            self.last_error = info["error"]
-        elif kind in ("loaded", "switched"):
-            self.last_error = None
-        self.publish(kind)
+        match change.event:
+            case ModelEvent.LOADED | ModelEvent.SWITCHED:
+                self.last_error = None
+                if m is not None:
+                    v = models.current
+                    m.version_loaded(v.id, model_version=v.artifact.version, backend="onnxruntime",
+                                     provider=v.core.runner.provider)
+                    if change.event == ModelEvent.SWITCHED:
+                        m.reloaded(v.id)
+            case ModelEvent.FREED if m is not None:
+                m.version_freed(change.id)
+            case ModelEvent.FAILED:
+                self.last_error = change.error
+                if m is not None:
+                    m.reload_failed(change.id, change.reason)
+        self.publish(change.event)
 
-    def status(self, event: str = "loaded") -> ModelStatus:
+    def status(self, event: ModelEvent = ModelEvent.LOADED) -> ModelStatus:
         v = self.models.current
         spec = v.core.runner.spec
         return ModelStatus(id=v.id, name=v.artifact.name, version=v.artifact.version, path=str(v.artifact.path),
@@ -167,7 +163,7 @@ class EngineLoop:
                            eos_id=v.core.eos_id, provider=v.core.runner.provider,
                            models_loaded=self.models.models_loaded, event=event, last_error=self.last_error)
 
-    def publish(self, event: str = "loaded") -> None:
+    def publish(self, event: ModelEvent = ModelEvent.LOADED) -> None:
         """Tell every HTTP process which version takes new requests."""
         if self.sender is not None and self.models is not None and self.models.current is not None:
             self.sender.put(None, self.status(event), urgent=True)
@@ -176,18 +172,18 @@ class EngineLoop:
     def _read(self) -> None:
         while True:
             try:
-                item = self.pipes.requests.get()
-            except (EOFError, OSError, BrokenPipeError):
-                item = None
+                item: Envelope = self.pipes.requests.get()
+            except (EOFError, OSError, BrokenPipeError):  # the HTTP side is gone: the server is stopping
+                item = Envelope(0, Shutdown())
             self.inbox.put(item)
-            if item is None:
+            if isinstance(item.message, Shutdown):
                 return
 
     def start(self) -> None:
         """Start the reader and sender threads and announce the serving version."""
         self.sender = Sender(self.pipes, self.config.message_rate)
         threading.Thread(target=self._read, daemon=True, name="engine-reader").start()
-        self.publish("loaded")
+        self.publish(ModelEvent.LOADED)
 
     def run_forever(self) -> None:
         self.start()
@@ -202,36 +198,37 @@ class EngineLoop:
                     item = self.inbox.get(timeout=self.config.reload_poll_s)
                 except queue.Empty:
                     continue
-                if item is None:
+                if not self._accept(item):
                     return
-                self._accept(*item)
             while True:  # take everything that arrived during the last step
                 try:
                     item = self.inbox.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if not self._accept(item):
                     return
-                self._accept(*item)
             if self.models.has_work():
                 self.step()
 
-    def _accept(self, frontend: int, msg: Any) -> None:
-        if isinstance(msg, AddRequest):
-            self.frontend_of[msg.rid] = frontend
-            try:
-                self.models.add(msg)
-            except RequestRejected as e:
-                self._fail(e.failure(msg.rid))
-            except Exception as e:  # one bad request must not stop admission for everyone
-                logger.exception("add failed for %s", msg.rid)
-                self._fail(RequestFailed(msg.rid, 500, f"{type(e).__name__}: {e}"))
-        elif isinstance(msg, CancelRequest):
-            self.models.cancel(msg.rid)
-        elif isinstance(msg, ReloadRequest):
-            self.models.poll(force=True)
-        else:
-            logger.error("unknown message on the request pipe: %r", type(msg).__name__)
+    def _accept(self, item: Envelope) -> bool:
+        """Apply one message; False once the pipe has closed (the server is stopping)."""
+        match item.message:
+            case AddRequest() as msg:
+                self.frontend_of[msg.rid] = item.frontend
+                try:
+                    self.models.add(msg)
+                except RequestRejected as e:
+                    self._fail(e.failure(msg.rid))
+                except Exception as e:  # one bad request must not stop admission for everyone
+                    logger.exception("add failed for %s", msg.rid)
+                    self._fail(RequestFailed(msg.rid, 500, f"{type(e).__name__}: {e}"))
+            case CancelRequest(rid=rid):
+                self.models.cancel(rid)
+            case ReloadRequest():
+                self.models.poll(force=True)
+            case Shutdown():
+                return False
+        return True
 
     def _fail(self, failure: RequestFailed) -> None:
         frontend = self.frontend_of.pop(failure.rid, 0)

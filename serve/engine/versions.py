@@ -19,14 +19,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tokenizers import Tokenizer
 
 from nextoken.export.artifact import Artifact, ArtifactError, load_artifact
 from nextoken.serve.engine.core import EngineCore
-from nextoken.serve.engine.sampler import SamplingParams
-from nextoken.serve.wire import AddRequest, StepOutput
+from nextoken.serve.wire import AddRequest, ModelEvent, SamplingParams, StepOutput
 
 logger = logging.getLogger("nextoken.serve")
 
@@ -80,12 +78,22 @@ class Version:
         return [self.core.eos_id, *ids] if add_eos_prefix else ids
 
 
+@dataclass(frozen=True)
+class VersionChange:
+    """What happened to a model version (the engine loop turns it into metrics and a ModelStatus)."""
+
+    event: ModelEvent
+    id: str  # the version it is about (name:version)
+    reason: str | None = None  # FAILED: one of metrics.RELOAD_FAILURE_REASONS
+    error: str | None = None  # FAILED: the whole message
+
+
 class ModelSet:
     def __init__(self, path: str, make_core: Callable[[Artifact], EngineCore],
-                 on_change: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_change: Callable[[VersionChange], None] | None = None) -> None:
         self.path = path
         self.make_core = make_core
-        self.on_change = on_change or (lambda kind, info: None)
+        self.on_change = on_change or (lambda change: None)
         self.current: Version | None = None
         self.current_sig: tuple[str, str] | None = None
         self.draining: list[Version] = []
@@ -99,7 +107,7 @@ class ModelSet:
         """Load the version at the path (``verified``: the launcher already checked its hashes)."""
         sig = signature(self.path)
         self.current, self.current_sig = self._build(sig, verified), sig
-        self.on_change("loaded", {"id": self.current.id})
+        self.on_change(VersionChange(ModelEvent.LOADED, self.current.id))
 
     def _build(self, sig: tuple[str, str], verified: Artifact | None = None) -> Version:
         artifact = verified if verified is not None and str(verified.path.resolve()) == sig[0] else load_artifact(
@@ -143,17 +151,16 @@ class ModelSet:
         if version is None:
             self._failed_sig = sig
             logger.error("refusing the model at %s: %s; still serving %s", sig[0], error, self.current.id)
-            self.on_change("failed", {"path": sig[0], "reason": error.split(":")[0], "id": self._refused_id(sig[0]),
-                                      "error": error})
+            self.on_change(VersionChange(ModelEvent.FAILED, self._refused_id(sig[0]), error.split(":")[0], error))
             return
         old = self.current
         self.current, self.current_sig, self._failed_sig = version, sig, None
         if old.core.has_work():
             self.draining.append(old)
         else:
-            self.on_change("freed", {"id": old.id})
+            self.on_change(VersionChange(ModelEvent.FREED, old.id))
         logger.warning("now serving %s (was %s)", version.id, old.id)
-        self.on_change("switched", {"id": version.id, "previous": old.id})
+        self.on_change(VersionChange(ModelEvent.SWITCHED, version.id))
 
     def _refused_id(self, folder: str) -> str:
         """The refused version as ``name:version`` (the label every metric uses), read from its manifest
@@ -197,5 +204,5 @@ class ModelSet:
         if self.draining:
             for v in [v for v in self.draining if not v.core.has_work()]:
                 self.draining.remove(v)  # freed here: the last reference to its core and cache
-                self.on_change("freed", {"id": v.id})
+                self.on_change(VersionChange(ModelEvent.FREED, v.id))
         return outs

@@ -21,12 +21,12 @@ from nextoken.serve.engine.grammar import (
     GrammarConfig,
     GrammarError,
     Matcher,
-    StructuredSpec,
     TokenRejected,
     apply_masks,
-    spec_from_request,
-    validate,
 )
+from nextoken.serve.http.errors import RequestError, validate
+from nextoken.serve.http.requests import ChatCompletionRequest
+from nextoken.serve.wire import StructuredKind, StructuredSpec
 from nextoken.train.tokenizer import EOT, UNK, train_tokenizer
 from tests.conftest import TINY_TEXT
 
@@ -63,6 +63,11 @@ def vocab(request: pytest.FixtureRequest) -> tuple[Tokenizer, GrammarCompiler]:
     tok = train_tokenizer("char", docs) if request.param == "char" else train_tokenizer("bpe", docs, vocab_size=400)
     compiler = GrammarCompiler(tok.to_str(), tok.get_vocab_size() + PAD, tok.token_to_id(EOT))
     return tok, compiler
+
+
+def spec_of(fields: dict) -> StructuredSpec | None:
+    """The structure a chat request with these fields asks for, as the request contract makes it."""
+    return validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], **fields}).structured
 
 
 def generate(compiler: GrammarCompiler, specs: list[StructuredSpec | None], seeds: list[int],
@@ -120,7 +125,7 @@ def text_of(tok: Tokenizer, ids: list[int]) -> str:
 
 def test_json_schema_outputs_parse_and_validate_for_50_seeds(vocab: tuple[Tokenizer, GrammarCompiler]) -> None:
     tok, compiler = vocab
-    spec = spec_from_request({"response_format": {"type": "json_schema", "json_schema": {
+    spec = spec_of({"response_format": {"type": "json_schema", "json_schema": {
         "name": "pet", "schema": SCHEMA, "strict": True}}})
     outs, matchers = generate(compiler, [spec] * 50, list(range(50)))
     seen_optional = set()
@@ -134,7 +139,7 @@ def test_json_schema_outputs_parse_and_validate_for_50_seeds(vocab: tuple[Tokeni
 
 def test_json_object_gives_objects(vocab: tuple[Tokenizer, GrammarCompiler]) -> None:
     tok, compiler = vocab
-    spec = spec_from_request({"response_format": {"type": "json_object"}})
+    spec = spec_of({"response_format": {"type": "json_object"}})
     outs, _ = generate(compiler, [spec] * 20, list(range(100, 120)))
     for ids in outs:
         assert isinstance(json.loads(text_of(tok, ids)), dict)
@@ -144,7 +149,7 @@ def test_guided_json_takes_schema_text(vocab: tuple[Tokenizer, GrammarCompiler])
     tok, compiler = vocab
     schema = {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2,
               "maxItems": 4}
-    outs, _ = generate(compiler, [StructuredSpec("guided_json", json.dumps(schema))] * 10, list(range(10)))
+    outs, _ = generate(compiler, [spec_of({"guided_json": json.dumps(schema)})] * 10, list(range(10)))
     for ids in outs:
         jsonschema.validate(json.loads(text_of(tok, ids)), schema)
 
@@ -153,7 +158,7 @@ def test_regex_and_choice_match(vocab: tuple[Tokenizer, GrammarCompiler]) -> Non
     tok, compiler = vocab
     regex = r"(cat|dog)-[0-9]{2,4}( [A-Z][a-z]{1,5})?"
     choices = ["the cat", "a dog", 'say "hi"', "caf\u00e9 \u2615"]
-    specs = [StructuredSpec("guided_regex", regex)] * 12 + [StructuredSpec("guided_choice", choices)] * 12
+    specs = [spec_of({"guided_regex": regex})] * 12 + [spec_of({"guided_choice": choices})] * 12
     outs, _ = generate(compiler, specs, list(range(24)))
     for ids in outs[:12]:
         assert re.fullmatch(regex, text_of(tok, ids))
@@ -165,8 +170,8 @@ def test_guided_grammar_lark_and_gbnf(vocab: tuple[Tokenizer, GrammarCompiler]) 
     tok, compiler = vocab
     gbnf = 'root ::= "(" num ("+" num)* ")"\nnum ::= [0-9] | [1-9] [0-9]'
     lark = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]|[1-9][0-9]/'
-    outs, _ = generate(compiler, [StructuredSpec("guided_grammar", gbnf)] * 6
-                       + [StructuredSpec("guided_grammar", lark)] * 6, list(range(12)))
+    outs, _ = generate(compiler, [spec_of({"guided_grammar": gbnf})] * 6
+                       + [spec_of({"guided_grammar": lark})] * 6, list(range(12)))
     for ids in outs:
         assert re.fullmatch(r"\((?:[0-9]|[1-9][0-9])(?:\+(?:[0-9]|[1-9][0-9]))*\)", text_of(tok, ids))
 
@@ -175,7 +180,7 @@ def test_eos_only_when_the_grammar_accepts(vocab: tuple[Tokenizer, GrammarCompil
     """EOS is offered exactly when the text so far is complete (checked against the parser's own state
     and, independently, against json.loads), and a finished grammar offers nothing but EOS."""
     tok, compiler = vocab
-    spec = StructuredSpec("json_object")
+    spec = spec_of({"response_format": {"type": "json_object"}})
     m = compiler.compile(spec)
     bias = np.zeros((1, compiler.vocab_size), dtype=np.float32)
     rng = np.random.default_rng(0)
@@ -196,12 +201,12 @@ def test_eos_only_when_the_grammar_accepts(vocab: tuple[Tokenizer, GrammarCompil
         ids.append(t)
     assert complete and m.is_terminated()
     assert np.flatnonzero(bias[0] == 0).tolist() == [compiler.eos_id]
-    generate(compiler, [StructuredSpec("guided_regex", "a[ab]{0,3}")] * 8 + [spec] * 8, list(range(16)), check=True)
+    generate(compiler, [spec_of({"guided_regex": "a[ab]{0,3}"})] * 8 + [spec] * 8, list(range(16)), check=True)
 
 
 def test_rows_without_a_grammar_are_untouched(vocab: tuple[Tokenizer, GrammarCompiler]) -> None:
     _, compiler = vocab
-    m = compiler.compile(StructuredSpec("guided_choice", ["yes", "no"]))
+    m = compiler.compile(spec_of({"guided_choice": ["yes", "no"]}))
     for dtype, sentinel in ((np.bool_, True), (np.float32, 7.0)):
         out = np.full((4, compiler.vocab_size), sentinel, dtype=dtype)
         rows = compiler.fill_masks([None, m, None, m], out)
@@ -216,12 +221,13 @@ def test_rows_without_a_grammar_are_untouched(vocab: tuple[Tokenizer, GrammarCom
     apply_masks(logits, out, np.array([], dtype=np.int64))
     assert compiler.fill_masks([None, None], np.zeros((2, compiler.vocab_size), np.float32)).size == 0
     # generation with free rows in the batch: generate() asserts their logits are never changed
-    generate(compiler, [None, StructuredSpec("guided_choice", ["yes", "no"]), None], [1, 2, 3])
+    generate(compiler, [None, spec_of({"guided_choice": ["yes", "no"]}), None], [1, 2, 3])
 
 
 def test_bool_and_bias_masks_agree(vocab: tuple[Tokenizer, GrammarCompiler]) -> None:
     _, compiler = vocab
-    ms = [compiler.compile(StructuredSpec("json_object")), None, compiler.compile(StructuredSpec("guided_regex", "x+"))]
+    ms = [compiler.compile(spec_of({"response_format": {"type": "json_object"}})), None,
+          compiler.compile(spec_of({"guided_regex": "x+"}))]
     bias = np.zeros((3, compiler.vocab_size), np.float32)
     mask = np.zeros((3, compiler.vocab_size), bool)
     assert compiler.fill_masks(ms, bias).tolist() == compiler.fill_masks(ms, mask).tolist() == [0, 2]
@@ -233,7 +239,7 @@ def test_special_and_padded_ids_never_allowed(vocab: tuple[Tokenizer, GrammarCom
     tok, compiler = vocab
     n = tok.get_vocab_size()
     # a regex whose text could spell "<unk>" or "<|endoftext|>": special tokens must still never match
-    m = compiler.compile(StructuredSpec("guided_regex", r"[<>|a-z]{1,20}"))
+    m = compiler.compile(spec_of({"guided_regex": r"[<>|a-z]{1,20}"}))
     bias = np.zeros((1, compiler.vocab_size), np.float32)
     specials = [i for i in (tok.token_to_id(UNK),) if i is not None]
     compiler.fill_masks([m], bias)
@@ -252,7 +258,7 @@ def test_special_and_padded_ids_never_allowed(vocab: tuple[Tokenizer, GrammarCom
 
 def test_a_rejected_token_raises(vocab: tuple[Tokenizer, GrammarCompiler]) -> None:
     tok, compiler = vocab
-    m = compiler.compile(StructuredSpec("guided_choice", ["yes"]))
+    m = compiler.compile(spec_of({"guided_choice": ["yes"]}))
     with pytest.raises(TokenRejected):
         m.accept(tok.encode("n").ids[0])
 
@@ -261,7 +267,7 @@ def test_utf8_across_byte_level_tokens() -> None:
     """Byte-level tokens that each hold part of a character still assemble the exact choice."""
     tok = train_tokenizer("bpe", [TINY_TEXT], vocab_size=300)  # no token holds \u2615 whole
     compiler = GrammarCompiler(tok.to_str(), tok.get_vocab_size(), tok.token_to_id(EOT))
-    outs, _ = generate(compiler, [StructuredSpec("guided_choice", ["\u2615 caf\u00e9", "\u00e9t\u00e9"])] * 8,
+    outs, _ = generate(compiler, [spec_of({"guided_choice": ["\u2615 caf\u00e9", "\u00e9t\u00e9"]})] * 8,
                        list(range(8)))
     assert {tok.decode(ids) for ids in outs} == {"\u2615 caf\u00e9", "\u00e9t\u00e9"}
     assert any(len(ids) > len(tok.decode(ids)) for ids in outs)  # some token held a partial character
@@ -273,10 +279,10 @@ def test_dead_end_in_a_vocabulary_ends_the_sequence() -> None:
     tok = train_tokenizer("char", [TINY_TEXT])  # no braces, no digits
     compiler = GrammarCompiler(tok.to_str(), tok.get_vocab_size(), tok.token_to_id(EOT))
     with pytest.raises(GrammarError) as e:
-        compiler.compile(StructuredSpec("json_object"))
+        compiler.compile(spec_of({"response_format": {"type": "json_object"}}))
     assert e.value.param == "response_format" and "vocabulary" in e.value.message
     # llguidance ends "ab[0-9]" itself (EOS only); for a forced "{" it offers <unk>, which must not pass
-    for spec in (StructuredSpec("guided_regex", "ab[0-9]"), StructuredSpec("guided_choice", ["ab{"])):
+    for spec in (spec_of({"guided_regex": "ab[0-9]"}), spec_of({"guided_choice": ["ab{"]})):
         m = compiler.compile(spec)
         bias = np.zeros((1, compiler.vocab_size), np.float32)
         for c in "ab":
@@ -290,73 +296,50 @@ def test_dead_end_in_a_vocabulary_ends_the_sequence() -> None:
         assert m.is_terminated() and m.error
 
 
-@pytest.mark.parametrize(("fields", "param", "words"), [
+# Where each refusal comes from: the request contract (the shape: RequestError) or the engine's compile
+# (what llguidance cannot enforce: GrammarError, a 400 from the engine). Each names the request field.
+CONTRACT, ENGINE = "contract", "engine"
+
+
+@pytest.mark.parametrize(("fields", "where", "param", "words"), [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
-     "response_format", "strin"),
+     ENGINE, "response_format", "strin"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "array", "uniqueItems": True}}}}, "response_format", "uniqueItems"),
+        "type": "array", "uniqueItems": True}}}}, ENGINE, "response_format", "uniqueItems"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
-     "response_format", "name"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+     CONTRACT, "response_format.json_schema.name", "name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, CONTRACT,
+     "response_format.json_schema.schema", "schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}},
-     "response_format", "strict"),
+     CONTRACT, "response_format.json_schema.strict", "strict"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}},
-     "response_format", "extra"),
-    ({"guided_json": '{"type": '}, "guided_json", "not valid JSON"),
+     CONTRACT, "response_format.json_schema.extra", "extra"),
+    ({"guided_json": '{"type": '}, CONTRACT, "guided_json", "not valid JSON"),
     ({"guided_json": {"type": "object", "properties": {"a": {"type": "integer", "minimum": "zero"}}}},
-     "guided_json", ""),
-    ({"guided_json": [1, 2]}, "guided_json", "schema object"),
-    ({"guided_regex": "a(b"}, "guided_regex", "regex"),
-    ({"guided_regex": ""}, "guided_regex", "non-empty"),
-    ({"guided_choice": []}, "guided_choice", "non-empty list"),
-    ({"guided_choice": ["a", 3]}, "guided_choice", "strings"),
-    ({"guided_grammar": "root ::= ("}, "guided_grammar", "grammar"),
-    ({"guided_grammar": 'start: "a" /[0-9]+'}, "guided_grammar", "grammar"),
-    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": "[ "}, "guided_whitespace_pattern", "pattern"),
+     ENGINE, "guided_json", ""),
+    ({"guided_json": "[1, 2]"}, CONTRACT, "guided_json", "schema object"),
+    ({"guided_json": [1, 2]}, CONTRACT, "guided_json", "guided_json"),
+    ({"guided_regex": "a(b"}, ENGINE, "guided_regex", "regex"),
+    ({"guided_regex": ""}, CONTRACT, "guided_regex", "must not be empty"),
+    ({"guided_choice": []}, CONTRACT, "guided_choice", "must not be empty"),
+    ({"guided_choice": ["a", 3]}, CONTRACT, "guided_choice", "string"),
+    ({"guided_grammar": "root ::= ("}, ENGINE, "guided_grammar", "grammar"),
+    ({"guided_grammar": 'start: "a" /[0-9]+'}, ENGINE, "guided_grammar", "grammar"),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": "[ "}, ENGINE, "guided_whitespace_pattern",
+     "pattern"),
 ])
-def test_invalid_specs_raise_grammar_error_naming_the_param(vocab: tuple[Tokenizer, GrammarCompiler],
-                                                            fields: dict, param: str, words: str) -> None:
+def test_invalid_structures_are_refused_naming_the_field(vocab: tuple[Tokenizer, GrammarCompiler], fields: dict,
+                                                         where: str, param: str, words: str) -> None:
     _, compiler = vocab
-    with pytest.raises(GrammarError) as e:
-        spec = spec_from_request(fields)
-        assert spec is not None
-        validate(spec)
-    assert e.value.param == param and words in e.value.message
-    assert isinstance(e.value, ValueError)
-    if spec_ok := _spec_or_none(fields):  # compile refuses what validate refuses
-        with pytest.raises(GrammarError) as e2:
-            compiler.compile(spec_ok)
-        assert e2.value.param == param
-
-
-def _spec_or_none(fields: dict) -> StructuredSpec | None:
-    try:
-        return spec_from_request(fields)
-    except GrammarError:
-        return None
-
-
-def test_spec_from_request() -> None:
-    assert spec_from_request({}) is None
-    assert spec_from_request({"response_format": {"type": "text"}, "guided_json": None}) is None
-    assert spec_from_request({"response_format": {"type": "json_object"}}) == StructuredSpec("json_object")
-    assert spec_from_request({"guided_choice": ["a"]}) == StructuredSpec("guided_choice", ["a"])
-    s = spec_from_request({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " ?"})
-    assert s == StructuredSpec("guided_json", {"type": "object"}, " ?") and s.param == "guided_json"
-    bad = [({"response_format": "json"}, "response_format"),
-           ({"response_format": {"type": "yaml"}}, "response_format"),
-           ({"response_format": {"type": "json_schema"}}, "response_format"),
-           ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
-           ({"guided_json": {}, "guided_choice": ["a"]}, "guided_choice"),
-           ({"guided_regex": "a+", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
-           ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
-           ({"guided_json": {}, "guided_whitespace_pattern": 3}, "guided_whitespace_pattern")]
-    for fields, param in bad:
-        with pytest.raises(GrammarError) as e:
-            spec_from_request(fields)
-        assert e.value.param == param, fields
-    with pytest.raises(GrammarError):
-        validate(StructuredSpec("yaml", "x"))
+    if where == CONTRACT:
+        with pytest.raises(RequestError) as e:
+            spec_of(fields)
+        assert e.value.param == param and words in e.value.message and e.value.status == 400, e.value.message
+        return
+    with pytest.raises(GrammarError) as e2:
+        compiler.compile(spec_of(fields))
+    assert e2.value.param == param and words in e2.value.message
+    assert isinstance(e2.value, ValueError)
 
 
 def test_whitespace_is_bounded_and_can_be_set(vocab: tuple[Tokenizer, GrammarCompiler]) -> None:
@@ -371,25 +354,25 @@ def test_whitespace_is_bounded_and_can_be_set(vocab: tuple[Tokenizer, GrammarCom
             return False
         return m.is_accepting()
 
-    obj = StructuredSpec("json_object")
+    obj = spec_of({"response_format": {"type": "json_object"}})
     assert accepts(obj, '{"a": 1}') and accepts(obj, '{\n  "a": [1, 2]\n}')
     assert not accepts(obj, "{" + " " * 17 + '"a": 1}')  # a tiny model cannot spend max_tokens on spaces
-    compact = StructuredSpec("json_object", None, "")
+    compact = StructuredSpec(StructuredKind.JSON_OBJECT, "response_format", whitespace="")  # the contract asks 1+
     assert accepts(compact, '{"a":1}') and not accepts(compact, '{"a": 1}')
 
 
 def test_compiled_grammars_are_cached_and_matchers_independent(vocab: tuple[Tokenizer, GrammarCompiler]) -> None:
     tok, _ = vocab
     compiler = GrammarCompiler(tok.to_str(), tok.get_vocab_size(), tok.token_to_id(EOT), GrammarConfig(cache_size=2))
-    a1 = compiler.compile(StructuredSpec("guided_choice", ["ab", "cd"]))
-    a2 = compiler.compile(StructuredSpec("guided_choice", ["ab", "cd"]))
+    a1 = compiler.compile(spec_of({"guided_choice": ["ab", "cd"]}))
+    a2 = compiler.compile(spec_of({"guided_choice": ["ab", "cd"]}))
     assert compiler.cache_len() == 1
     a1.accept(tok.encode("a").ids[0])
     bias = np.zeros((2, compiler.vocab_size), np.float32)
     compiler.fill_masks([a1, a2], bias)
     assert not np.array_equal(bias[0], bias[1])  # a2 is still at the start
-    compiler.compile(StructuredSpec("guided_regex", "x"))
-    compiler.compile(StructuredSpec("guided_regex", "y"))
+    compiler.compile(spec_of({"guided_regex": "x"}))
+    compiler.compile(spec_of({"guided_regex": "y"}))
     assert compiler.cache_len() == 2  # LRU bound
 
 
@@ -399,7 +382,7 @@ def test_compiler_and_fill_refuse_bad_shapes(vocab: tuple[Tokenizer, GrammarComp
         GrammarCompiler(tok.to_str(), tok.get_vocab_size() - 1, 0)
     with pytest.raises(ValueError, match="eos_id"):
         GrammarCompiler(tok.to_str(), tok.get_vocab_size(), tok.get_vocab_size())
-    m = compiler.compile(StructuredSpec("json_object"))
+    m = compiler.compile(spec_of({"response_format": {"type": "json_object"}}))
     for bad in (np.zeros((2, compiler.vocab_size), np.float32), np.zeros((1, compiler.vocab_size), np.float64),
                 np.zeros((1, compiler.vocab_size - 1), np.float32)):
         with pytest.raises(ValueError, match="out must be"):

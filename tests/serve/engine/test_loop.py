@@ -12,9 +12,17 @@ import pytest
 
 from nextoken.export.artifact import load_artifact
 from nextoken.serve.config import ServeConfig
-from nextoken.serve.engine.loop import EngineLoop, Pipes
-from nextoken.serve.engine.sampler import SamplingParams
-from nextoken.serve.wire import AddRequest, CancelRequest, ModelStatus, RequestFailed, StepOutput
+from nextoken.serve.engine.loop import EngineLoop
+from nextoken.serve.wire import (
+    AddRequest,
+    CancelRequest,
+    Envelope,
+    ModelStatus,
+    Pipes,
+    RequestFailed,
+    SamplingParams,
+    StepOutput,
+)
 
 
 class Received:
@@ -60,7 +68,7 @@ def engine(tiny_artifact: Path):
 
 
 def add(loop: EngineLoop, rid: str, ids: list[int], **params) -> None:
-    loop._accept(0, AddRequest(rid, ids, SamplingParams(**params), time.time(), loop.models.current.id))
+    loop._accept(Envelope(0, AddRequest(rid, ids, SamplingParams(**params), time.time(), loop.models.current.id)))
 
 
 def finished(rid: str):
@@ -111,7 +119,7 @@ def test_cancel_applies_between_steps_and_every_step_is_at_most_one_message(engi
     for _ in range(5):
         loop.step()
         steps += 1
-    loop._accept(0, CancelRequest("long"))
+    loop._accept(Envelope(0, CancelRequest("long")))
     loop.step()
     steps += 1
     msgs = got.until(finished("long"))

@@ -14,8 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nextoken.serve.engine import filters
 from nextoken.serve.engine import sampler as sampling
-from nextoken.serve.engine.sampler import BatchSampler, RowState, SamplingParamError, SamplingParams, sample
+from nextoken.serve.engine.sampler import BatchSampler
+from nextoken.serve.http.errors import validate
+from nextoken.serve.http.requests import CompletionRequest
+from nextoken.serve.wire import ParamError, SamplingParams
 
 V = 50
 EOS = V - 1
@@ -53,10 +57,16 @@ CHI2_999 = {3: 16.27, 7: 24.32, 9: 27.88}
 
 
 # --- the tests of the per-row sampler, on the batch sampler ------------------------------------------
+def contract(**fields: object) -> SamplingParams:
+    """Settings as the request contract makes them from a request (normalised: temperature 0 is greedy)."""
+    return validate(CompletionRequest, {"prompt": "x", **fields}).to_sampling_params(
+        max_tokens=16, logprobs=None, seed=None)
+
+
 def test_greedy_is_argmax_and_ignores_filters() -> None:
     x = logits(4)
-    p = SamplingParams(temperature=0, top_k=3, top_p=0.1, min_p=0.5)
-    assert (p.top_k, p.top_p, p.min_p) == (0, 1.0, 0.0)  # normalised away
+    p = contract(temperature=0, top_k=3, top_p=0.1, min_p=0.5)
+    assert (p.top_k, p.top_p, p.min_p) == (0, 1.0, 0.0)  # normalised away by the request contract
     assert step(sampler(*[p] * 4), x).token_ids.tolist() == x.argmax(-1).tolist()
 
 
@@ -152,7 +162,7 @@ def test_negative_seeds_are_reproducible_and_tiny_temperatures_are_greedy() -> N
     x = logits(1, seed=4)
     a, b = sampler(SamplingParams(seed=-5)), sampler(SamplingParams(seed=-5))  # numpy itself refuses seed < 0
     assert [int(step(a, x).token_ids[0]) for _ in range(10)] == [int(step(b, x).token_ids[0]) for _ in range(10)]
-    p = SamplingParams(temperature=1e-300, top_k=5)
+    p = contract(temperature=1e-300, top_k=5)
     assert p.greedy and p.top_k == 0
     assert int(step(sampler(p), x).token_ids[0]) == int(x.argmax())
 
@@ -292,10 +302,10 @@ def reference_keep(x: np.ndarray, T: float, k: int, top_p: float, min_p: float) 
 def keep_mask(x: np.ndarray, T: np.ndarray, k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
     """The sampler's kept set, computed twice: assuming every transform may be mixed, and with the
     batch's own flags as BatchSampler passes them (the branches for uniform batches)."""
-    flags = ((k > 0) * sampling._TOPK) | ((top_p < 1) * sampling._TOPP) | ((min_p > 0) * sampling._MINP)
+    flags = ((k > 0) * filters.TOPK) | ((top_p < 1) * filters.TOPP) | ((min_p > 0) * filters.MINP)
     masks = []
-    for bits in ((sampling._CUT | sampling._MINP, 0), sampling._bits(flags)):
-        mask, L, _, _ = sampling._survivors_of(x, T.astype(np.float32), k, top_p, min_p, bits)
+    for bits in ((filters.CUT | filters.MINP, 0), sampling._bits(flags)):
+        mask, L, _, _ = filters._survivors_of(x, T.astype(np.float32), k, top_p, min_p, bits)
         assert (mask.sum(axis=1) == L).all()
         masks.append(mask)
     assert np.array_equal(*masks)
@@ -349,7 +359,7 @@ def test_flat_rows_reach_the_full_sort_and_stay_exact() -> None:
     x = np.concatenate([rng.normal(size=(2, Vb)) * 0.01, rng.normal(size=(2, Vb)) * 4]).astype(np.float32)
     T, k, top_p, min_p = np.ones(4), np.array([0, 0, 0, 3000]), np.array([0.999, 0.3, 0.9, 0.95]), np.zeros(4)
     keep = keep_mask(x, T, k, top_p, min_p)
-    assert keep[0].sum() > Vb // 2 and keep[1].sum() > sampling.CANDIDATES * 8  # wider than both candidate blocks
+    assert keep[0].sum() > Vb // 2 and keep[1].sum() > filters.CANDIDATES * 8  # wider than both candidate blocks
     for r in range(4):
         assert np.array_equal(keep[r], reference_keep(x[r], 1.0, int(k[r]), float(top_p[r]), 0.0))
     # top-k ties running past the candidate block: its partial sum must not settle top-p
@@ -392,7 +402,7 @@ def test_draws_follow_softmax_when_the_nucleus_is_most_of_the_vocabulary() -> No
         bs.add(s, SamplingParams(temperature=T, top_p=0.95), [2])
     bs.shared_rng = np.random.default_rng(7)
     kept = keep_mask(row[None], np.ones(1), np.zeros(1, dtype=np.int64), np.array([0.95]), np.zeros(1))[0]
-    assert kept.sum() > sampling.COMPACT_BELOW * Vw  # the full-row draw, not the gathered survivors
+    assert kept.sum() > filters.COMPACT_BELOW * Vw  # the full-row draw, not the gathered survivors
     counts = np.zeros(Vw, dtype=np.int64)
     x = np.tile(row, (B, 1))
     for _ in range(150):
@@ -441,9 +451,9 @@ def test_the_draw_of_a_row_does_not_depend_on_the_batch(width: int) -> None:
     w[:, rng.integers(0, width)] = 1.0  # at least one positive weight per row
     u = rng.random(200)
     u[:5] = [0.0, 1 - 2**-53, 0.5, 1e-300, 0.999999]
-    together = sampling._inverse_cdf(w, u)
-    alone = [int(sampling._inverse_cdf(w[i:i + 1], u[i:i + 1])[0]) for i in range(200)]
-    padded = sampling._inverse_cdf(np.pad(w, ((0, 0), (0, 37))), u)  # zero padding after a row changes nothing
+    together = filters.inverse_cdf(w, u)
+    alone = [int(filters.inverse_cdf(w[i:i + 1], u[i:i + 1])[0]) for i in range(200)]
+    padded = filters.inverse_cdf(np.pad(w, ((0, 0), (0, 37))), u)  # zero padding after a row changes nothing
     assert together.tolist() == alone == padded.tolist()
     assert (w[np.arange(200), together] > 0).all()
 
@@ -499,31 +509,23 @@ def test_prompt_logprobs_match_log_softmax() -> None:
 
 
 # --- settings, slots -----------------------------------------------------------------------------
-@pytest.mark.parametrize(("field", "value"), [
-    ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
-    ("top_k", 2.5), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", float("inf")),
-    ("frequency_penalty", "0.1"), ("max_tokens", -1), ("max_tokens", 0), ("min_tokens", -1), ("stop", "abc"),
-    ("stop", [""]), ("stop_token_ids", [-1]), ("seed", 1.5), ("logprobs", -1), ("prompt_logprobs", True),
-    ("logit_bias", {1: 101.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", [1]), ("ignore_eos", 1),
-])
-def test_bad_settings_name_the_field(field: str, value) -> None:
-    with pytest.raises(SamplingParamError, match=field) as e:
-        SamplingParams(**{field: value})
-    assert e.value.param == field
-
-
-def test_settings_edge_cases() -> None:
-    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0  # score only
-    assert SamplingParams(max_tokens=None).max_tokens is None  # the rest of the context
-    assert SamplingParams(top_k=-1).top_k == 0
-    with pytest.raises(SamplingParamError, match="min_tokens") as e:
-        SamplingParams(max_tokens=3, min_tokens=4)
-    assert e.value.param == "min_tokens"
-    for p, field in ((SamplingParams(logit_bias={V: 1.0}), "logit_bias"),
-                     (SamplingParams(stop_token_ids=[V]), "stop_token_ids"),
-                     (SamplingParams(logprobs=V + 1), "logprobs")):
-        with pytest.raises(SamplingParamError, match=field):
-            BatchSampler(1, V, EOS).add(0, p, [1])
+def test_the_model_dependent_checks_name_the_field() -> None:
+    """SamplingParams.check (the engine's and the planner's): ids within the vocabulary, the prompt and
+    output within the context; the rest of the context when max_tokens is None."""
+    assert SamplingParams(max_tokens=None).check([1, 2], vocab_size=V, context=10) == 8
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).check([1] * 10, vocab_size=V, context=10) == 0  # scored
+    for p, ids, field in ((SamplingParams(logit_bias={V: 1.0}), [1], "logit_bias"),
+                          (SamplingParams(stop_token_ids=[V]), [1], "stop_token_ids"),
+                          (SamplingParams(logprobs=V + 1), [1], "logprobs"),
+                          (SamplingParams(), [V], "prompt"),
+                          (SamplingParams(), [], "prompt"),
+                          (SamplingParams(max_tokens=3, min_tokens=4), [1], "min_tokens"),
+                          (SamplingParams(max_tokens=None, min_tokens=9), [1, 2], "min_tokens"),
+                          (SamplingParams(max_tokens=9), [1, 2], "max_tokens"),
+                          (SamplingParams(max_tokens=None), [1] * 10, "prompt")):
+        with pytest.raises(ParamError) as e:
+            p.check(ids, vocab_size=V, context=10)
+        assert e.value.param == field and field.split("_")[0] in e.value.message, (field, e.value.message)
 
 
 def test_slots_are_checked() -> None:
@@ -533,26 +535,12 @@ def test_slots_are_checked() -> None:
         bs.add(0, SamplingParams(), [1])
     with pytest.raises(ValueError, match="slot must be"):
         bs.add(2, SamplingParams(), [1])
-    with pytest.raises(ValueError, match="prompt_ids"):
-        bs.add(1, SamplingParams(), [V])
     with pytest.raises(ValueError, match="in use"):
         bs.sample(logits(1), np.array([1]))
     with pytest.raises(ValueError, match="distinct"):
         bs.add(1, SamplingParams(), [1]) or bs.sample(logits(2), np.array([1, 1]))
     with pytest.raises(ValueError, match="not in use"):
         bs.remove(1) or bs.remove(1)
-
-
-# --- the per-row sampler the engine still uses -------------------------------------------------------
-def test_legacy_sampler_refuses_what_it_does_not_implement() -> None:
-    for kw in ({"min_p": 0.1}, {"min_tokens": 2}, {"stop_token_ids": [3]}, {"logit_bias": {1: 2.0}},
-               {"structured": "g"}, {"prompt_logprobs": 1}):
-        with pytest.raises(SamplingParamError, match=next(iter(kw))):
-            RowState(SamplingParams(**kw), V, [1])
-    x = logits(2)
-    rows = [RowState(SamplingParams(temperature=0), V, [1]), RowState(SamplingParams(top_k=3, seed=1), V, [1])]
-    out = sample(x, rows).token_ids
-    assert out[0] == x[0].argmax() and out[1] in np.argsort(-x[1])[:3]
 
 
 def test_a_vanishing_repetition_penalty_saturates_instead_of_breaking_the_draw() -> None:
