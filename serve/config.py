@@ -53,7 +53,8 @@ class ServeConfig:
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
     message_rate: float = _opt(1000.0, "engine -> HTTP messages per second at most (tokens produced meanwhile "
                                        "travel together; a first or last token never waits)")
-    worker_check_s: float = _opt(0.5, "how often a waiting request checks that the engine process is alive")
+    engine_check_s: float = _opt(0.5, "how often a waiting request checks that the engine process is alive",
+                                 aliases=("--worker-check-s",))  # its old name, kept for existing command lines
     metrics_compat: str | None = _opt(None, "also expose queue and cache gauges under another engine's names "
                                             "(vllm: what Gateway API inference extensions scrape)",
                                       choices=("vllm",))
@@ -93,7 +94,7 @@ class ServeConfig:
         need(self.reload_poll_s > 0, "--reload-poll-s", f"must be > 0, got {self.reload_poll_s}")
         need(self.max_body_bytes >= 1024, "--max-body-bytes", f"must be >= 1024, got {self.max_body_bytes}")
         need(self.message_rate > 0, "--message-rate", f"must be > 0, got {self.message_rate}")
-        need(self.worker_check_s > 0, "--worker-check-s", f"must be > 0, got {self.worker_check_s}")
+        need(self.engine_check_s > 0, "--engine-check-s", f"must be > 0, got {self.engine_check_s}")
         if self.api_key_env:
             need(bool(os.environ.get(self.api_key_env)), "--api-key-env",
                  f"environment variable {self.api_key_env} is not set or empty")
@@ -120,7 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
-        parser.add_argument(_flag(f.name), type=kind, dest=f.name, **kwargs)
+        aliases = meta.get("aliases", ())
+        if aliases:
+            kwargs["help"] += f"; {', '.join(aliases)} is the deprecated name"
+        parser.add_argument(_flag(f.name), *aliases, type=kind, dest=f.name, **kwargs)
 
 
 def from_args(args: argparse.Namespace, **overrides: Any) -> ServeConfig:

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,20 @@ def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
     return 2 * int(c["n_layer"]) * config.max_batch_size * int(c["n_head"]) * max_len * int(c["head_dim"]) * itemsize
 
 
-def serve(config: ServeConfig) -> int:
+# Something the umbrella adds to the server's app (e.g. the training-run page): called with the app and a
+# function returning the version taking new requests (``.path``: its artifact folder, ``.id``).
+Mount = Callable[[Any, Callable[[], Any]], None]
+
+
+def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
+    """Run the server until it is stopped; ``mounts`` add routes and pages (outside the API-key check)."""
     from nextoken.serve import litserve_adapter
-    from nextoken.serve.engine.loop import EngineLoop, Pipes
+    from nextoken.serve.engine.loop import EngineLoop
     from nextoken.serve.engine.versions import resolve_artifact_dir
     from nextoken.serve.http.engine_client import SharedState
     from nextoken.serve.http.frontend import Frontend
     from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
+    from nextoken.serve.wire import Pipes
 
     try:
         artifact = load_artifact(resolve_artifact_dir(config.artifact_dir))  # the one hash check at start-up
@@ -70,6 +78,8 @@ def serve(config: ServeConfig) -> int:
     frontend = Frontend(config, pipes, state, artifact)
     server = litserve_adapter.build_server(engine, frontend.routes(), healthy=frontend.ready, engine_pid=engine_pid)
     frontend.install(server.app)
+    for mount in mounts:  # after the API-key middleware: what they add answers in front of it (see playground.py)
+        mount(server.app, frontend.model)
 
     main_pid = os.getpid()
 
@@ -108,7 +118,7 @@ def serve(config: ServeConfig) -> int:
                 continue
             logger.error("the engine process (pid %d) died; failing in-flight requests and stopping", pid)
             state.engine_failed.set()
-            time.sleep(2 * config.worker_check_s)  # time for the HTTP process to answer what was in flight
+            time.sleep(2 * config.engine_check_s)  # time for the HTTP process to answer what was in flight
             litserve_adapter.request_stop()
             return
 

@@ -4,7 +4,7 @@ What LitServe does for us: it spawns the engine process (its "inference worker",
 ``LitAPI.setup`` builds our ``EngineLoop`` and whose loop runs it), forks the HTTP process (uvicorn
 over ``LitServer.app``, where the frontend's routes are mounted through a ``LitSpec``), and on stop
 terminates and joins them all. What it does not do: carry our messages (we use our own pipes,
-``engine_loop.Pipes``), schedule, or read requests.
+``wire.Pipes``), schedule, or read requests.
 
 Public API used: ``LitAPI`` (``setup``, ``health``), ``LitLoop`` subclassed with ``run``,
 ``LitSpec.add_endpoint``, ``LitServer(...)``, ``.app`` and ``.run()``, which returns after a
@@ -37,7 +37,11 @@ STOP_SIGNAL = signal.SIGUSR1  # the launcher's own "stop now", turned into the K
 
 
 class EngineAPI(ls.LitAPI):
-    """The engine process's entry: ``setup`` loads the model; the loop then runs the engine until stopped."""
+    """The engine process's entry: ``setup`` loads the model; the loop then runs the engine until stopped.
+
+    LitServe's per-request hooks (``predict``, ``decode_request``, ``encode_response``) are not
+    overridden: no request reaches them, the engine loop reads nextoken's own pipes.
+    """
 
     def __init__(self, engine: EngineLoop, spec: LitSpec, healthy: Callable[[], bool], engine_pid: Any) -> None:
         super().__init__(max_batch_size=1, stream=True, spec=spec, loop=EngineWorkerLoop(), api_path="/v1/completions")
@@ -68,16 +72,6 @@ class EngineAPI(ls.LitAPI):
 
     def health(self) -> bool:
         return self._healthy() if self._healthy is not None else True
-
-    # LitServe's per-request hooks: the engine loop replaces LitServe's request handling entirely.
-    def predict(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("requests reach the engine through nextoken's pipes, not LitServe's predict")
-
-    def decode_request(self, request: Any) -> Any:
-        return request
-
-    def encode_response(self, output: Any) -> Any:
-        return output
 
 
 class EngineWorkerLoop(ls.loops.LitLoop):

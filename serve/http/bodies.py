@@ -1,7 +1,7 @@
 """Reading a request body: JSON only, a size limit, strict JSON (no NaN or Infinity).
 
 Every POST route with a JSON body reads it here, so each refuses the same way: 415 for another
-content type, 413 past ``MAX_BODY_BYTES`` (declared or streamed), 400 ``invalid_json``. It knows
+content type, 413 past ``--max-body-bytes`` (declared or streamed), 400 ``invalid_json``. It knows
 nothing about what the body means.
 """
 
@@ -11,16 +11,14 @@ from typing import Any
 
 from fastapi import Request
 
-from nextoken.serve.http.protocol import RequestError, loads_json
-
-MAX_BODY_BYTES = 1 << 20
+from nextoken.serve.http.errors import RequestError, loads_json
 
 
-async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+async def read_json(request: Request, limit: int) -> Any:
     return parse_json(await read_body(request, limit))
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, checked for content type and size (not yet parsed).
 
     A route that answers before it parses still reads the body first: a server that closes a

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from nextoken.serve.engine.loop import Pipes
 from nextoken.serve.wire import (
     AddRequest,
     CancelRequest,
+    Envelope,
     Finished,
     ModelStatus,
+    Pipes,
     ReloadRequest,
     RequestFailed,
     Started,
@@ -199,7 +200,7 @@ class EngineClient:
         while True:
             msg = self._outq.get()
             try:
-                self.pipes.requests.put((self.frontend, msg))
+                self.pipes.requests.put(Envelope(self.frontend, msg))
             except (EOFError, OSError, BrokenPipeError):
                 return
 
@@ -215,23 +216,21 @@ class EngineClient:
     def _dispatch(self, batch: list[Any]) -> None:
         streams = self.streams
         for msg in batch:
-            if isinstance(msg, StepOutput):
-                for i, rid in enumerate(msg.rids):
-                    s = streams.get(rid)
-                    if s is not None:  # gone = the client left; its cancel is on the way
-                        s._take(msg, i)
-                for rid, st in msg.started.items():
-                    if rid in streams:
-                        streams[rid]._set(started=st)
-                for rid, fin in msg.finished.items():
-                    if rid in streams:
-                        streams[rid]._set(finished=fin)
-            elif isinstance(msg, RequestFailed):
-                if msg.rid in streams:
-                    streams[msg.rid]._set(failed=msg)
-            elif isinstance(msg, ModelStatus):
-                self.status = msg
-                for callback in self.status_changed:
-                    callback(msg)
-            else:
-                logger.error("unknown message from the engine: %r", type(msg).__name__)
+            match msg:
+                case StepOutput():
+                    for i, rid in enumerate(msg.rids):
+                        s = streams.get(rid)
+                        if s is not None:  # gone = the client left; its cancel is on the way
+                            s._take(msg, i)
+                    for rid, st in msg.started.items():
+                        if rid in streams:
+                            streams[rid]._set(started=st)
+                    for rid, fin in msg.finished.items():
+                        if rid in streams:
+                            streams[rid]._set(finished=fin)
+                case RequestFailed(rid=rid) if rid in streams:
+                    streams[rid]._set(failed=msg)
+                case ModelStatus():
+                    self.status = msg
+                    for callback in self.status_changed:
+                        callback(msg)

@@ -23,17 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nextoken.serve.http.errors import error_body
+
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: Kubernetes and load balancers send no key
 
-UNAUTHORISED = {"error": {"message": "missing or invalid API key (send Authorization: Bearer <key>)",
-                          "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
-
-_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
-
-
-def error_body(message: str, *, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or _CODES.get(status)}}
+UNAUTHORISED = error_body("missing or invalid API key (send Authorization: Bearer <key>)", status=401,
+                          type="authentication_error")
 
 
 class ApiKeyMiddleware:

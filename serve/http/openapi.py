@@ -1,4 +1,4 @@
-"""``/openapi.json`` generated from the pydantic models the routes validate with (``schema.py``).
+"""``/openapi.json`` generated from the request and response models (``requests.py``, ``responses.py``).
 
 FastAPI documents a route's body only when the handler declares it as a typed parameter, and then
 it validates the body itself (lax types, 422s, no NaN check); our handlers read the raw body and
@@ -29,7 +29,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from nextoken import __version__
-from nextoken.serve.http import schema
+from nextoken.serve.http import requests as Q
+from nextoken.serve.http import responses as R
 
 LITSERVE_INTERNAL = frozenset({"/", "/litserve/health", "/litserve/info"})
 _REF = "#/components/schemas/{model}"
@@ -42,6 +43,7 @@ class Limits:
     context: int  # tokens: prompt + max_tokens
     vocab_size: int  # token ids are below it
     capacity: int  # engine requests running or queued at once (prompts x n)
+    max_body_bytes: int  # the largest request body (--max-body-bytes)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Operation:
     stream_of: type[BaseModel] | None = None  # 200 may also be text/event-stream of these chunks
 
 
-_ERR = schema.ErrorResponse
+_ERR = R.ErrorResponse
 _JSON = "application/json"
 _COMMON_ERRORS = {
     "400": ("Invalid request: `error.param` names the field, `error.message` says why.", _ERR, _JSON),
@@ -63,7 +65,7 @@ _COMMON_ERRORS = {
 _BODY_ERRORS = {
     **_COMMON_ERRORS,
     "404": ("The `model` named is not served here.", _ERR, _JSON),
-    "413": ("The body is larger than 1 MiB.", _ERR, _JSON),
+    "413": ("The body is larger than the server's --max-body-bytes.", _ERR, _JSON),
     "415": ("The body is not `application/json`.", _ERR, _JSON),
 }
 _GENERATION = {
@@ -75,38 +77,38 @@ _GENERATION = {
 
 OPERATIONS = [
     Operation("/v1/completions", "post", "Complete prompts (OpenAI's completions, with vLLM's extensions)",
-              [schema.CompletionRequest],
-              {"200": ("The completion, or with `stream: true` server-sent events.", schema.CompletionResponse, _JSON),
-               **_GENERATION}, stream_of=schema.CompletionChunk),
+              [Q.CompletionRequest],
+              {"200": ("The completion, or with `stream: true` server-sent events.", R.CompletionResponse, _JSON),
+               **_GENERATION}, stream_of=R.CompletionChunk),
     Operation("/v1/chat/completions", "post", "Chat (OpenAI's chat completions, with vLLM's extensions)",
-              [schema.ChatCompletionRequest],
-              {"200": ("The completion, or with `stream: true` server-sent events.", schema.ChatCompletionResponse,
-                       _JSON), **_GENERATION}, stream_of=schema.ChatCompletionChunk),
+              [Q.ChatCompletionRequest],
+              {"200": ("The completion, or with `stream: true` server-sent events.", R.ChatCompletionResponse,
+                       _JSON), **_GENERATION}, stream_of=R.ChatCompletionChunk),
     Operation("/v1/models", "get", "The model served", None,
-              {"200": ("The model version taking new requests.", schema.ModelList, _JSON),
+              {"200": ("The model version taking new requests.", R.ModelList, _JSON),
                "401": _COMMON_ERRORS["401"]}),
     Operation("/tokenize", "post", "Tokenize a prompt or chat messages (vLLM's shape)",
-              [schema.TokenizeCompletionRequest, schema.TokenizeChatRequest],
-              {"200": ("The tokens the generation routes would feed.", schema.TokenizeResponse, _JSON),
+              [Q.TokenizeCompletionRequest, Q.TokenizeChatRequest],
+              {"200": ("The tokens the generation routes would feed.", R.TokenizeResponse, _JSON),
                **_BODY_ERRORS}),
-    Operation("/detokenize", "post", "Token ids to text (vLLM's shape)", [schema.DetokenizeRequest],
-              {"200": ("The text.", schema.DetokenizeResponse, _JSON), **_BODY_ERRORS}),
+    Operation("/detokenize", "post", "Token ids to text (vLLM's shape)", [Q.DetokenizeRequest],
+              {"200": ("The text.", R.DetokenizeResponse, _JSON), **_BODY_ERRORS}),
     Operation("/tokenizer_info", "get", "The tokenizer's configuration (vLLM's; lm-eval's remote tokenizer)", None,
               {"200": ("tokenizer_config.json's fields, the chat template and the vocabulary size.",
-                       schema.TokenizerInfoResponse, _JSON), "401": _COMMON_ERRORS["401"]}),
+                       R.TokenizerInfoResponse, _JSON), "401": _COMMON_ERRORS["401"]}),
     Operation("/health", "get", "Liveness and readiness (no API key needed)", None,
-              {"200": ("Serving.", schema.HealthResponse, _JSON),
-               "503": ("Loading, draining or failed.", schema.HealthResponse, _JSON)}),
+              {"200": ("Serving.", R.HealthResponse, _JSON),
+               "503": ("Loading, draining or failed.", R.HealthResponse, _JSON)}),
     Operation("/ready", "get", "Readiness: a model is loaded and the server is not draining", None,
-              {"200": ("Ready for requests.", schema.HealthResponse, _JSON),
+              {"200": ("Ready for requests.", R.HealthResponse, _JSON),
                "401": _COMMON_ERRORS["401"],
-               "503": ("Loading, draining or failed.", schema.HealthResponse, _JSON)}),
+               "503": ("Loading, draining or failed.", R.HealthResponse, _JSON)}),
     Operation("/metrics", "get", "Prometheus metrics", None,
               {"200": ("Prometheus text exposition format.", None, "text/plain"),
                "401": _COMMON_ERRORS["401"]}),
     Operation("/admin/reload", "post", "Look for a new model version now", None,
               {"202": ("Requested; the worker loads and checks it beside the running version.",
-                       schema.ReloadResponse, _JSON), "401": _COMMON_ERRORS["401"]}),
+                       R.ReloadResponse, _JSON), "401": _COMMON_ERRORS["401"]}),
 ]
 
 
@@ -207,6 +209,8 @@ def openapi_document(app: FastAPI, limits: Limits) -> dict[str, Any]:
             if status == "200" and op.stream_of is not None:
                 content["text/event-stream"] = _stream_schema(refs[(op.stream_of, "serialization")],
                                                               refs[(_ERR, "serialization")])
+            if status == "413":
+                desc = f"The body is larger than {limits.max_body_bytes:,} bytes (--max-body-bytes)."
             responses[status] = {"description": desc, "content": content}
             if status == "429":
                 responses[status]["headers"] = {"Retry-After": {"description": "Seconds to wait.",

@@ -19,27 +19,21 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 
-from nextoken.serve.http import schema
+from nextoken.serve.http import responses as R
 from nextoken.serve.http.bodies import read_json
-from nextoken.serve.http.protocol import CHAT_TEMPLATE, RequestError, chat_prompt, validate
+from nextoken.serve.http.builder import answer
+from nextoken.serve.http.chat import CHAT_TEMPLATE, chat_prompt
+from nextoken.serve.http.errors import RequestError, validate
+from nextoken.serve.http.plan import TokenizerView
+from nextoken.serve.http.requests import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 
-class TokenizerModel(Protocol):
-    """What the routes need from the served model (``api.ServedModel``)."""
+class TokenizerModel(TokenizerView, Protocol):
+    """What the routes need from the served model (``served_model.ServedModel``)."""
 
     id: str
     name: str
-    context: int
-    eos_id: int
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
     def token_text(self, token_id: int) -> str: ...
 
@@ -52,37 +46,32 @@ def check_model(requested: str | None, model: TokenizerModel) -> None:
                            status=404, code="model_not_found")
 
 
-def tokenize(body: Any, model: TokenizerModel) -> dict[str, Any]:
+def tokenize(body: Any, model: TokenizerModel) -> R.TokenizeResponse:
     """vLLM's TokenizeCompletionRequest (``prompt``) or TokenizeChatRequest (``messages``) -> TokenizeResponse."""
     if isinstance(body, dict) and "messages" in body:
-        r = validate(schema.TokenizeChatRequest, body)
+        r = validate(TokenizeChatRequest, body)
         check_model(r.model, model)
-        if r.continue_final_message and r.add_generation_prompt:
-            raise RequestError("continue_final_message and add_generation_prompt cannot both be true",
-                               param="continue_final_message")
         text = chat_prompt(r.messages, add_generation_prompt=r.add_generation_prompt is not False
                            and not r.continue_final_message, continue_final_message=bool(r.continue_final_message))
     else:
-        r = validate(schema.TokenizeCompletionRequest, body)
+        r = validate(TokenizeCompletionRequest, body)
         check_model(r.model, model)
         text = r.prompt
     ids = model.encode(text)
     if r.add_special_tokens is not False:
         ids = [model.eos_id] + ids
-    out: dict[str, Any] = {"count": len(ids), "max_model_len": model.context, "tokens": ids}
-    if r.return_token_strs:
-        out["token_strs"] = [model.token_text(t) for t in ids]
-    return out
+    strs = {"token_strs": [model.token_text(t) for t in ids]} if r.return_token_strs else {}
+    return R.TokenizeResponse.model_construct(count=len(ids), max_model_len=model.context, tokens=ids, **strs)
 
 
-def detokenize(body: Any, model: TokenizerModel) -> dict[str, Any]:
-    r = validate(schema.DetokenizeRequest, body)
+def detokenize(body: Any, model: TokenizerModel) -> R.DetokenizeResponse:
+    r = validate(DetokenizeRequest, body)
     check_model(r.model, model)
     vocab = model.vocab_size
     bad = [t for t in r.tokens if t >= vocab]
     if bad:
         raise RequestError(f"tokens must be in [0, {vocab}), got {bad[0]}", param="tokens")
-    return {"prompt": model.decode(list(r.tokens))}
+    return R.DetokenizeResponse.model_construct(prompt=model.decode(list(r.tokens)))
 
 
 def tokenizer_info(model: TokenizerModel) -> dict[str, Any]:
@@ -98,23 +87,23 @@ def tokenizer_info(model: TokenizerModel) -> dict[str, Any]:
 
 
 def mount_tokenizer_routes(app: FastAPI, get_model: Callable[[], TokenizerModel],
-                           answer_error: Callable[[RequestError], Response]) -> None:
+                           answer_error: Callable[[RequestError], Response], max_body_bytes: int) -> None:
     """Add the three routes; ``answer_error`` turns a RequestError into the response (and counts it)."""
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> Response:
         try:
-            return JSONResponse(tokenize(await read_json(request), get_model()))
+            return answer(tokenize(await read_json(request, max_body_bytes), get_model()))
         except RequestError as e:
             return answer_error(e)
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> Response:
         try:
-            return JSONResponse(detokenize(await read_json(request), get_model()))
+            return answer(detokenize(await read_json(request, max_body_bytes), get_model()))
         except RequestError as e:
             return answer_error(e)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info_route(request: Request) -> Response:
-        return JSONResponse(tokenizer_info(get_model()))
+        return answer(R.TokenizerInfoResponse.model_construct(**tokenizer_info(get_model())))

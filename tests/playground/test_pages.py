@@ -77,7 +77,7 @@ def test_fastapis_cdn_pages_are_removed_and_docs_is_ours(tmp_path: Path) -> None
 
     def app(*, pages: bool) -> FastAPI:
         a = FastAPI()
-        install_openapi(a, lambda: Limits(context=64, vocab_size=65, capacity=4))
+        install_openapi(a, lambda: Limits(context=64, vocab_size=65, capacity=4, max_body_bytes=1 << 20))
         if pages:
             mount_playground(a, lambda: _Model(tmp_path), api_key_required=False)
         return a

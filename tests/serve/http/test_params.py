@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextoken.serve.http import schema
-from nextoken.serve.http.protocol import RequestError, parse_request
+from nextoken.serve.http.errors import RequestError, validate
+from nextoken.serve.http.plan import prompts_of
+from nextoken.serve.http.requests import ChatCompletionRequest, CompletionRequest
 from tests.conftest import ServerProcess
 from tests.serve.http import test_openai_compat as compat
 
@@ -163,7 +164,7 @@ def openai_params(endpoint: str) -> set[str]:
 
 
 def our_fields(endpoint: str) -> set[str]:
-    model = schema.ChatCompletionRequest if endpoint == "chat" else schema.CompletionRequest
+    model = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
     return {f.alias or name for name, f in model.model_fields.items()}
 
 
@@ -214,6 +215,11 @@ def test_parameter_is_honoured_or_refused_naming_it(params_server: ServerProcess
 
 
 # --- the 400 messages, without a server ---------------------------------------------------------
+def parse_request(body: dict, endpoint: str) -> CompletionRequest | ChatCompletionRequest:
+    """The request contract alone: the model validates the body (field rules and the rules between fields)."""
+    return validate(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, body)
+
+
 @pytest.mark.parametrize(("body", "param", "message"), [
     ({"prompt": "x", "temperature": 3}, "temperature", "temperature must be in [0, 2], got 3"),
     ({"prompt": "x", "top_p": 0}, "top_p", "top_p must be in (0, 1], got 0"),
@@ -260,4 +266,4 @@ def test_chat_errors_name_the_field(body: dict, param: str, message: str) -> Non
 
 def test_unknown_fields_are_ignored_and_tool_choice_none_is_served_without_tools() -> None:
     req = parse_request({"messages": MESSAGES, "tools": [TOOL], "tool_choice": "none", "x_unknown": {"a": 1}}, "chat")
-    assert req.prompts[0].text == "User: hi\nAssistant:"
+    assert [p.text for p in prompts_of(req)] == ["User: hi\nAssistant:"]  # the tools are not offered to the model

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nextoken.serve.http.textstream import TextStream, TokenBytes
+from nextoken.serve.http.textstream import TextStream
+from nextoken.serve.tokens import TokenBytes
 from nextoken.train.tokenizer import train_tokenizer
 
 

@@ -1,0 +1,372 @@
+"""The request contract: every route's request model, which owns every rule, and what it makes for the engine.
+
+A body is validated once, by ``errors.validate(Model, body)``: field types and ranges from the field
+declarations, and the rules that tie fields together in each model's ``model_validator`` (``best_of``
+equals ``n``, ``top_logprobs`` needs ``logprobs``, one structured-output field at most...), each
+answered as a 400 naming the field. A valid request then makes the engine's ``SamplingParams``
+(``to_sampling_params``), normalised (temperature 0 is greedy, ``top_k`` -1 is 0) and holding no
+second set of bounds; only the checks that depend on the served model (vocabulary, context) remain,
+in ``SamplingParams.check``. ``/openapi.json`` is generated from these same models, so the schema
+states exactly what the server enforces.
+
+This module knows nothing about tokenizers, models or the engine's internals.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+from nextoken.serve.http.chat import CHAT_STOP
+from nextoken.serve.http.errors import broken_rule, refused
+from nextoken.serve.http.fields import (
+    MAX_MESSAGES,
+    MAX_METADATA,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+    SEED_MAX,
+    SEED_MIN,
+    ChatMessage,
+    FunctionCall,
+    LogitBias,
+    NonEmptyText,
+    OnlyFalse,
+    PromptField,
+    ResponseFormat,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    StopField,
+    StreamOptions,
+    Text,
+    TokenId,
+    Tool,
+    ToolChoice,
+    _number,
+    _Open,
+)
+from nextoken.serve.wire import SamplingParams, StructuredKind, StructuredSpec
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): x / 1e-300 overflows
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's completions default
+RECORDED = ("user", "metadata", "safety_identifier", "prompt_cache_key")  # accepted, written to the request log
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+class _Generation(_Open):
+    """The fields both generation routes share, and the rules between them."""
+
+    endpoint: ClassVar[str]
+    model: Text | None = Field(default=None, description="The served model's id or name (see /v1/models); "
+                                                         "absent = the one served. Anything else is a 404.")
+    temperature: StrictFloat | None = _number(0, 2, description="0 = greedy. Default 1.")
+    top_p: StrictFloat | None = _number(0, 1, lo_open=True, description="Nucleus sampling. Default 1.")
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = Field(
+        default=None, description="vLLM extension: keep the k most likely tokens; 0 or -1 = off (the default).")
+    min_p: StrictFloat | None = _number(0, 1, description="vLLM extension: drop tokens whose probability is below "
+                                                          "min_p times the most likely one's. Default 0.")
+    repetition_penalty: StrictFloat | None = _number(
+        0, 10, lo_open=True, description="vLLM extension (Hugging Face's): > 1 discourages tokens already in the "
+                                         "prompt or output. Default 1.")
+    presence_penalty: StrictFloat | None = _number(-2, 2, description="OpenAI's. Default 0.")
+    frequency_penalty: StrictFloat | None = _number(-2, 2, description="OpenAI's. Default 0.")
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        default=None, description="vLLM extension: end-of-text and `stop_token_ids` cannot end the output before "
+                                  "this many tokens (at most max_tokens). Default 0.")
+    stop: StopField = Field(default=None, description=f"Up to {MAX_STOP} strings; the output ends before the first "
+                                                      "one and never contains it.")
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        default=None, description="vLLM extension: token ids that end the output (the stop token is generated and "
+                                  "returned, text included, as vLLM does). Each must be below the vocabulary size.")
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = Field(
+        default=None, description="Same seed, same request = same output, alone or in any batch. With n > 1, "
+                                  "choice j is seeded from (seed, j), so every choice differs and each is "
+                                  "reproducible.")
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = Field(
+        default=None, description="Choices per prompt, each sampled independently. n x prompts must fit the "
+                                  "server's capacity (running + queued requests).")
+    logit_bias: LogitBias | None = Field(
+        default=None, description="Token id (as a string) -> bias in [-100, 100] added to its logit before "
+                                  "sampling; -100 bans a token, 100 all but forces it. Ids must be below the "
+                                  "vocabulary size.")
+    ignore_eos: StrictBool | None = Field(default=None, description="vLLM extension: keep generating after "
+                                                                    "end-of-text (benchmarks).")
+    stream: StrictBool | None = Field(default=None, description="Answer with server-sent events, one chunk per "
+                                                                "step and choice, then `data: [DONE]`.")
+    stream_options: StreamOptions | None = Field(default=None, description="Only with stream: true.")
+    add_special_tokens: StrictBool | None = Field(
+        default=None, description="vLLM extension: a text prompt starts after <|endoftext|> (the document "
+                                  "separator the model was trained with); false feeds the text alone. Default true.")
+    response_format: ResponseFormat = Field(
+        default=None, description="json_object: the output is one JSON object; json_schema: it matches the "
+                                  "schema; enforced on every token by the grammar engine.")
+    guided_json: dict[str, Any] | Text | None = Field(
+        default=None, description="vLLM extension: a JSON Schema (object or JSON text) the output matches.")
+    guided_regex: NonEmptyText | None = Field(default=None, description="vLLM extension: the output matches this "
+                                                                         "regular expression.")
+    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1, max_length=256)] | None = Field(
+        default=None, description="vLLM extension: the output is exactly one of these strings.")
+    user: Annotated[Text, Field(max_length=256)] | None = Field(
+        default=None, description="Accepted and recorded: written to the request log (logger "
+                                  "nextoken.serve.requests, at --log-level info).")
+    # Known vLLM extensions this server cannot honour: only their default values are accepted.
+    use_beam_search: OnlyFalse | None = Field(default=None, description=refused("use_beam_search", "false"))
+    length_penalty: Annotated[StrictFloat, Field(ge=1, le=1)] | None = Field(
+        default=None, description=refused("length_penalty", "1"))
+    include_stop_str_in_output: OnlyFalse | None = Field(default=None,
+                                                         description=refused("include_stop_str_in_output", "false"))
+    truncate_prompt_tokens: None = Field(default=None, description=refused("truncate_prompt_tokens"))
+    allowed_token_ids: None = Field(default=None, description=refused("allowed_token_ids"))
+    bad_words: None = Field(default=None, description=refused("bad_words"))
+    prompt_logprobs: None = Field(default=None, description=refused("prompt_logprobs"))
+    guided_grammar: NonEmptyText | None = Field(
+        default=None, description="vLLM extension: a Lark or GBNF grammar the output matches.")
+    guided_whitespace_pattern: NonEmptyText | None = Field(
+        default=None, description="vLLM extension: the whitespace allowed between JSON tokens (a regex), with a "
+                                  "JSON structure only. Default: 1-16 JSON whitespace characters.")
+
+    @model_validator(mode="after")
+    def _shared_rules(self) -> _Generation:
+        if self.stream_options is not None and not self.stream:
+            raise broken_rule("stream_options is only allowed with stream: true", "stream_options")
+        given = [name for name in GUIDED if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise broken_rule(f"at most one structured-output field per request, got {', '.join(given)}", given[1])
+        json_kinds = ("response_format", "guided_json")
+        if self.guided_whitespace_pattern is not None and not (given and given[0] in json_kinds):
+            raise broken_rule("guided_whitespace_pattern applies to JSON output only (response_format json_object "
+                              "or json_schema, or guided_json)", "guided_whitespace_pattern")
+        if isinstance(self.guided_json, str):  # vLLM takes the schema as an object or as its JSON text
+            try:
+                self.guided_json = json.loads(self.guided_json)
+            except json.JSONDecodeError as e:
+                raise broken_rule(f"guided_json is not valid JSON: {e}", "guided_json") from None
+            if not isinstance(self.guided_json, dict):
+                raise broken_rule(f"guided_json must be a JSON schema object, got {type(self.guided_json).__name__}",
+                                  "guided_json")
+        if given and self.ignore_eos:  # a finished structure allows only end-of-text
+            raise broken_rule("ignore_eos cannot be combined with structured output: once the structure is "
+                              "complete only end-of-text may follow", "ignore_eos")
+        return self
+
+    # --- what the request asks for, as the plan and the engine need it -------------------------
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def recorded(self) -> dict[str, Any]:
+        """Accepted metadata, written to the request log and nowhere else."""
+        return {k: getattr(self, k) for k in RECORDED if getattr(self, k, None) is not None}
+
+    @property
+    def structured(self) -> StructuredSpec | None:
+        """The structure asked for, as the engine's grammar takes it (None: plain text)."""
+        ws = self.guided_whitespace_pattern
+        rf = self.response_format
+        if isinstance(rf, ResponseFormatJsonObject):
+            return StructuredSpec(StructuredKind.JSON_OBJECT, "response_format", whitespace=ws)
+        if isinstance(rf, ResponseFormatJsonSchema):
+            return StructuredSpec(StructuredKind.JSON_SCHEMA, "response_format", schema=rf.json_schema.schema_,
+                                  whitespace=ws)
+        if self.guided_json is not None:
+            return StructuredSpec(StructuredKind.JSON_SCHEMA, "guided_json", schema=self.guided_json, whitespace=ws)
+        if self.guided_regex is not None:
+            return StructuredSpec(StructuredKind.REGEX, "guided_regex", regex=self.guided_regex)
+        if self.guided_choice is not None:
+            return StructuredSpec(StructuredKind.CHOICE, "guided_choice", choices=tuple(self.guided_choice))
+        if self.guided_grammar is not None:
+            return StructuredSpec(StructuredKind.GRAMMAR, "guided_grammar", grammar=self.guided_grammar)
+        return None
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def to_sampling_params(self, *, max_tokens: int | None, logprobs: int | None, seed: int | None,
+                           prompt_logprobs: int | None = None) -> SamplingParams:
+        """The engine's settings for one choice (its own ``seed``; ``max_tokens`` None = the rest of the context)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        greedy = temperature < GREEDY_BELOW  # the filters cannot change the argmax: turn them off
+        return SamplingParams(
+            temperature=0.0 if greedy else temperature,
+            top_p=1.0 if greedy or self.top_p is None else self.top_p,
+            top_k=0 if greedy else max(self.top_k or 0, 0),  # -1 is vLLM's spelling of off
+            min_p=0.0 if greedy else self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            max_tokens=max_tokens, min_tokens=self.min_tokens or 0, stop=self.stop_strings(),
+            stop_token_ids=list(self.stop_token_ids or []), seed=seed, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            ignore_eos=bool(self.ignore_eos), structured=self.structured)
+
+
+class CompletionRequest(_Generation):
+    """POST /v1/completions."""
+
+    endpoint: ClassVar[str] = "completions"
+
+    prompt: PromptField = Field(description="One prompt (text or token ids) or a batch (a list of strings or of "
+                                            "token-id lists). Choice index = prompt index x n + j. Token ids are "
+                                            "fed exactly as given; text starts after <|endoftext|> unless "
+                                            "add_special_tokens is false.")
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        default=None, description="Tokens to generate per choice (default 16); prompt + max_tokens must fit the "
+                                  "context. 0 only with echo: score the prompt, generate nothing.")
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        default=None, description="Return each token's log-probability and the N most likely alternatives (the "
+                                  "model's own distribution, before sampling settings). With echo, the prompt's "
+                                  "tokens come first; a token with nothing before it has null.")
+    echo: StrictBool | None = Field(default=None, description="Prepend the prompt to each choice's text (and, with "
+                                                              "logprobs, its tokens' log-probabilities).")
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = Field(
+        default=None, description="Only equal to n (every generated choice is returned; none is ranked away).")
+    suffix: Annotated[StrictStr, Field(max_length=0)] | None = Field(default=None,
+                                                                     description=refused("suffix", 'null or ""'))
+
+    @model_validator(mode="after")
+    def _completion_rules(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise broken_rule("max_tokens must be >= 1 (0 only with echo: true, to score the prompt)", "max_tokens")
+        n = self.n or 1
+        if self.best_of is not None and self.best_of != n:
+            raise broken_rule(f"best_of must equal n ({n}): every generated choice is returned, none is ranked "
+                              f"away; got {self.best_of}", "best_of", "unsupported_value")
+        return self
+
+    @property
+    def output_tokens(self) -> int:
+        return DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def echo_prompt(self) -> bool:
+        return bool(self.echo)
+
+
+class ChatCompletionRequest(_Generation):
+    """POST /v1/chat/completions."""
+
+    endpoint: ClassVar[str] = "chat"
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description='Rendered as "{Role}: {content}\\n" per message (System, User, Assistant; developer = '
+                    'System), then "Assistant:"; generation also stops at "\\nUser:".')
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="Tokens to generate per choice; default: the rest of the context.")
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="OpenAI's newer name for max_tokens; wins when both are given.")
+    logprobs: StrictBool | None = Field(default=None, description="Return each output token's log-probability.")
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        default=None, description="The N most likely alternatives per token; needs logprobs: true.")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
+        default=None, description="Function calling is not supported: accepted only with tool_choice \"none\" "
+                                  "(the model is then not offered them).")
+    tool_choice: ToolChoice = Field(default=None, description='Only "none" is supported.')
+    parallel_tool_calls: None = Field(default=None, description=refused("parallel_tool_calls"))
+    functions: None = Field(default=None, description=refused("functions"))
+    function_call: FunctionCall = Field(default=None, description='Only "none" is supported.')
+    audio: None = Field(default=None, description=refused("audio"))
+    modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = Field(
+        default=None, description=refused("modalities", '["text"]'))
+    prediction: None = Field(default=None, description=refused("prediction"))
+    reasoning_effort: None = Field(default=None, description=refused("reasoning_effort"))
+    verbosity: None = Field(default=None, description=refused("verbosity"))
+    web_search_options: None = Field(default=None, description=refused("web_search_options"))
+    moderation: None = Field(default=None, description=refused("moderation"))
+    store: OnlyFalse | None = Field(default=None, description=refused("store", "false"))
+    service_tier: Literal["auto", "default"] | None = Field(
+        default=None, description='One tier: "auto" and "default" are served as "default", which the response '
+                                  'reports.')
+    prompt_cache_retention: None = Field(default=None, description=refused("prompt_cache_retention"))
+    prompt_cache_options: None = Field(default=None, description=refused("prompt_cache_options"))
+    metadata: Annotated[dict[Annotated[StrictStr, Field(max_length=64)], Annotated[Text, Field(max_length=512)]],
+                        Field(max_length=MAX_METADATA)] | None = Field(
+        default=None, description="Accepted and recorded in the request log (logger nextoken.serve.requests).")
+    safety_identifier: Annotated[Text, Field(max_length=256)] | None = Field(
+        default=None, description="Accepted and recorded in the request log.")
+    prompt_cache_key: Annotated[Text, Field(max_length=256)] | None = Field(
+        default=None, description="Accepted and recorded in the request log.")
+    echo: OnlyFalse | None = Field(default=None, description=refused("echo", "false"))
+
+    @model_validator(mode="after")
+    def _chat_rules(self) -> ChatCompletionRequest:
+        if self.tools is not None and self.tool_choice != "none":
+            raise broken_rule('function calling is not supported: tools are accepted only with tool_choice "none"',
+                              "tools", "unsupported_parameter")
+        if self.tool_choice not in (None, "none"):
+            raise broken_rule('function calling is not supported: tool_choice must be "none"', "tool_choice",
+                              "unsupported_parameter")
+        if self.function_call not in (None, "none"):
+            raise broken_rule('function calling is not supported: function_call must be "none"', "function_call",
+                              "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise broken_rule("top_logprobs needs logprobs: true", "top_logprobs")
+        return self
+
+    @property
+    def output_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def echo_prompt(self) -> bool:
+        return False
+
+    def stop_strings(self) -> list[str]:
+        return [*super().stop_strings(), CHAT_STOP]  # the model must not write the user's next turn
+
+
+# --- tokenizer routes (vLLM's shapes) -----------------------------------------------------------
+class TokenizeCompletionRequest(_Open):
+    """POST /tokenize with a prompt."""
+
+    model: Text | None = None
+    prompt: Text = Field(description="Text to tokenize.")
+    add_special_tokens: StrictBool | None = Field(
+        default=None, description="Default true: start with <|endoftext|>, as /v1/completions feeds a text prompt.")
+    return_token_strs: StrictBool | None = Field(default=None, description="Also return each token's string.")
+
+
+class TokenizeChatRequest(_Open):
+    """POST /tokenize with messages: the chat template's tokens, as /v1/chat/completions feeds them."""
+
+    model: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    add_generation_prompt: StrictBool | None = Field(default=None, description='Default true: end with "Assistant:".')
+    continue_final_message: StrictBool | None = Field(
+        default=None, description="End inside the last message (no newline after it, no generation prompt); "
+                                  "not with add_generation_prompt: true.")
+    add_special_tokens: StrictBool | None = Field(default=None, description="Default true: start with "
+                                                                            "<|endoftext|>.")
+    return_token_strs: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _ends(self) -> TokenizeChatRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise broken_rule("continue_final_message and add_generation_prompt cannot both be true",
+                              "continue_final_message")
+        return self
+
+
+class DetokenizeRequest(_Open):
+    """POST /detokenize."""
+
+    model: Text | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=1 << 20)] = Field(description="Token ids, each below the "
+                                                                                    "vocabulary size.")
