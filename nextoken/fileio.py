@@ -1,14 +1,17 @@
-"""Small crash-safe file helpers shared by training, export and the model registry.
+"""Small crash-safe file helpers shared by training, export, the model registry and the run viewer.
 
-Torch-free and dependency-free: serving imports it through the artifact and registry modules.
+Torch-free and dependency-free: serving imports it through the artifact module. A shared leaf:
+it imports nothing of nextoken's, so every stage may import it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | Path) -> str:
@@ -75,3 +78,16 @@ def replace_folder(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The object a small JSON file holds, or None when it is missing, unreadable, half written or not an object.
+
+    For files other processes write while we read (a run still training, a version being published):
+    what cannot be read now is simply not shown.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
