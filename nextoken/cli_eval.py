@@ -1,7 +1,7 @@
 """`nextoken eval RUN_OR_ARTIFACT --data FILES`: loss, perplexity and bits per byte on held-out text.
 
 The windows are lm-evaluation-harness's ``loglikelihood_rolling`` ones (see
-``nextoken.export.evaluate``), so the figures compare with lm-eval's for the same tokenizer and
+``nextoken.evaluate``), so the figures compare with lm-eval's for the same tokenizer and
 window. An artifact is scored with ONNX Runtime alone; a run folder with its PyTorch checkpoint.
 """
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextoken.export.evaluate import evaluate_texts, iter_documents, make_scorer, resolve_files
+    from nextoken.evaluate import evaluate_texts, iter_documents, make_scorer, resolve_files
 
     if args.batch_size < 1:
         raise UserError(f"must be >= 1, got {args.batch_size}", flag="--batch-size")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nextoken.errors import UserError
-from nextoken.export.registry import RUN_DIR, current_version, next_version, publish, resolve_current
+from nextoken.registry import RUN_DIR, current_version, next_version, publish, resolve_current
 
 MODES = ("auto", "current", "scratch")
 # Continuing a checkpoint needs the same architecture; these TrainConfig fields fix it.

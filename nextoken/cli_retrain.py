@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextoken.export.retrain import retrain
+    from nextoken.retrain import retrain
     from nextoken.train import loop  # noqa: F401  (the training extra: missing, `nextoken` says so before any work)
     from nextoken.train.cli_train import overrides_from_args
 

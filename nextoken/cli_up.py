@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextoken.export.up import UpOptions, up
     from nextoken.train.cli_train import overrides_from_args
+    from nextoken.up import UpOptions, up
 
     # --out-dir is ours (the run folder); every other TrainConfig field given as a flag overrides training.
     overrides = {k: v for k, v in overrides_from_args(args).items() if k not in ("out_dir", "resume")}
