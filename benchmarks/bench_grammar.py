@@ -185,7 +185,7 @@ class NextokenGrammar(Candidate):
     threads = 0  # GrammarConfig.threads: 0 = in the engine thread
 
     def setup(self, v: Vocab) -> None:
-        from nextoken.serve import grammar
+        from nextoken.serve.engine import grammar
 
         self.g = grammar
         self.compiler = grammar.GrammarCompiler(v.tokenizer_json, v.size, v.eos_id,
