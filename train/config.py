@@ -444,7 +444,7 @@ def init_from_settings(folder: str, explicit: dict[str, Any]) -> dict[str, Any]:
     take another shape. A preset's architecture gives way to the folder's. The training window
     (``block_size``) defaults to the folder's context and may be shorter.
     """
-    from nextoken.export.hf import read_hf_config
+    from nextoken.train.hf_import import read_hf_config
 
     for name in INIT_FROM_FIXED:
         if name in explicit:

@@ -290,7 +290,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
 
     start = None
     if cfg.init_from and saved_config is None:  # the folder's architecture, tokenizer and weights
-        from nextoken.export.hf import init_from_hf
+        from nextoken.train.hf_import import init_from_hf
 
         start = init_from_hf(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
         say(f"starting from {cfg.init_from}: {start.config.n_layer} layers, {start.config.n_embd} wide, "
