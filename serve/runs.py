@@ -7,7 +7,7 @@ Routes (mounted by ``RunRoutes.mount``; the page itself is ``static/runs.html``)
   evaluation, its summary and checkpoints. Read from ``metrics.jsonl``, ``summary.json`` and
   ``config.json`` on every request, so a run still training shows its newest evaluation;
 * ``POST /api/runs/{id}/attention`` ``{"text", "checkpoint"}``: softmax attention weights of
-  the text for every layer and head, computed by ``nextoken.train.inspect.attention_maps``
+  the text for every layer and head, computed by ``nextoken.train.probe.attention_maps``
   from the checkpoint.
 
 Only the last route needs PyTorch and the training code, and imports them when first called
@@ -179,7 +179,7 @@ class AttentionService:
     def compute(self, run: Path, text: str, checkpoint: str) -> dict[str, Any]:
         import torch
 
-        from nextoken.train.inspect import attention_maps, encode_document
+        from nextoken.train.probe import attention_maps, encode_document
         from nextoken.train.run import load_run, pick_checkpoint
 
         if self.threads:

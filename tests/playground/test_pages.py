@@ -180,7 +180,7 @@ heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("nextoken.
 assert heavy == [], heavy
 r = c.post("/api/runs/served/attention", json={{"text": "the cat"}})
 assert r.status_code == 200, r.text
-assert "torch" in sys.modules and "nextoken.train.inspect" in sys.modules
+assert "torch" in sys.modules and "nextoken.train.probe" in sys.modules
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

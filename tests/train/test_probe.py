@@ -15,7 +15,7 @@ import torch
 
 from nextoken.cli import main
 from nextoken.errors import UserError
-from nextoken.train import inspect as I
+from nextoken.train import probe as I
 from nextoken.train.loop import overfit_start
 from nextoken.train.run import load_run
 from nextoken.train.tokenizer import EOT
