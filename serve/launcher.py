@@ -21,16 +21,24 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nextoken import __version__
 from nextoken.errors import UserError
 from nextoken.export.artifact import ArtifactError, load_artifact
 from nextoken.serve.config import ServeConfig
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from nextoken.serve.http.playground import ServedModelView
+
 logger = logging.getLogger("nextoken.serve")
 WATCH_S = 0.2  # how often the main process looks whether the engine process is alive
+# Something a caller adds to the HTTP app (routes, pages), given the app and the served model (per request).
+Mount = Callable[["FastAPI", Callable[[], "ServedModelView"]], None]
 
 
 def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
@@ -41,7 +49,13 @@ def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
     return 2 * int(c["n_layer"]) * config.max_batch_size * int(c["n_head"]) * max_len * int(c["head_dim"]) * itemsize
 
 
-def serve(config: ServeConfig) -> int:
+def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
+    """Run the server until it is stopped; the exit status (1: the engine process died).
+
+    ``mounts`` are called in this process after the API-key middleware and the playground's
+    pages are installed, so middleware a mount adds sits outermost (as pages must, see
+    ``http.playground``).
+    """
     from nextoken.serve import litserve_adapter
     from nextoken.serve.engine.loop import EngineLoop, Pipes
     from nextoken.serve.engine.versions import resolve_artifact_dir
@@ -70,6 +84,8 @@ def serve(config: ServeConfig) -> int:
     frontend = Frontend(config, pipes, state, artifact)
     server = litserve_adapter.build_server(engine, frontend.routes(), healthy=frontend.ready, engine_pid=engine_pid)
     frontend.install(server.app)
+    for mount in mounts:
+        mount(server.app, frontend.model)
 
     main_pid = os.getpid()
 

@@ -1,5 +1,5 @@
-"""The browser pages: the playground at ``/``, the run page at ``/runs``, the API page at ``/docs``,
-plus the small JSON routes they read.
+"""The browser pages: the playground at ``/`` and the API page at ``/docs``, plus the small JSON routes
+they read.
 
 The pages are plain files in ``serve/http/static/`` (HTML, CSS, ES modules; no build step, nothing
 from a CDN: the Content-Security-Policy sent with them allows this server only). Everything
@@ -17,9 +17,9 @@ them in front of the API-key middleware (``mount_playground`` must therefore be 
 that middleware is added). Every JSON route with data, like the API itself, needs the key:
 ``/docs`` loads without it and then asks for it, since ``/openapi.json`` describes the served model.
 
-The run page's routes live in ``nextoken.serve.runs``; here they are mounted for the served
-model's own training run (the folder its manifest names, when it exists on this machine). This
-module imports nothing from training: only the run page's attention maps do, when asked for.
+The training-run page (``/runs``) is not served from here: ``nextoken serve`` adds it (the run
+viewer, ``nextoken.runs``) through the launcher's ``mounts``, reusing ``StaticPages`` and
+``source_run``. This module imports nothing from training.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 ASSET_PREFIX = "/ui/"
 # /docs draws /openapi.json itself (docs.js): FastAPI's Swagger UI and ReDoc load from a CDN and are removed
 # (openapi.remove_cdn_pages).
-PAGES = {"/": "index.html", "/runs": "runs.html", "/docs": "docs.html"}
+PAGES = {"/": "index.html", "/docs": "docs.html"}
 AUTH_PATH = "/api/auth"
 # The pages load only this server's files and talk only to it; inline scripts and styles are not used.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -158,14 +158,12 @@ def describe_artifact(artifact_dir: str | Path, model_id: str) -> dict[str, Any]
 
 
 def mount_playground(app: FastAPI, model: Callable[[], ServedModelView], *, api_key_required: bool) -> None:
-    """Serve the playground at ``/``, the served model's run page at ``/runs`` and the API page at ``/docs``.
+    """Serve the playground at ``/`` and the API page at ``/docs``.
 
     ``model`` returns the version taking new requests (``OpenAISpec.model``); it is called per
     request, so a hot-reloaded version shows at once. Call this after the API-key middleware
     is added (see the module note).
     """
-    from nextoken.serve.runs import RunRoutes
-
     cache: dict[tuple[str, str], dict[str, Any]] = {}
 
     def current() -> tuple[ServedModelView, dict[str, Any]]:
@@ -179,10 +177,5 @@ def mount_playground(app: FastAPI, model: Callable[[], ServedModelView], *, api_
     async def model_info(request: Request) -> Response:
         return JSONResponse(current()[1])
 
-    def runs() -> dict[str, Path]:
-        run = source_run(Path(model().path))
-        return {"served": run} if run is not None else {}
-
     app.add_api_route("/api/model", model_info, methods=["GET"], include_in_schema=False)
-    RunRoutes(runs, context="served").mount(app)
     app.add_middleware(StaticPages, api_key_required=api_key_required)
