@@ -35,6 +35,14 @@ REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json", "generation_con
 CURRENT = "current"  # a models folder's pointer to the version that serves
 
 
+def cache_names(prefix: str, n_layer: int) -> list[str]:
+    """The graphs' cache tensors by name, layer by layer: ``{prefix}.{i}.key``, ``{prefix}.{i}.value``.
+
+    ``prefix`` is ``past_key_values`` (inputs) or ``present`` (outputs), in both ONNX graphs.
+    """
+    return [f"{prefix}.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
 class ArtifactError(Exception):
     """An artifact folder that is missing, incomplete, corrupt or of an unknown format."""
 

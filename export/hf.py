@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ from nextoken import __version__
 from nextoken.errors import UserError
 from nextoken.export.artifact import gpt2_style_config, write_json
 from nextoken.export.ecosystem import EOT, generation_config, write_tokenizer_files
-from nextoken.export.source import RunSource, load_source
-from nextoken.fileio import replace_folder
+from nextoken.export.source import RunSource, load_source, name_and_version
+from nextoken.fileio import staged_folder
 from nextoken.train.config import GPTConfig
 from nextoken.train.hf_import import CONV1D_SUFFIXES, gpt2_shapes
 
@@ -200,11 +199,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "be
     run_dir, out = Path(run_dir), Path(out_dir)
     check_out_folder(out)
     src = load_source(run_dir, checkpoint, gpt2_format="hf")
-    name = name or run_dir.resolve().name
-    version = str(version) if version is not None else "1"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    name, version = name_and_version(run_dir, name, version)
+    with staged_folder(out) as tmp:
         say(f"exporting {run_dir} step {src.checkpoint.step} to Hugging Face GPT-2 layout ...")
         weights = to_hf_state_dict(src.model.state_dict(), src.config)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -228,10 +224,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "be
                                     f"{result['max_abs_diff']:.2e} > {HF_TOLERANCE:g}; nothing was written "
                                     f"(--no-verify skips the check)", flag="--verify")
         (tmp / "README.md").write_text(model_card(src, name, config, check), encoding="utf-8")
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {out}")
     return out
 

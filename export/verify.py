@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from nextoken.export.artifact import cache_names
 from nextoken.train.model import GPT
 
 FP32_TOLERANCE = 1e-4
@@ -69,7 +70,7 @@ class OrtDecoder:
         self.session = session
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.cache_dtype = cache_dtype
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        self.past_names = cache_names("past_key_values", n_layer)
         self.mask: np.ndarray | None = None
         self.past: list[np.ndarray] = []
 

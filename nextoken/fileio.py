@@ -6,10 +6,13 @@ it imports nothing of nextoken's, so every stage may import it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,23 @@ def follow_umask(path: str | Path) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside ``out`` to write into; swapped in for ``out`` only once the block ends.
+
+    Any failure (an exception, Ctrl-C) removes it instead, so ``out`` holds the previous folder
+    or nothing, never half of a new one.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
     """Swap a finished folder in (with the umask's modes): the old one survives until the new one is in place."""
     follow_umask(tmp)
@@ -91,3 +111,20 @@ def read_json_object(path: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a log another process appends to; a line being written (or not an object) is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from nextoken.errors import UserError
-from nextoken.fileio import read_json_object
+from nextoken.fileio import read_json_object, read_jsonl
 
 MAX_TRAIN_POINTS = 4000  # points of the train-loss curve sent to the page (the log keeps every one)
 MAX_ATTENTION_TOKENS = 256  # a page of T x T maps per head stays drawable and the JSON small
@@ -45,23 +45,6 @@ def _error(status: int, message: str, *, param: str | None = None, code: str = "
     kind = "server_error" if status >= 500 else "invalid_request_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a line still being written (no newline yet) is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _finite(v: Any) -> float | None:
@@ -116,7 +99,7 @@ def run_details(rid: str, run: Path) -> dict[str, Any]:
     model = config.get("model") or {}
     train = config.get("train") or {}
     summary = read_json_object(run / "summary.json")
-    records = read_metrics(run / "metrics.jsonl")
+    records = read_jsonl(run / "metrics.jsonl")
     vocab = (config.get("tokenizer") or {}).get("vocab_size") or model.get("vocab_size")
     train_points = [[r["step"], _finite(r.get("loss"))] for r in records
                     if r.get("event") == "train" and isinstance(r.get("step"), int)]

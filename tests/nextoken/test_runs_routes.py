@@ -16,8 +16,9 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
+from nextoken.fileio import read_jsonl
 from nextoken.runs.app import SERVED_PAGES, STANDALONE_PAGES, STATIC_DIR, build_app, served_run
-from nextoken.runs.routes import MAX_TRAIN_POINTS, find_runs, read_metrics, run_details
+from nextoken.runs.routes import MAX_TRAIN_POINTS, find_runs, run_details
 from nextoken.serve.http.playground import CSP, mount_playground, static_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +87,7 @@ def test_run_details_tolerate_a_log_being_written_and_thin_long_curves(tmp_path:
     lines += [json.dumps({"event": "eval", "step": n, "train_loss": 1.0, "val_loss": 1.5}),
               json.dumps({"event": "sample", "step": n, "text": "hi"})]
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"event": "train", "st')  # a line half written
-    assert len(read_metrics(run / "metrics.jsonl")) == n + 2
+    assert len(read_jsonl(run / "metrics.jsonl")) == n + 2
     d = run_details("r", run)
     assert d["train_points_total"] == n and len(d["train_points"]) <= MAX_TRAIN_POINTS + 1
     assert d["train_points"][0][0] == 1 and d["train_points"][-1][0] == n  # both ends kept
