@@ -46,13 +46,13 @@ from nextoken.train.data import (
     WindowSampler,
     document_layout,
     eval_starts,
-    resolve_sources,
     tokenize_corpus,
     windows,
 )
 from nextoken.train.model import GPT
 from nextoken.train.optim import build_optimizer
 from nextoken.train.run import resolve_device
+from nextoken.train.sources import resolve_sources
 from nextoken.train.tokenizer import EOT, load_tokenizer, special_token_ids, tokenizer_kind, train_tokenizer
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (and CPUs) report no MFU.
