@@ -12,7 +12,7 @@ from nextoken.train.cli_train import add_train_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nextoken.train.config import PRESETS
+    from nextoken.train.presets import PRESETS
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
                         help="named starting point for training (default: quickstart, about 150 s on a laptop CPU)")

@@ -122,8 +122,8 @@ def prepare_run_dir(out: Path) -> None:
 
 
 def train_stage(opts: UpOptions) -> tuple[Path, dict[str, Any]]:
-    from nextoken.train.config import resolve_train_config
     from nextoken.train.loop import train
+    from nextoken.train.settings import resolve_train_config
 
     out = Path(opts.out_dir)
     for key in ("out_dir", "resume"):

@@ -40,7 +40,7 @@ from nextoken.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from nextoken.train.config import GPTConfig, TrainConfig, resumes_own_run
+from nextoken.train.config import GPTConfig, TrainConfig
 from nextoken.train.data import (
     TokenData,
     WindowSampler,
@@ -52,6 +52,7 @@ from nextoken.train.data import (
 from nextoken.train.model import GPT
 from nextoken.train.optim import build_optimizer
 from nextoken.train.run import resolve_device
+from nextoken.train.settings import resumes_own_run
 from nextoken.train.sources import resolve_sources
 from nextoken.train.tokenizer import EOT, load_tokenizer, special_token_ids, tokenizer_kind, train_tokenizer
 
@@ -283,7 +284,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or choose a new "
                         "--out-dir", flag="--out-dir")
     resume_path = resume_from.path if hasattr(resume_from, "path") else resume_from
-    # Continuing the run in this folder (cfg holds its saved settings: train.config.resumed_settings):
+    # Continuing the run in this folder (cfg holds its saved settings: train.settings.resumed_settings):
     # its tokenizer, tokenized corpus and architecture as saved; config.json is rewritten only after
     # the checkpoint has loaded, and only if a setting a resume may change did change.
     saved_config = json.loads((run_dir / "config.json").read_text()) if resumes_own_run(cfg.resume, run_dir) else None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nextoken.errors import UserError
-from nextoken.train.config import resolve_train_config
+from nextoken.train.settings import resolve_train_config
 
 
 def test_a_run_starts_from_the_folders_weights_tokenizer_and_architecture(

@@ -182,7 +182,7 @@ def test_cli_errors_are_one_line_and_name_the_flag(tmp_path, tiny_corpus, flags,
 
 
 def test_config_file_and_flags_precedence(tmp_path) -> None:
-    from nextoken.train.config import resolve_train_config
+    from nextoken.train.settings import resolve_train_config
 
     (tmp_path / "c.toml").write_text('n-layer = 6\nlearning_rate = 0.01\n')
     cfg = resolve_train_config("nanogpt-cpu", str(tmp_path / "c.toml"), {"learning_rate": 0.02})
