@@ -17,6 +17,7 @@ from nextoken.export.hf import to_hf_state_dict
 from nextoken.train.config import GPTConfig
 from nextoken.train.hf_import import CONV1D_SUFFIXES, from_hf_state_dict, gpt2_shapes, load_hf_gpt2
 from nextoken.train.model import GPT
+from nextoken.train.optim import build_optimizer
 from nextoken.train.run import load_run
 
 
@@ -205,7 +206,8 @@ def test_init_from_hf_continues_where_the_checkpoint_stood(tiny_bpe_run: Path, t
         assert start == pytest.approx(original(x, y).loss.item(), abs=1e-6)
     assert start < 0.8 * math.log(init.config.vocab_size)
     model.train()
-    opt = model.configure_optimizer(0.0, 1e-3, (0.9, 0.99), "cpu")
+    opt = build_optimizer(model, optimizer="adamw", learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.99),
+                          device_type="cpu")
     for _ in range(5):
         loss = model(x, y).loss
         opt.zero_grad()
