@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nextoken.errors import UserError
+from nextoken.train.config import TrainConfig
 from nextoken.train.tokenizer import EOT, batched, tokenizer_hash
 
 CHUNK_CHARS = 1 << 16  # documents are read and encoded in pieces of about this many characters
@@ -206,6 +207,15 @@ def document_layout(x: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.T
     idx = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
     last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values  # (B, T)
     return document_ids, idx - last_start
+
+
+def model_inputs(x: torch.Tensor, cfg: TrainConfig, eot_id: int | None) -> dict[str, torch.Tensor]:
+    """Keyword inputs besides the token ids: document ids and positions when ``doc_mask`` is on."""
+    if not cfg.doc_mask:
+        return {}
+    assert eot_id is not None  # the loop refuses doc_mask without an end-of-text token
+    document_ids, position_ids = document_layout(x, eot_id)  # each (B, T)
+    return {"document_ids": document_ids, "position_ids": position_ids}
 
 
 class WindowSampler:

@@ -16,7 +16,8 @@ import pytest
 from nextoken.errors import UserError
 from nextoken.train.checkpoint import find_resume_checkpoint, list_checkpoints, verify_checkpoint
 from nextoken.train.config import TrainConfig
-from nextoken.train.loop import lr_at, overfit_start
+from nextoken.train.schedule import lr_at
+from nextoken.train.validation import overfit_start
 from tests.conftest import train_tiny
 
 
