@@ -25,10 +25,6 @@ FP16_TOLERANCE = 5e-2  # half precision against the fp32 model: a sanity bound, 
 GREEDY_STEPS = 64
 
 
-class VerificationError(RuntimeError):
-    """The exported graph disagrees with the PyTorch model beyond the tolerance."""
-
-
 def make_session(path: str, *, threads: int = 1, providers: list[str] | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
