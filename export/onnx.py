@@ -34,7 +34,9 @@ Hugging Face Optimum)::
   as the next step's past.
 
 This module ignores tokenization, sampling and the artifact folder (see ``artifact.py``,
-``cli.py``); it turns a ``GPT`` into ``model.onnx`` and nothing else.
+``cli.py``; from the contract it takes only the cache tensors' names); it turns a ``GPT`` into
+``model.onnx`` and nothing else. ``Traced``, ``trace`` and ``graph_facts`` serve ``serving.py``
+too, which traces the other graph the same way.
 """
 
 from __future__ import annotations

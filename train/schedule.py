@@ -1,6 +1,7 @@
 """The learning-rate schedule: linear warmup, cosine decay to a floor, over steps or over the time budget.
 
 Pure arithmetic on a ``TrainConfig`` and a step; the loop calls ``set_learning_rates`` once per step.
+It ignores what the optimizer is, except which of its groups are Muon's (they scale from ``muon_lr``).
 """
 
 from __future__ import annotations

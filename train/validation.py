@@ -1,7 +1,8 @@
 """What a run checks as it trains: losses on fixed windows of each split, sample texts, the overfitting test.
 
 None of it consumes the training RNG (samples draw from a generator of their own) or changes the
-weights, so an evaluation never alters the run it measures, and a resume stays exact.
+weights, so an evaluation never alters the run it measures, and a resume stays exact. It writes
+nothing: the loop logs, plots and checkpoints what it returns.
 """
 
 from __future__ import annotations
