@@ -58,7 +58,7 @@ def common_val_loss(run_dir: Path, windows: int) -> float:
 
 def preset_settings(preset: str) -> dict:
     """A preset's settings; ``old-NAME`` is NAME as it was before the recipe."""
-    from nextoken.train.config import PRESETS
+    from nextoken.train.presets import PRESETS
 
     if preset.startswith("old-"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -70,7 +70,7 @@ CHANGES: dict[str, dict[str, Any]] = {
 
 def recipe_overrides(corpus: str) -> dict[str, Any]:
     """All the changes together: the settings of the new preset for ``corpus``."""
-    from nextoken.train.config import PRESETS
+    from nextoken.train.presets import PRESETS
 
     preset = PRESETS["shakespeare-char" if corpus == "shakespeare" else "quickstart"]
     return {k: v for k, v in preset.items() if k not in ("max_time", "lr_schedule", "eval_interval")}

@@ -42,9 +42,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_baseline import SeedMiniGPT  # noqa: E402
 
-from nextoken.train.config import resolve_train_config  # noqa: E402
 from nextoken.train.data import TokenData, WindowSampler, eval_starts, windows  # noqa: E402
 from nextoken.train.loop import train  # noqa: E402
+from nextoken.train.settings import resolve_train_config  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 # nanoGPT README's CPU recipe, verbatim (out_dir added); eval_interval comes from its config file (250).

@@ -1,7 +1,9 @@
-"""Export: a training run's checkpoint -> a self-contained ONNX artifact folder.
+"""Export: a training run's checkpoint -> a self-contained ONNX artifact folder (and HF or GGUF files).
 
-``nextoken.export.artifact`` is torch-free (serving imports it to read and check artifacts);
-the exporter and the parity check need PyTorch and the training code.
+``nextoken.export.artifact`` is the artifact contract, torch-free (serving imports it, and
+``runtime``, to read, check and run artifacts); the exporters and the parity checks need PyTorch
+and the training code. Export knows nothing about serving, the models registry or the pipelines
+that publish what it writes (``nextoken.registry``, ``nextoken.up``, ``nextoken.retrain``).
 """
 
 from typing import Any

@@ -13,12 +13,16 @@
       manifest.json           format version, sha256 of every other file, source checkpoint, export options
 
 ``load_artifact`` refuses a folder whose files do not match their recorded hashes, so a
-half-copied or tampered artifact never serves.
+half-copied or tampered artifact never serves. A models folder's ``current`` pointer (a symlink
+to a version folder, or a file naming it) is read here too, once for everyone: the registry that
+writes it and the server that follows it. What a models folder holds besides, and how versions
+are published, is the registry's business (``nextoken.registry``), not this module's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,15 @@ from nextoken.fileio import atomic_write_text, sha256_file
 FORMAT = "nextoken-artifact"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json", "generation_config.json")
+CURRENT = "current"  # a models folder's pointer to the version that serves
+
+
+def cache_names(prefix: str, n_layer: int) -> list[str]:
+    """The graphs' cache tensors by name, layer by layer: ``{prefix}.{i}.key``, ``{prefix}.{i}.value``.
+
+    ``prefix`` is ``past_key_values`` (inputs) or ``present`` (outputs), in both ONNX graphs.
+    """
+    return [f"{prefix}.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
 class ArtifactError(Exception):
@@ -129,6 +142,31 @@ class Artifact:
         return f"{self.name}:{self.version}"
 
 
+def pointed_version(pointer: str | Path) -> str | None:
+    """The version folder a ``current`` pointer names, or None. One readlink: cheap enough to poll.
+
+    The pointer is a relative symlink to the version folder beside it, or, where the filesystem
+    has no symlinks, a file holding the folder's name.
+    """
+    try:
+        return os.path.basename(os.readlink(pointer).rstrip("/")) or None
+    except FileNotFoundError:
+        return None
+    except OSError:  # not a symlink: a pointer file
+        try:
+            return Path(pointer).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+
+
+def resolve_artifact_dir(path: str | Path) -> Path:
+    """The real folder behind ``path``: an artifact folder, or a ``current`` pointer to one."""
+    p = Path(path)
+    if p.is_file():  # a pointer file: its version folder sits beside it
+        p = p.parent / (pointed_version(p) or "")
+    return p.resolve()
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -145,8 +183,6 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
     if not (folder / "manifest.json").is_file():
-        from nextoken.export.registry import CURRENT  # the registry imports this module
-
         if (folder / CURRENT).exists():
             raise ArtifactError(f"{folder} is a models folder, not one artifact: pass {folder / CURRENT}, which "
                                 "follows each version `nextoken retrain` publishes")

@@ -1,7 +1,7 @@
 """Build an artifact folder from a training run: export, optional quantisation, parity check, manifest.
 
-Everything is written into a hidden temporary folder beside ``--out`` and renamed into place
-only when complete, so a failed or interrupted export leaves the previous artifact (or
+Everything is written into a hidden temporary folder beside ``--out`` (``fileio.staged_folder``)
+and renamed into place only when complete, so a failed or interrupted export leaves the previous artifact (or
 nothing) behind, never half a folder. An existing artifact at ``--out`` is replaced; any other
 non-empty folder there is refused.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,10 @@ from nextoken.export import ecosystem
 from nextoken.export.artifact import FORMAT, gpt2_style_config, write_json, write_manifest
 from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, quantize_int8
 from nextoken.export.serving import export_serving_onnx, verify_serving
+from nextoken.export.source import load_source, name_and_version
 from nextoken.export.verify import verify_onnx
-from nextoken.fileio import replace_folder
-from nextoken.train.checkpoint import load_weights
+from nextoken.fileio import staged_folder
 from nextoken.train.config import GPTConfig
-from nextoken.train.model import GPT
-from nextoken.train.run import pick_checkpoint, read_run_config
-from nextoken.train.tokenizer import load_tokenizer, special_token_ids, tokenizer_kind
 
 QUANTIZE = ("none", "int8")
 
@@ -80,26 +76,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         raise UserError(f"int8 quantisation starts from an fp32 graph; got --dtype {dtype}", flag="--quantize")
     _check_out(out)
 
-    cfg = read_run_config(run_dir)
-    tok = load_tokenizer(run_dir / "tokenizer.json")
-    try:
-        ckpt = pick_checkpoint(run_dir, checkpoint)
-    except ValueError as e:  # a checkpoint folder whose meta.json is not JSON
-        raise UserError(f"{checkpoint} is not a readable checkpoint: {e}", flag="--checkpoint") from None
-    gpt_cfg = GPTConfig.from_dict(cfg["model"])
-    model = GPT(gpt_cfg)
-    meta = load_weights(ckpt.path, model, flag="--checkpoint")
-    model.eval()
-    special = special_token_ids(tok)
-    eos = special["eos_token_id"]
-    if eos is None:
-        raise UserError(f"{run_dir}/tokenizer.json has no <|endoftext|> token", flag="RUN")
-    name = name or run_dir.resolve().name
-    version = str(version) if version is not None else "1"
+    src = load_source(run_dir, checkpoint)
+    model, gpt_cfg, ckpt, meta, eos = src.model, src.config, src.checkpoint, src.meta, src.eos_token_id
+    name, version = name_and_version(run_dir, name, version)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         say(f"exporting {run_dir} step {ckpt.step} (opset {opset}, {dtype}) ...")
         onnx_path = tmp / "model.onnx"
         graph = export_onnx(model, onnx_path if quantize == "none" else tmp / "fp32.onnx",
@@ -117,8 +98,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
             for f in [*tmp.glob("fp32.onnx*"), *tmp.glob("fp32-serving.onnx*")]:
                 f.unlink()
         config = gpt2_style_config(
-            gpt_cfg.to_dict(), eos_token_id=eos, unk_token_id=special["unk_token_id"], name=name, version=version,
-            tokenizer_kind=tokenizer_kind(tok), dtype="float16" if dtype == "fp16" else "float32",
+            gpt_cfg.to_dict(), eos_token_id=eos, unk_token_id=src.unk_token_id, name=name, version=version,
+            tokenizer_kind=src.tokenizer_kind, dtype="float16" if dtype == "fp16" else "float32",
             non_gpt2={k: getattr(gpt_cfg, k) for k in gpt_cfg.non_gpt2_options()})
         verification: dict[str, Any] = {"skipped": True}
         if verify:
@@ -154,9 +135,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         options = dict(graph, quantize=quantize, torch=torch.__version__, onnx=onnx.__version__,
                        onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
         write_manifest(tmp, name=name, version=version, source=source, export=options, verification=verification)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {out}")
     return out

@@ -34,7 +34,9 @@ Hugging Face Optimum)::
   as the next step's past.
 
 This module ignores tokenization, sampling and the artifact folder (see ``artifact.py``,
-``cli.py``); it turns a ``GPT`` into ``model.onnx`` and nothing else.
+``cli.py``; from the contract it takes only the cache tensors' names); it turns a ``GPT`` into
+``model.onnx`` and nothing else. ``Traced``, ``trace`` and ``graph_facts`` serve ``serving.py``
+too, which traces the other graph the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
+from nextoken.export.artifact import cache_names
 from nextoken.train.model import GPT
 
 DEFAULT_OPSET = 23  # native Attention op: fewest nodes and the fastest CPU decode measured here
@@ -58,21 +61,24 @@ TOTAL_DIM = "total_sequence_length"
 
 
 def input_names(n_layer: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")
-    ]
+    return ["input_ids", "attention_mask", "position_ids"] + cache_names("past_key_values", n_layer)
 
 
 def output_names(n_layer: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    """The outputs of both graphs (``serving.py``'s too): logits, then the caches."""
+    return ["logits"] + cache_names("present", n_layer)
 
 
-class MergedDecoder(nn.Module):
-    """The traced function: flat positional tensors in, flat tensors out (ONNX has no tuples)."""
+class Traced(nn.Module):
+    """A GPT behind a traced function of flat positional tensors (ONNX has no tuples); both graphs' base."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
+
+
+class MergedDecoder(Traced):
+    """The merged graph's function: Optimum's inputs, the model's own cached forward."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -98,7 +104,7 @@ def _rename_total_dim(path: Path, n_layer: int) -> None:
     """Name attention_mask's length (exported as Dim.AUTO, so anonymous) and the presents' slot axis."""
     proto = onnx.load(str(path), load_external_data=False)
     values = {v.name: v for v in list(proto.graph.input) + list(proto.graph.output)}
-    targets = [("attention_mask", 1)] + [(f"present.{i}.{kv}", 2) for i in range(n_layer) for kv in ("key", "value")]
+    targets = [("attention_mask", 1)] + [(name, 2) for name in cache_names("present", n_layer)]
     for name, axis in targets:
         dim = values[name].type.tensor_type.shape.dim[axis]
         dim.Clear()
@@ -126,6 +132,15 @@ def export_onnx(model: GPT, path: str | Path, *, opset: int = DEFAULT_OPSET, dty
     cache_shape = {0: batch, 2: past}
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq},
                       tuple(cache_shape for _ in range(2 * n_layer)))
+    trace(wrapper, args, path, input_names=input_names(n_layer), output_names=output_names(n_layer), opset=opset,
+          dynamic_shapes=dynamic_shapes)
+    _rename_total_dim(path, n_layer)
+    return {"opset": opset, "dtype": dtype, **graph_facts(path)}
+
+
+def trace(wrapper: Traced, args: tuple[torch.Tensor, ...], path: Path, *, input_names: list[str],
+          output_names: list[str], opset: int, dynamic_shapes: tuple[Any, ...]) -> None:
+    """Export ``wrapper`` with torch.export (dynamo) to ``path`` (``path.data`` beside it above 2 GB)."""
     # Known-harmless exporter chatter, silenced by message so anything new still shows: shared
     # Dim objects are reported as "will not be used", a pytree deprecation, absent torchvision ops.
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -135,16 +150,18 @@ def export_onnx(model: GPT, path: str | Path, *, opset: int = DEFAULT_OPSET, dty
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used")
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-            program = torch.onnx.export(wrapper, args, None, input_names=input_names(n_layer),
-                                        output_names=output_names(n_layer), opset_version=opset, dynamo=True,
-                                        dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+            program = torch.onnx.export(wrapper, args, None, input_names=input_names, output_names=output_names,
+                                        opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        optimize=True, verbose=False)
     finally:
         registration_log.setLevel(log_level)
     program.save(str(path))  # switches to external data by itself above 2 GB
-    _rename_total_dim(path, n_layer)
+
+
+def graph_facts(path: Path) -> dict[str, Any]:
+    """What the manifest records about a written graph: node count, op types, external data."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    return {"opset": opset, "dtype": dtype, "nodes": len(graph.node),
-            "op_types": sorted({n.op_type for n in graph.node}),
+    return {"nodes": len(graph.node), "op_types": sorted({n.op_type for n in graph.node}),
             "external_data": path.with_name(path.name + ".data").exists()}
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from nextoken.export.artifact import Artifact
+from nextoken.export.artifact import Artifact, cache_names
 
 SERVING_FILE = "serving.onnx"  # export/serving.py writes it; the Optimum-style model.onnx is for other runtimes
 
@@ -109,8 +109,8 @@ class Runner:
         self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
         self.spec = CacheSpec(max_slots, max_len, self.n_layer, self.n_head, self.head_dim,
                               np.dtype(self.kv_dtype).itemsize)
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        self.past_names = cache_names("past_key_values", self.n_layer)
+        self.present_names = cache_names("present", self.n_layer)
         shape = (max_slots, self.n_head, max_len, self.head_dim)
         # each (max_slots, nh, max_len, hs); host arrays on CPU, device OrtValues on CUDA
         self._row_bytes = self.n_head * max_len * self.head_dim * self.spec.itemsize  # one slot of one buffer

@@ -35,17 +35,15 @@ option lives in one place; only the attention product itself is swapped for the 
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
-import torch.nn as nn
 from torch.export import Dim
 
-from nextoken.export.onnx import DTYPES
+from nextoken.export.artifact import cache_names
+from nextoken.export.onnx import DTYPES, Traced, graph_facts, output_names, trace
 from nextoken.train.model import GPT
 
 SERVING_OPSET = 21  # GroupQueryAttention lives in com.microsoft; the rest needs nothing newer
@@ -53,21 +51,11 @@ MAX_CACHE_DIM = "max_cache_len"
 
 
 def serving_input_names(n_layer: int) -> list[str]:
-    return ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"] + [
-        f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")
-    ]
+    return ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"] + cache_names("past_key_values", n_layer)
 
 
-def serving_output_names(n_layer: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-
-
-class ServingDecoder(nn.Module):
+class ServingDecoder(Traced):
     """The traced function: the model's blocks around ONNX Runtime's in-place attention kernel."""
-
-    def __init__(self, model: GPT) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor,
                 total_sequence_length: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -140,24 +128,10 @@ def export_serving_onnx(model: GPT, path: str | Path, *, dtype: str = "fp32") ->
     cache = {0: batch, 2: slots}
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, {},
                       tuple(cache for _ in range(2 * n_layer)))
-    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    log_level = registration_log.level
-    registration_log.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used")
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-            program = torch.onnx.export(wrapper, args, None, input_names=serving_input_names(n_layer),
-                                        output_names=serving_output_names(n_layer), opset_version=SERVING_OPSET,
-                                        dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
-    finally:
-        registration_log.setLevel(log_level)
-    program.save(str(path))
+    trace(wrapper, args, path, input_names=serving_input_names(n_layer), output_names=output_names(n_layer),
+          opset=SERVING_OPSET, dynamic_shapes=dynamic_shapes)
     _name_cache_dims(path, n_layer)
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return {"file": path.name, "opset": SERVING_OPSET, "dtype": dtype, "nodes": len(graph.node),
-            "op_types": sorted({n.op_type for n in graph.node}),
-            "external_data": path.with_name(path.name + ".data").exists()}
+    return {"file": path.name, "opset": SERVING_OPSET, "dtype": dtype, **graph_facts(path)}
 
 
 def verify_serving(model: GPT, serving_path: str | Path, *, config: dict[str, Any], requests: int = 6,

@@ -1,12 +1,11 @@
 """What every exporter starts from: a run folder's checkpoint, loaded and described.
 
-Shared by the Hugging Face and GGUF exporters and ``nextoken eval`` so each names the same
-flags in the same words when a run folder or checkpoint is wrong.
+Shared by the ONNX, Hugging Face and GGUF exporters and ``nextoken eval`` so each names the same
+flags in the same words when a run folder or checkpoint is wrong. It reads; it writes nothing.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from nextoken.errors import UserError
+from nextoken.fileio import read_json_object, read_jsonl
 from nextoken.train.checkpoint import CheckpointInfo, load_weights
 from nextoken.train.config import GPTConfig
 from nextoken.train.model import GPT
@@ -37,26 +37,16 @@ class RunSource:
     @property
     def summary(self) -> dict[str, Any]:
         """summary.json of a finished run, {} while it trains or when absent."""
-        try:
-            return json.loads((self.run_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_json_object(self.run_dir / "summary.json") or {}
 
     def eval_history(self) -> list[dict[str, Any]]:
         """The run's evaluation records (step, train_loss, val_loss, ...) from metrics.jsonl."""
-        out = []
-        try:
-            lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == "eval":
-                out.append(rec)
-        return out
+        return [rec for rec in read_jsonl(self.run_dir / "metrics.jsonl") if rec.get("event") == "eval"]
+
+
+def name_and_version(run_dir: Path, name: str | None, version: str | None) -> tuple[str, str]:
+    """What an export records as the model's name (default: the run folder's) and version (default: 1)."""
+    return name or run_dir.resolve().name, str(version) if version is not None else "1"
 
 
 def refuse_non_gpt2(config: GPTConfig, fmt: str) -> None:

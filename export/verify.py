@@ -17,15 +17,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from nextoken.export.artifact import cache_names
 from nextoken.train.model import GPT
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-2  # half precision against the fp32 model: a sanity bound, not parity
 GREEDY_STEPS = 64
-
-
-class VerificationError(RuntimeError):
-    """The exported graph disagrees with the PyTorch model beyond the tolerance."""
 
 
 def make_session(path: str, *, threads: int = 1, providers: list[str] | None = None) -> ort.InferenceSession:
@@ -69,7 +66,7 @@ class OrtDecoder:
         self.session = session
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.cache_dtype = cache_dtype
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        self.past_names = cache_names("past_key_values", n_layer)
         self.mask: np.ndarray | None = None
         self.past: list[np.ndarray] = []
 

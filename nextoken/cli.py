@@ -23,12 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("nextoken.train.cli_inspect", "show the next-token distribution and per-token loss"),
     "attention": ("nextoken.train.cli_attention", "plot attention maps for a text"),
     "export": ("nextoken.export.cli", "export a run: ONNX artifact (default), Hugging Face folder or GGUF file"),
-    "serve": ("nextoken.serve.cli", "serve an artifact over an OpenAI-compatible HTTP API"),
-    "retrain": ("nextoken.export.cli_retrain", "train, export, verify and publish a new model version"),
-    "models": ("nextoken.export.cli_models", "list the published model versions"),
-    "eval": ("nextoken.export.cli_eval", "loss, perplexity and bits per byte of a run or artifact on held-out text"),
-    "up": ("nextoken.export.cli_up", "train, export, publish and serve a model with the browser playground"),
-    "runs": ("nextoken.serve.cli_runs", "show training runs in a browser: loss curves, samples, attention maps"),
+    "serve": ("nextoken.cli_serve", "serve an artifact over an OpenAI-compatible HTTP API"),
+    "retrain": ("nextoken.cli_retrain", "train, export, verify and publish a new model version"),
+    "models": ("nextoken.cli_models", "list the published model versions"),
+    "eval": ("nextoken.cli_eval", "loss, perplexity and bits per byte of a run or artifact on held-out text"),
+    "up": ("nextoken.cli_up", "train, export, publish and serve a model with the browser playground"),
+    "runs": ("nextoken.cli_runs", "show training runs in a browser: loss curves, samples, attention maps"),
 }
 
 

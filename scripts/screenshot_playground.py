@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def train_artifact(work: Path, seconds: float, steps: int | None) -> Path:
-    from nextoken.export.up import UpOptions, up
+    from nextoken.up import UpOptions, up
 
     # One thread: steadier than two when other jobs share the cores (field notes).
     overrides = {"max_time": seconds, "threads": 1, **({"max_iters": steps} if steps else {})}

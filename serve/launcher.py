@@ -23,15 +23,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nextoken import __version__
 from nextoken.errors import UserError
 from nextoken.export.artifact import ArtifactError, load_artifact
 from nextoken.serve.config import ServeConfig
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from nextoken.serve.http.playground import ServedModelView
+
 logger = logging.getLogger("nextoken.serve")
 WATCH_S = 0.2  # how often the main process looks whether the engine process is alive
+# Something a caller adds to the HTTP app (routes, pages), given the app and the served model (per request).
+Mount = Callable[["FastAPI", Callable[[], "ServedModelView"]], None]
 
 
 def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
@@ -42,13 +49,13 @@ def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
     return 2 * int(c["n_layer"]) * config.max_batch_size * int(c["n_head"]) * max_len * int(c["head_dim"]) * itemsize
 
 
-# Something the umbrella adds to the server's app (e.g. the training-run page): called with the app and a
-# function returning the version taking new requests (``.path``: its artifact folder, ``.id``).
-Mount = Callable[[Any, Callable[[], Any]], None]
-
-
 def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
-    """Run the server until it is stopped; ``mounts`` add routes and pages (outside the API-key check)."""
+    """Run the server until it is stopped; the exit status (1: the engine process died).
+
+    ``mounts`` are called in this process after the API-key middleware and the playground's
+    pages are installed, so middleware a mount adds sits outermost (as pages must, see
+    ``http.playground``).
+    """
     from nextoken.serve import litserve_adapter
     from nextoken.serve.engine.loop import EngineLoop
     from nextoken.serve.engine.versions import resolve_artifact_dir

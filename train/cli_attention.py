@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nextoken.errors import UserError
-    from nextoken.train.inspect import attention_maps
     from nextoken.train.plots import plot_attention
+    from nextoken.train.probe import attention_maps
     from nextoken.train.run import load_run, resolve_device
 
     out = Path(args.out)

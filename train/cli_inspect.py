@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextoken.train import inspect as I
+    from nextoken.train import probe as I
     from nextoken.train.run import load_run, resolve_device
 
     loaded = load_run(args.run, args.checkpoint, device=str(resolve_device(args.device)))

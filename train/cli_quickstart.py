@@ -20,9 +20,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from nextoken.train.config import resolve_train_config
     from nextoken.train.loop import train
     from nextoken.train.run import load_run
+    from nextoken.train.settings import resolve_train_config
     from nextoken.train.tokenizer import EOT
 
     out = Path(args.out_dir)

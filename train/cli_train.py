@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 import typing
 
-from nextoken.train.config import PRESETS, TrainConfig
+from nextoken.train.config import TrainConfig
+from nextoken.train.presets import PRESETS
 
 _HELP = {
     "data": "text files, folders, globs or .jsonl files (default: the Python standard library's source)",
@@ -74,7 +75,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, typing.Any]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < --preset < --config file < flags, validated: what `nextoken train` will run."""
-    from nextoken.train.config import resolve_train_config
+    from nextoken.train.settings import resolve_train_config
 
     return resolve_train_config(args.preset, args.config, overrides_from_args(args))
 

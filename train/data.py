@@ -1,9 +1,9 @@
 """Corpus -> memory-mapped token file -> training windows.
 
 A corpus is any mix of text files, folders (searched recursively for text files), globs and
-``.jsonl`` files (one document per line, text under ``--text-field``). With none given, the
-built-in corpus is the Python standard library's own source: every Python installation has
-it, so the quickstart works offline.
+``.jsonl`` files (one document per line, text under ``--text-field``); which files that is,
+``sources`` says. With none given, the built-in corpus is the Python standard library's own
+source: every Python installation has it, so the quickstart works offline.
 
 Tokenization runs once, streaming: documents are read in chunks, encoded in batches by the
 Rust tokenizer, and appended to ``tokens.bin`` (uint16 when the vocabulary fits, else uint32),
@@ -24,10 +24,8 @@ is one document), so that would train on the first block of each document only.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import sysconfig
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,56 +36,11 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nextoken.errors import UserError
+from nextoken.train.config import TrainConfig
 from nextoken.train.tokenizer import EOT, batched, tokenizer_hash
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tex", ".html", ".c", ".h", ".js", ".ts",
-                 ".rs", ".go", ".java", ".toml", ".yaml", ".yml", ".ini", ".cfg", ""}
 CHUNK_CHARS = 1 << 16  # documents are read and encoded in pieces of about this many characters
 MANIFEST_VERSION = 1
-
-
-def default_corpus_files() -> list[Path]:
-    """The standard library's ``.py`` files, tests and third-party packages left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3"}
-    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
-    return sorted(files)
-
-
-def resolve_sources(data: list[str]) -> list[Path]:
-    """Expand files, folders and globs into a sorted, de-duplicated list of files."""
-    if not data:
-        files = default_corpus_files()
-        if not files:
-            raise UserError("the built-in corpus (the Python standard library's source) was not found; "
-                            "pass text files", flag="--data")
-        return files
-    out: list[Path] = []
-    for spec in data:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise UserError(f"folder {spec!r} holds no text files", flag="--data")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        elif any(c in spec for c in "*?["):
-            found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-            if not found:
-                raise UserError(f"pattern {spec!r} matches no files", flag="--data")
-            out.extend(found)
-        else:
-            raise UserError(f"{spec!r} does not exist", flag="--data")
-    seen: set[Path] = set()
-    unique = []
-    for f in out:
-        r = f.resolve()
-        if r not in seen:
-            seen.add(r)
-            unique.append(f)
-    return unique
 
 
 def _read_chunks(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
@@ -254,6 +207,15 @@ def document_layout(x: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.T
     idx = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
     last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values  # (B, T)
     return document_ids, idx - last_start
+
+
+def model_inputs(x: torch.Tensor, cfg: TrainConfig, eot_id: int | None) -> dict[str, torch.Tensor]:
+    """Keyword inputs besides the token ids: document ids and positions when ``doc_mask`` is on."""
+    if not cfg.doc_mask:
+        return {}
+    assert eot_id is not None  # the loop refuses doc_mask without an end-of-text token
+    document_ids, position_ids = document_layout(x, eot_id)  # each (B, T)
+    return {"document_ids": document_ids, "position_ids": position_ids}
 
 
 class WindowSampler:

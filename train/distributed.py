@@ -191,13 +191,7 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when ``flag`` is true on any: ranks must agree on when to stop, because a
     rank that leaves the loop alone leaves its peers waiting in the next all-reduce."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return max_over_ranks(1.0 if flag else 0.0, info) > 0.0 if info.enabled else flag
 
 
 def max_over_ranks(value: float, info: DistInfo) -> float:
@@ -209,11 +203,3 @@ def max_over_ranks(value: float, info: DistInfo) -> float:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
-
-
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

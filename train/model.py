@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 
 from nextoken.train.config import GPTConfig
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value), each (B, nh, S, hs)
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # one layer's (key, value), each (B, nh, S, hs)
+KVCache = list[LayerKV]  # per layer
 
 
 class GPTOutput(NamedTuple):
@@ -142,13 +143,8 @@ class CausalSelfAttention(nn.Module):
         q, k = qk.unbind(2)  # each (B, T, nh, hs)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, nh, T, hs)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, past: LayerKV | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerKV]:
         B, T, C = x.shape
         q, k, v = self.qkv(x, position_ids)
         if past is not None:
@@ -192,13 +188,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, past: LayerKV | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerKV]:
         a, present = self.attn(self.ln_1(x), mask, past, position_ids)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
@@ -350,18 +341,6 @@ class GPT(nn.Module):
             maps.append(att.masked_fill(~causal, float("-inf")).softmax(-1))
             x, _ = block(x, position_ids=pos)
         return maps
-
-    def configure_optimizer(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices (and embeddings) only, never on biases or norms.
-
-        ``nextoken.train.optim.build_optimizer`` is the general form (it also builds Muon).
-        """
-        from nextoken.train.optim import adamw_groups
-
-        extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(adamw_groups(self, weight_decay), lr=learning_rate, betas=betas, **extra)
 
     @torch.no_grad()
     def generate(

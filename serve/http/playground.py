@@ -1,4 +1,5 @@
-"""The browser pages: the playground at ``/`` and the API page at ``/docs``, plus the small JSON routes they read.
+"""The browser pages: the playground at ``/`` and the API page at ``/docs``, plus the small JSON routes
+they read.
 
 The pages are plain files in ``serve/http/static/`` (HTML, CSS, ES modules; no build step, nothing
 from a CDN: the Content-Security-Policy sent with them allows this server only). Everything
@@ -16,9 +17,9 @@ them in front of the API-key middleware (``mount_playground`` must therefore be 
 that middleware is added). Every JSON route with data, like the API itself, needs the key:
 ``/docs`` loads without it and then asks for it, since ``/openapi.json`` describes the served model.
 
-The training-run page (``/runs``) is the umbrella's (``nextoken serve`` mounts it through
-``launcher.serve(mounts=...)``); ``source_run`` here finds the served model's run folder for it and for
-the model panel. This module imports nothing from training.
+The training-run page (``/runs``) is not served from here: ``nextoken serve`` adds it (the run
+viewer, ``nextoken.runs``) through the launcher's ``mounts``, reusing ``StaticPages`` and
+``source_run``. This module imports nothing from training.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def describe_artifact(artifact_dir: str | Path, model_id: str) -> dict[str, Any]
 
 
 def mount_playground(app: FastAPI, model: Callable[[], ServedModelView], *, api_key_required: bool) -> None:
-    """Serve the playground at ``/`` and the API page at ``/docs``, with ``/api/model``.
+    """Serve the playground at ``/`` and the API page at ``/docs``.
 
     ``model`` returns the version taking new requests (``Frontend.model``); it is called per
     request, so a hot-reloaded version shows at once. Call this after the API-key middleware

@@ -20,9 +20,8 @@ from types import ModuleType
 import pytest
 import yaml
 
-from nextoken.export import cli_models, cli_retrain
-from nextoken.export.registry import CURRENT
-from nextoken.serve import cli as serve_cli
+from nextoken import cli_models, cli_retrain, cli_serve
+from nextoken.export.artifact import CURRENT
 from nextoken.serve.config import ServeConfig, from_args
 from tests.conftest import REPO
 
@@ -30,7 +29,8 @@ COMPOSE = REPO / "docker-compose.yml"
 GPU = REPO / "docker-compose.gpu.yml"
 DOCKER = REPO / "docker"
 ENV_EXAMPLE = DOCKER / "nextoken.env.example"
-SUBCOMMANDS: dict[str, ModuleType] = {"serve": serve_cli, "retrain": cli_retrain, "models": cli_models}
+# what `nextoken COMMAND` parses with (nextoken.cli.COMMANDS)
+SUBCOMMANDS: dict[str, ModuleType] = {"serve": cli_serve, "retrain": cli_retrain, "models": cli_models}
 
 
 class ParseError(AssertionError):
@@ -198,7 +198,8 @@ def test_serving_install_has_no_torch() -> None:
     core = [re.split(r"[<>=!\[; ]", d)[0].lower() for d in project["dependencies"]]
     assert "onnxruntime" in core and "litserve" in core and "tokenizers" in core
     assert not {"torch", "safetensors", "onnx", "onnxscript"} & set(core)
-    code = ("import sys, nextoken.serve.cli, nextoken.export.registry, nextoken.export.artifact; "
+    code = ("import sys, nextoken.cli_serve, nextoken.runs.app, nextoken.serve.cli, nextoken.registry, "
+            "nextoken.export.artifact; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
     # The build context leaves out the virtualenv (it holds torch) and local models.

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextoken.export.registry import current_version, publish
+from nextoken.registry import current_version, publish
 from tests.conftest import ServerProcess
-from tests.deploy.test_retrain import TINY
+from tests.nextoken.test_retrain import TINY
 
 
 def _model_id(url: str) -> str:

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from nextoken.export.registry import CURRENT
+from nextoken.export.artifact import CURRENT
 from tests.conftest import REPO, ServerProcess, free_port, metric
 from tests.deploy.test_compose import parse, validated_serve_config
 

@@ -1,4 +1,4 @@
-"""`nextoken export --format hf` and the way back (``load_hf_gpt2``, for ``train --init-from``)."""
+"""`nextoken export --format hf` and the way back (``train.hf_import.load_hf_gpt2``, for ``train --init-from``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import torch
 
 from nextoken.cli import main
 from nextoken.errors import UserError
-from nextoken.export.hf import CONV1D_SUFFIXES, from_hf_state_dict, gpt2_shapes, load_hf_gpt2, to_hf_state_dict
+from nextoken.export.hf import to_hf_state_dict
 from nextoken.train.config import GPTConfig
+from nextoken.train.hf_import import CONV1D_SUFFIXES, from_hf_state_dict, gpt2_shapes, load_hf_gpt2
 from nextoken.train.model import GPT
+from nextoken.train.optim import build_optimizer
 from nextoken.train.run import load_run
 
 
@@ -183,8 +185,9 @@ def test_conv1d_suffixes_cover_the_four_matrices() -> None:
 def test_init_from_hf_continues_where_the_checkpoint_stood(tiny_bpe_run: Path, tmp_path: Path) -> None:
     """What `train --init-from` does with the folder: same loss as the checkpoint on the same batch (not
     log(vocab) of a fresh model), and training steps from there lower it."""
-    from nextoken.export.hf import export_hf, init_from_hf
+    from nextoken.export.hf import export_hf
     from nextoken.train.data import TokenData, windows
+    from nextoken.train.hf_import import init_from_hf
 
     out = export_hf(tiny_bpe_run, tmp_path / "hf", log=None, verify=False)
     with pytest.raises(UserError, match="n_positions") as e:
@@ -203,7 +206,8 @@ def test_init_from_hf_continues_where_the_checkpoint_stood(tiny_bpe_run: Path, t
         assert start == pytest.approx(original(x, y).loss.item(), abs=1e-6)
     assert start < 0.8 * math.log(init.config.vocab_size)
     model.train()
-    opt = model.configure_optimizer(0.0, 1e-3, (0.9, 0.99), "cpu")
+    opt = build_optimizer(model, optimizer="adamw", learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.99),
+                          device_type="cpu")
     for _ in range(5):
         loss = model(x, y).loss
         opt.zero_grad()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nextoken.cli import main
-from nextoken.export.registry import publish
+from nextoken.registry import publish
 
 UMASK = 0o027  # not the usual 0o022: the modes must come from the umask, not from a constant
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from nextoken.errors import UserError
-from nextoken.train.config import resolve_train_config
+from nextoken.train.settings import resolve_train_config
 
 
 def test_a_run_starts_from_the_folders_weights_tokenizer_and_architecture(
         interop_hf: Path, tiny_corpus: Path, tmp_path: Path) -> None:
-    from nextoken.export.hf import load_hf_gpt2
+    from nextoken.train.hf_import import load_hf_gpt2
     from nextoken.train.loop import train
     from nextoken.train.run import load_run
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from nextoken.serve.http.playground import CSP
-from tests.playground.conftest import PHONE
+from tests.browser_fixtures import PHONE
 
 # The first test to use them builds the session's model (train + export): minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
+from tests.browser_fixtures import PHONE
 from tests.conftest import metric
-from tests.playground.conftest import PHONE
 
 # The first test to use them builds the session's model (train + export): minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

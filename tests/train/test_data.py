@@ -11,12 +11,11 @@ from nextoken.errors import UserError
 from nextoken.train.data import (
     TokenData,
     WindowSampler,
-    default_corpus_files,
     eval_starts,
-    resolve_sources,
     tokenize_corpus,
     windows,
 )
+from nextoken.train.sources import default_corpus_files, resolve_sources
 from nextoken.train.tokenizer import EOT, train_tokenizer
 
 

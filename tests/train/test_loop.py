@@ -16,7 +16,8 @@ import pytest
 from nextoken.errors import UserError
 from nextoken.train.checkpoint import find_resume_checkpoint, list_checkpoints, verify_checkpoint
 from nextoken.train.config import TrainConfig
-from nextoken.train.loop import lr_at, overfit_start
+from nextoken.train.schedule import lr_at
+from nextoken.train.validation import overfit_start
 from tests.conftest import train_tiny
 
 
@@ -182,7 +183,7 @@ def test_cli_errors_are_one_line_and_name_the_flag(tmp_path, tiny_corpus, flags,
 
 
 def test_config_file_and_flags_precedence(tmp_path) -> None:
-    from nextoken.train.config import resolve_train_config
+    from nextoken.train.settings import resolve_train_config
 
     (tmp_path / "c.toml").write_text('n-layer = 6\nlearning_rate = 0.01\n')
     cfg = resolve_train_config("nanogpt-cpu", str(tmp_path / "c.toml"), {"learning_rate": 0.02})

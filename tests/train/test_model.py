@@ -9,6 +9,7 @@ import torch
 
 from nextoken.train.config import GPTConfig
 from nextoken.train.model import GPT, build_attention_mask, position_ids_from_mask
+from nextoken.train.optim import build_optimizer
 
 
 @pytest.fixture()
@@ -95,7 +96,8 @@ def test_generate_extends_past_the_context_window(model: GPT) -> None:
 
 
 def test_optimizer_decays_matrices_only(model: GPT) -> None:
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = build_optimizer(model, optimizer="adamw", learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                          device_type="cpu")
     decay, no_decay = opt.param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0

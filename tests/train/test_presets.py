@@ -15,7 +15,8 @@ import pytest
 
 from nextoken.cli import main, parse_args
 from nextoken.train.cli_train import config_from_args
-from nextoken.train.config import PRESETS, TrainConfig
+from nextoken.train.config import TrainConfig
+from nextoken.train.presets import PRESETS
 
 # a GPU preset on a 2-core CPU: one 1024-token micro-batch per step and one evaluation batch
 CPU_SIZED = {"gpt2-124m": ["--batch-size", "1", "--tokens-per-step", "1024", "--eval-iters", "1"]}

@@ -153,31 +153,6 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[str]
             raise UserError(f"{path} cannot be read: {e}", flag="--data") from None
 
 
-def resolve_files(specs: list[str]) -> list[Path]:
-    """Files, folders (their files, recursively, sorted) and globs; hidden files are skipped."""
-    import glob
-
-    out: list[Path] = []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise UserError(f"folder {spec!r} holds no files", flag="--data")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        elif any(c in spec for c in "*?["):
-            found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-            if not found:
-                raise UserError(f"pattern {spec!r} matches no files", flag="--data")
-            out.extend(found)
-        else:
-            raise UserError(f"{spec!r} does not exist", flag="--data")
-    return out
-
-
 def evaluate_texts(forward: Forward, encode: Callable[[str], list[int]], texts: list[str] | Iterator[str], *,
                    prefix_token: int, window: int, batch_size: int = 8,
                    progress: Callable[[int], None] | None = None) -> EvalResult:

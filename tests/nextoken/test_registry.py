@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nextoken.export.artifact import load_artifact, sha256_file
-from nextoken.export.registry import (
+from nextoken.registry import (
     RegistryError,
     current_version,
     list_versions,
@@ -198,16 +198,17 @@ def test_concurrent_publishers_and_a_polling_reader(tiny_artifact: Path, tmp_pat
 def test_registry_is_torch_free() -> None:
     import subprocess
 
-    code = ("import sys, nextoken.export.registry, nextoken.export.cli_models; "
+    code = ("import sys, nextoken.registry, nextoken.cli_models; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_the_server_follows_the_pointer_the_registry_writes(tiny_artifact: Path, tmp_path: Path) -> None:
-    """serve/ resolves `current` with its own code (it polls it every second); both pointer forms the
-    registry can write must lead it to the same folder as `resolve_current`, and a repoint must change
-    the signature the server watches."""
-    from nextoken.serve.engine.versions import resolve_artifact_dir, signature
+    """The server follows `current` with the artifact contract's reader (it polls it every second); both
+    pointer forms the registry can write must lead it to the same folder as `resolve_current`, and a
+    repoint must change the signature the server watches."""
+    from nextoken.export.artifact import resolve_artifact_dir
+    from nextoken.serve.engine.versions import signature
 
     models = tmp_path / "models"
     publish(tiny_artifact, models)

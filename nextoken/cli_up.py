@@ -12,7 +12,7 @@ from nextoken.train.cli_train import add_train_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nextoken.train.config import PRESETS
+    from nextoken.train.presets import PRESETS
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
                         help="named starting point for training (default: quickstart, about 150 s on a laptop CPU)")
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextoken.export.up import UpOptions, up
     from nextoken.train.cli_train import overrides_from_args
+    from nextoken.up import UpOptions, up
 
     # --out-dir is ours (the run folder); every other TrainConfig field given as a flag overrides training.
     overrides = {k: v for k, v in overrides_from_args(args).items() if k not in ("out_dir", "resume")}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nextoken.errors import UserError
-from nextoken.export.registry import RUN_DIR, current_version, next_version, publish, resolve_current
+from nextoken.registry import RUN_DIR, current_version, next_version, publish, resolve_current
 
 MODES = ("auto", "current", "scratch")
 # Continuing a checkpoint needs the same architecture; these TrainConfig fields fix it.
@@ -66,7 +66,8 @@ def _base_checkpoint(base_run: Path) -> Path:
 def _continue_config(base_run: Path, config_file: str | None, overrides: dict[str, Any],
                      max_iters: int | None, work_run: Path) -> tuple[Any, Path]:
     """TrainConfig that resumes the base version's checkpoint inside ``work_run`` for ``max_iters`` more steps."""
-    from nextoken.train.config import TrainConfig, load_config_file
+    from nextoken.train.config import TrainConfig
+    from nextoken.train.settings import load_config_file
 
     try:
         base_train = json.loads((base_run / "config.json").read_text(encoding="utf-8"))["train"]
@@ -156,7 +157,7 @@ def retrain(models_dir: str | Path, *, mode: str = "auto", preset: str | None = 
                 say(f"retrain: continuing version {base.name} from {local.name} for "
                     f"{cfg.max_iters - int(local.name.split('-')[-1])} more steps")
             else:
-                from nextoken.train.config import resolve_train_config
+                from nextoken.train.settings import resolve_train_config
 
                 if max_iters is not None:
                     overrides["max_iters"] = max_iters

@@ -15,10 +15,10 @@ import torch
 
 from nextoken.cli import main
 from nextoken.errors import UserError
-from nextoken.train import inspect as I
-from nextoken.train.loop import overfit_start
+from nextoken.train import probe as I
 from nextoken.train.run import load_run
 from nextoken.train.tokenizer import EOT
+from nextoken.train.validation import overfit_start
 from tests.conftest import train_tiny
 
 

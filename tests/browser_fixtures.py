@@ -1,4 +1,7 @@
-"""Browser tests: Playwright for Python driving Debian's chromium against real servers on loopback.
+"""Browser tests' fixtures: Playwright for Python driving Debian's chromium against real servers on loopback.
+
+Loaded for the whole suite by ``tests/conftest.py`` (``pytest_plugins``): the playground's tests
+(``tests/playground``) and the run viewer's (``tests/nextoken``) share the browser and the model.
 
 Playwright's own browser download is unreachable here, so the tests launch the system chromium
 (``apt-get install chromium``; ``NEXTOKEN_CHROMIUM`` overrides the path) and skip when it or the

@@ -1,13 +1,13 @@
 """The run page's data: a training run folder read as JSON, and attention maps from its checkpoint.
 
-Routes (mounted by ``RunRoutes.mount``; the page itself is ``static/runs.html``):
+Routes (mounted by ``RunRoutes.mount``; the page itself is ``static/runs.html``, served by ``app``):
 
 * ``GET /api/runs``: the runs on offer (``{"data": [...], "context": "served" | "runs"}``);
 * ``GET /api/runs/{id}``: one run: loss records (train and val), ``log(vocab)``, samples at each
   evaluation, its summary and checkpoints. Read from ``metrics.jsonl``, ``summary.json`` and
   ``config.json`` on every request, so a run still training shows its newest evaluation;
 * ``POST /api/runs/{id}/attention`` ``{"text", "checkpoint"}``: softmax attention weights of
-  the text for every layer and head, computed by ``nextoken.train.inspect.attention_maps``
+  the text for every layer and head, computed by ``nextoken.train.probe.attention_maps``
   from the checkpoint.
 
 Only the last route needs PyTorch and the training code, and imports them when first called
@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from nextoken.errors import UserError
+from nextoken.fileio import read_json_object, read_jsonl
 
 MAX_TRAIN_POINTS = 4000  # points of the train-loss curve sent to the page (the log keeps every one)
 MAX_ATTENTION_TOKENS = 256  # a page of T x T maps per head stays drawable and the JSON small
@@ -46,31 +47,6 @@ def _error(status: int, message: str, *, param: str | None = None, code: str = "
                         status_code=status)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a line still being written (no newline yet) is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def _finite(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
@@ -78,7 +54,7 @@ def _finite(v: Any) -> float | None:
 def list_checkpoints(run: Path) -> list[dict[str, Any]]:
     out = []
     for d in sorted((run / "checkpoints").glob("step-*")):
-        meta = _read_json(d / "meta.json")
+        meta = read_json_object(d / "meta.json")
         if meta is None:
             continue  # being written, or not a checkpoint
         out.append({"name": d.name, "step": meta.get("step"), "val_loss": _finite(meta.get("val_loss")),
@@ -112,18 +88,18 @@ def attention_available() -> bool:
 
 
 def run_overview(rid: str, run: Path) -> dict[str, Any]:
-    summary = _read_json(run / "summary.json")
+    summary = read_json_object(run / "summary.json")
     return {"id": rid, "name": run.name, "path": str(run), "finished": summary is not None,
             "steps": (summary or {}).get("steps"), "best_val_loss": _finite((summary or {}).get("best_val_loss"))}
 
 
 def run_details(rid: str, run: Path) -> dict[str, Any]:
     """Everything the run page draws, from the run folder's small files."""
-    config = _read_json(run / "config.json") or {}
+    config = read_json_object(run / "config.json") or {}
     model = config.get("model") or {}
     train = config.get("train") or {}
-    summary = _read_json(run / "summary.json")
-    records = read_metrics(run / "metrics.jsonl")
+    summary = read_json_object(run / "summary.json")
+    records = read_jsonl(run / "metrics.jsonl")
     vocab = (config.get("tokenizer") or {}).get("vocab_size") or model.get("vocab_size")
     train_points = [[r["step"], _finite(r.get("loss"))] for r in records
                     if r.get("event") == "train" and isinstance(r.get("step"), int)]
@@ -179,7 +155,7 @@ class AttentionService:
     def compute(self, run: Path, text: str, checkpoint: str) -> dict[str, Any]:
         import torch
 
-        from nextoken.train.inspect import attention_maps, encode_document
+        from nextoken.train.probe import attention_maps, encode_document
         from nextoken.train.run import load_run, pick_checkpoint
 
         if self.threads:

@@ -116,7 +116,7 @@ def _alive(pid: int) -> bool:
 def test_up_serves_the_playground_and_stops_on_ctrl_c(up_dir: Path, tiny_corpus: Path) -> None:
     """After the --no-serve test this is also a re-run: `up` clears the run folder it made, publishes the next
     version beside the previous one and serves it."""
-    from nextoken.export.registry import current_version, next_version
+    from nextoken.registry import current_version, next_version
 
     tmp_path = up_dir
     models = tmp_path / "models"
@@ -172,7 +172,7 @@ def test_the_printed_curl_works_as_printed(serve_artifact: Path) -> None:
     """The request `up` prints (with the key header when the server needs a key) gets a stream, not a 401/400."""
     import shlex
 
-    from nextoken.export.up import example_curl
+    from nextoken.up import example_curl
     from tests.conftest import ServerProcess
 
     s = ServerProcess(serve_artifact, "--api-key-env", "UP_TEST_KEY", env={"UP_TEST_KEY": "sekret"})

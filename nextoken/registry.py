@@ -17,9 +17,10 @@
 A version is assembled in a hidden ``.tmp-*`` folder inside MODELS (same filesystem), its
 hashes are checked there, and only then is it renamed to ``MODELS/<version>`` and ``current``
 repointed, each step a single rename. A reader that follows ``current`` therefore sees a
-complete, verified version or the previous one, never half of one. The server only needs
-``current_version`` (cheap, polled) and ``resolve_current``; it imports nothing but this module
-and ``artifact``. This module knows nothing about training or ONNX: it copies and checks files.
+complete, verified version or the previous one, never half of one. The server never imports
+this module: it follows ``current`` with the artifact contract's reader (``nextoken.export.artifact``),
+the one ``current_version`` uses. This module knows nothing about training or ONNX: it copies and
+checks files.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from nextoken.errors import UserError
-from nextoken.export.artifact import ArtifactError, load_artifact, write_json, write_manifest
-from nextoken.fileio import follow_umask, fsync_dir
+from nextoken.export.artifact import (
+    CURRENT,
+    ArtifactError,
+    load_artifact,
+    pointed_version,
+    write_json,
+    write_manifest,
+)
+from nextoken.fileio import follow_umask, fsync_dir, read_json_object
 
-CURRENT = "current"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 RUN_DIR = "run"
@@ -90,17 +97,8 @@ def _version_dirs(models: Path) -> list[Path]:
 
 
 def current_version(models_dir: str | Path) -> str | None:
-    """The version ``current`` points at, or None. One readlink: cheap enough to poll."""
-    pointer = Path(models_dir) / CURRENT
-    try:
-        return os.path.basename(os.readlink(pointer).rstrip("/")) or None
-    except FileNotFoundError:
-        return None
-    except OSError:  # not a symlink: a pointer file
-        try:
-            return pointer.read_text(encoding="utf-8").strip() or None
-        except OSError:
-            return None
+    """The version ``current`` points at, or None (read by the artifact contract, as the server reads it)."""
+    return pointed_version(Path(models_dir) / CURRENT)
 
 
 def resolve_current(models_dir: str | Path) -> Path:
@@ -122,24 +120,16 @@ def next_version(models_dir: str | Path) -> str:
     return str(max(numbers, default=0) + 1)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def list_versions(models_dir: str | Path) -> list[VersionInfo]:
     """Every published version, oldest first; reads only small JSON files (no hashing)."""
     models = Path(models_dir)
     cur = current_version(models)
     out = []
     for d in _version_dirs(models):
-        manifest = _read_json(d / "manifest.json")
+        manifest = read_json_object(d / "manifest.json") or {}
         source = manifest.get("source") or {}
-        published = _read_json(d / "published.json")
-        summary = _read_json(d / "summary.json")
+        published = read_json_object(d / "published.json") or {}
+        summary = read_json_object(d / "summary.json") or {}
         val_loss = source.get("val_loss")
         if val_loss is None:
             val_loss = summary.get("best_val_loss")

@@ -1,7 +1,7 @@
 """`nextoken eval RUN_OR_ARTIFACT --data FILES`: loss, perplexity and bits per byte on held-out text.
 
 The windows are lm-evaluation-harness's ``loglikelihood_rolling`` ones (see
-``nextoken.export.evaluate``), so the figures compare with lm-eval's for the same tokenizer and
+``nextoken.evaluate``), so the figures compare with lm-eval's for the same tokenizer and
 window. An artifact is scored with ONNX Runtime alone; a run folder with its PyTorch checkpoint.
 """
 
@@ -32,13 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextoken.export.evaluate import evaluate_texts, iter_documents, make_scorer, resolve_files
+    from nextoken.evaluate import evaluate_texts, iter_documents, make_scorer
+    from nextoken.train.sources import expand_paths
 
     if args.batch_size < 1:
         raise UserError(f"must be >= 1, got {args.batch_size}", flag="--batch-size")
     if args.threads < 1:
         raise UserError(f"must be >= 1, got {args.threads}", flag="--threads")
-    files = resolve_files(args.data)
+    files = expand_paths(args.data)  # every file, whatever its suffix: each is one document
     scorer = make_scorer(args.model, args.checkpoint, args.threads)
     window = scorer.context if args.window is None else args.window
     if not 1 <= window <= scorer.context:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nextoken.cli import main
-from nextoken.export.evaluate import rolling_windows
+from nextoken.evaluate import rolling_windows
 from nextoken.train.run import load_run
 
 TEXTS = ["the cat sat on the mat. the dog lay on the rug.", "hello there.\nHOW ARE YOU? i love the lazy dog."]

@@ -122,8 +122,8 @@ def prepare_run_dir(out: Path) -> None:
 
 
 def train_stage(opts: UpOptions) -> tuple[Path, dict[str, Any]]:
-    from nextoken.train.config import resolve_train_config
     from nextoken.train.loop import train
+    from nextoken.train.settings import resolve_train_config
 
     out = Path(opts.out_dir)
     for key in ("out_dir", "resume"):
@@ -154,7 +154,7 @@ def train_stage(opts: UpOptions) -> tuple[Path, dict[str, Any]]:
 
 def export_stage(opts: UpOptions, run: Path) -> tuple[Path, str]:
     from nextoken.export.build import export_run
-    from nextoken.export.registry import next_version
+    from nextoken.registry import next_version
 
     _stage(2, "export: checkpoint -> ONNX artifact, checked against PyTorch")
     version = next_version(opts.models_dir)  # publish re-stamps it if another job publishes first
@@ -178,7 +178,7 @@ def export_stage(opts: UpOptions, run: Path) -> tuple[Path, str]:
 
 
 def publish_stage(opts: UpOptions, art: Path, run: Path, summary: dict[str, Any]) -> Path:
-    from nextoken.export.registry import publish
+    from nextoken.registry import publish
 
     _stage(3, f"publish: into the models folder {opts.models_dir}")
     with tqdm(total=1, desc="publish", unit="version", file=sys.stderr, dynamic_ncols=True) as bar:

@@ -9,7 +9,7 @@ import pytest
 
 from nextoken.cli import main
 from nextoken.export.artifact import load_artifact
-from nextoken.export.registry import current_version, list_versions
+from nextoken.registry import current_version, list_versions
 from tests.conftest import TINY_TEXT
 
 TINY = ["--tokenizer", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",

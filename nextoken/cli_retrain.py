@@ -12,7 +12,7 @@ from nextoken.train.cli_train import add_train_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nextoken.train.config import PRESETS
+    from nextoken.train.presets import PRESETS
 
     parser.add_argument("--models-dir", default="models", metavar="DIR",
                         help="models folder: versions are published as DIR/<version>/ and DIR/current points at "
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextoken.export.retrain import retrain
+    from nextoken.retrain import retrain
     from nextoken.train import loop  # noqa: F401  (the training extra: missing, `nextoken` says so before any work)
     from nextoken.train.cli_train import overrides_from_args
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-PAGES = {"/": "runs.html", "/runs": "runs.html"}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", metavar="RUN_DIR", nargs="+",
@@ -22,26 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
 
-def build_app(paths: list[str], api_key: str | None = None) -> object:
-    """The run page's app over ``paths`` (run folders or folders of runs), re-scanned per request."""
-    from pathlib import Path
-
-    from fastapi import FastAPI
-
-    from nextoken.serve.http.middleware import ApiKeyMiddleware, install_openai_errors
-    from nextoken.serve.http.playground import StaticPages
-    from nextoken.serve.runs import RunRoutes, find_runs
-
-    folders = [Path(p) for p in paths]
-    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    install_openai_errors(app)
-    RunRoutes(lambda: find_runs(folders), context="runs", threads=0).mount(app)
-    if api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    app.add_middleware(StaticPages, api_key_required=api_key is not None, pages=PAGES)  # outermost: see playground
-    return app
-
-
 def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -49,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nextoken.errors import UserError
-    from nextoken.serve.runs import find_runs
+    from nextoken.runs.app import build_app
+    from nextoken.runs.routes import find_runs
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"must be in 1..65535, got {args.port}", flag="--port")

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nextoken.errors import UserError
-    from nextoken.export.registry import list_versions, set_current
+    from nextoken.registry import list_versions, set_current
 
     models = Path(args.models_dir)
     if not models.is_dir():

@@ -176,8 +176,8 @@ def runs_app_without_torch(pg_run: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     """`nextoken runs`'s app in this process, on a thread, with PyTorch reported missing."""
     import uvicorn
 
-    from nextoken.serve import runs as runs_mod
-    from nextoken.serve.cli_runs import build_app
+    from nextoken.runs import routes as runs_mod
+    from nextoken.runs.app import build_app
 
     monkeypatch.setattr(runs_mod, "attention_available", lambda: False)
     port = free_port()

@@ -1,5 +1,8 @@
 """What a trained model believes: next-token distributions, per-token loss, attention maps.
 
+The engine of ``nextoken inspect`` and ``nextoken attention`` (and the run viewer's attention maps);
+named ``probe`` so that it does not shadow the standard library's ``inspect``.
+
 Everything here takes a loaded ``GPT`` and a tokenizer and returns plain dataclasses, so the
 CLIs only parse flags and print. Every text is read the way training saw documents: after an
 ``<|endoftext|>`` token, so the first real token is predicted too and position 0 is the
