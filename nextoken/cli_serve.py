@@ -1,8 +1,8 @@
 """`nextoken serve ARTIFACT_DIR`: the model server, with the served model's training run at ``/runs``.
 
-The flags, and everything the server does, are ``nextoken.serve``'s (``serve.cli`` runs the same
-server without the run page). What this command adds is the run viewer (``nextoken.runs``), which
-the server does not know: it is handed to the launcher as a mount. Torch-free, like the server.
+The flags (one per ``ServeConfig`` field) and everything the server does are ``nextoken.serve``'s.
+What this command adds is the run viewer (``nextoken.runs``), which the server does not know: it is
+handed to the launcher as a mount. Torch-free, like the server.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nextoken.serve.cli import add_arguments as serve_arguments
+    from nextoken.serve.config import add_arguments as serve_arguments
 
     serve_arguments(parser)
 

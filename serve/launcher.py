@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from nextoken import __version__
 from nextoken.errors import UserError
-from nextoken.export.artifact import ArtifactError, load_artifact
+from nextoken.export.artifact import ArtifactError, load_artifact, resolve_artifact_dir
 from nextoken.serve.config import ServeConfig
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     """
     from nextoken.serve import litserve_adapter
     from nextoken.serve.engine.loop import EngineLoop
-    from nextoken.serve.engine.versions import resolve_artifact_dir
     from nextoken.serve.http.engine_client import SharedState
     from nextoken.serve.http.frontend import Frontend
     from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir

@@ -22,19 +22,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from nextoken.export.artifact import Artifact, ArtifactError, load_artifact
+from nextoken.export.artifact import Artifact, ArtifactError, load_artifact, resolve_artifact_dir
 from nextoken.serve.engine.core import EngineCore
 from nextoken.serve.wire import AddRequest, ModelEvent, SamplingParams, StepOutput
 
 logger = logging.getLogger("nextoken.serve")
-
-
-def resolve_artifact_dir(path: str | Path) -> Path:
-    """The real folder behind ``path`` (follows a ``current`` symlink or pointer file)."""
-    p = Path(path)
-    if p.is_file():  # a pointer file holding the version folder's name
-        p = p.parent / p.read_text(encoding="utf-8").strip()
-    return p.resolve()
 
 
 def signature(path: str | Path) -> tuple[str, str]:

@@ -34,6 +34,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.responses import FileResponse
 
+from nextoken.fileio import read_json_object
+
 STATIC_DIR = Path(__file__).with_name("static")
 ASSET_PREFIX = "/ui/"
 # /docs draws /openapi.json itself (docs.js): FastAPI's Swagger UI and ReDoc load from a CDN and are removed
@@ -90,11 +92,7 @@ class StaticPages:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json_object(path) or {}
 
 
 def source_run(artifact_dir: Path) -> Path | None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel
 
 from nextoken.serve.http import responses as R
 from nextoken.serve.http.bodies import read_json
@@ -90,19 +91,17 @@ def mount_tokenizer_routes(app: FastAPI, get_model: Callable[[], TokenizerModel]
                            answer_error: Callable[[RequestError], Response], max_body_bytes: int) -> None:
     """Add the three routes; ``answer_error`` turns a RequestError into the response (and counts it)."""
 
-    @app.post("/tokenize")
-    async def tokenize_route(request: Request) -> Response:
-        try:
-            return answer(tokenize(await read_json(request, max_body_bytes), get_model()))
-        except RequestError as e:
-            return answer_error(e)
+    def route(convert: Callable[[Any, TokenizerModel], BaseModel]) -> Callable[[Request], Any]:
+        async def handle(request: Request) -> Response:
+            try:
+                return answer(convert(await read_json(request, max_body_bytes), get_model()))
+            except RequestError as e:
+                return answer_error(e)
 
-    @app.post("/detokenize")
-    async def detokenize_route(request: Request) -> Response:
-        try:
-            return answer(detokenize(await read_json(request, max_body_bytes), get_model()))
-        except RequestError as e:
-            return answer_error(e)
+        return handle
+
+    app.add_api_route("/tokenize", route(tokenize), methods=["POST"])
+    app.add_api_route("/detokenize", route(detokenize), methods=["POST"])
 
     @app.get("/tokenizer_info")
     async def tokenizer_info_route(request: Request) -> Response:

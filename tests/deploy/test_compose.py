@@ -198,7 +198,7 @@ def test_serving_install_has_no_torch() -> None:
     core = [re.split(r"[<>=!\[; ]", d)[0].lower() for d in project["dependencies"]]
     assert "onnxruntime" in core and "litserve" in core and "tokenizers" in core
     assert not {"torch", "safetensors", "onnx", "onnxscript"} & set(core)
-    code = ("import sys, nextoken.cli_serve, nextoken.runs.app, nextoken.serve.cli, nextoken.registry, "
+    code = ("import sys, nextoken.cli_serve, nextoken.runs.app, nextoken.registry, "
             "nextoken.export.artifact; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
