@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nextoken.export.artifact import write_manifest
 from tests.conftest import ServerProcess, metric
 
 
@@ -25,8 +26,6 @@ def point_current(models: Path, version: str) -> None:
 
 @pytest.fixture()
 def models(tmp_path: Path, serve_artifact: Path) -> Path:
-    from nextoken.export.artifact import write_manifest
-
     models = tmp_path / "models"
     for version in ("1", "2"):
         d = models / version
@@ -71,8 +70,11 @@ def test_new_version_under_load_then_a_corrupt_one_is_refused(models: Path) -> N
         # the old version is freed once its last request finished
         assert wait_for(lambda: metric(s.url, "nextoken_models_loaded") == 1)
 
-        # version 3 is corrupt: its weights do not match the manifest
+        # version 3 is corrupt: published like the others, then its weights changed under the manifest
         shutil.copytree(models / "2", models / "3")
+        manifest = json.loads((models / "3" / "manifest.json").read_text())
+        write_manifest(models / "3", name="tiny-serve", version="3", source=manifest["source"],
+                       export=manifest["export"], verification=manifest["verification"])
         with open(models / "3" / "model.onnx", "r+b") as f:
             f.seek(100)
             f.write(b"\x00garbage\x00")
