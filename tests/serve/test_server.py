@@ -306,28 +306,35 @@ def test_overload_gets_429_with_retry_after_at_once(narrow: ServerProcess) -> No
 
 
 def test_admission_counts_every_choice_as_one_engine_request(serve_artifact) -> None:
-    """Capacity 2 (one running, one queued): with one stream running, n = 2 is refused at once, n = 1 is not."""
+    """Capacity 2 (one running, one queued): with one stream held, n = 1 is admitted beside it and n = 2 is
+    refused at once (429, Retry-After); once the stream is done, n = 2 is served.
+
+    The engine is frozen while the places are counted, so nothing finishes meanwhile however fast it is.
+    """
     s = ServerProcess(serve_artifact, "--max-batch-size", "1", "--max-queue", "1")
     try:
         assert post(s.url, {"prompt": "x", "n": 3}).json()["error"]["param"] == "n"  # could never fit: 400
         slow = {"prompt": "the", "max_tokens": 505, "ignore_eos": True, "logprobs": 20, "presence_penalty": 0.1}
-        checked = 0
-        for _ in range(5):  # the engine may finish the stream before the second request lands: then try again
-            with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={**slow, "stream": True}) as r:
-                lines = r.iter_lines()  # kept: a discarded iterator closes the response (a disconnect)
-                next(lines)  # running: one of the two places is taken
-                refused = post(s.url, {"prompt": "x", "n": 2, "max_tokens": 1})
-                still_running = metric(s.url, "nextoken_requests_running") == 1  # so it ran during the POST
-            if still_running:
-                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-                assert refused.json()["error"]["code"] == "overloaded"
-                checked += 1
-                break
-        assert checked, "the stream never outlasted a request sent right after its first token"
-        deadline = time.monotonic() + 5  # the stream's client left: its place frees within a step
-        while (r := post(s.url, {"prompt": "x", "n": 2, "max_tokens": 1})).status_code == 429:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        held: list[int] = []
+        holder = threading.Thread(target=lambda: held.append(post(s.url, slow).status_code))
+        cancelled = metric(s.url, "nextoken_requests_total", outcome="cancelled")
+        body = json.dumps({"prompt": "x", "n": 1, "max_tokens": 1}).encode()
+        with s.engine_frozen():
+            holder.start()
+            with socket.create_connection(("127.0.0.1", s.port)) as sock:  # n = 1 beside the held stream
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                s.wait_until_full()  # both admitted: n = 1 was not refused
+            deadline = time.monotonic() + 10  # its client left: its place is given back, the held one stays
+            while metric(s.url, "nextoken_requests_total", outcome="cancelled") == cancelled:
+                assert time.monotonic() < deadline, "the abandoned request never gave its place back"
+                time.sleep(0.02)
+            refused = post(s.url, {"prompt": "x", "n": 2, "max_tokens": 1})  # one place left: n = 2 does not fit
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "overloaded"
+        holder.join(60)
+        assert held == [200]
+        r = post(s.url, {"prompt": "x", "n": 2, "max_tokens": 1})
         assert r.status_code == 200 and len(r.json()["choices"]) == 2
     finally:
         s.stop()
