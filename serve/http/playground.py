@@ -3,8 +3,9 @@ they read.
 
 The pages are plain files in ``serve/http/static/`` (HTML, CSS, ES modules; no build step, nothing
 from a CDN: the Content-Security-Policy sent with them allows this server only). Everything
-the pages show comes from the public API (``/v1/completions`` with ``logprobs``, ``/v1/models``,
-``/metrics``, ``/openapi.json``) and from two read-only routes added here:
+the pages show comes from the public API (``/v1/completions`` and, in the Chat tab of a model with a
+chat template, ``/v1/chat/completions``, both with ``logprobs``; ``/tokenize`` to fit max tokens into
+the context; ``/v1/models``, ``/metrics``, ``/openapi.json``) and from two read-only routes added here:
 
 * ``GET /api/model``: the served version's artifact described (parameters, layers, vocabulary,
   where it was exported from, parity figures), re-read when the served version changes;

@@ -17,30 +17,10 @@ import pytest
 
 from tests.browser_fixtures import PHONE
 from tests.conftest import metric
+from tests.playground import helpers as ui
 
 # The first test to use them builds the session's model (train + export): minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _set(page: object, **controls: object) -> None:
-    for name, value in controls.items():
-        page.fill(f"#{name}", str(value))
-
-
-def _finish(page: object) -> str:
-    page.wait_for_selector("#gen-status[data-finish]")
-    return page.get_attribute("#gen-status", "data-finish")
-
-
-def _chips(page: object, where: str = "#output") -> list[dict[str, str]]:
-    return page.locator(f"{where} .chip").evaluate_all(
-        "els => els.map(e => ({i: e.dataset.i, token: e.dataset.token, p: e.dataset.p, text: e.textContent}))")
-
-
-def _bars(page: object) -> list[dict[str, object]]:
-    return page.locator("#detail-body .bar").evaluate_all(
-        "els => els.map(e => ({token: e.dataset.token, p: Number(e.dataset.p), shown: e.querySelector('.val')"
-        ".textContent, chosen: e.classList.contains('chosen')}))")
 
 
 def _api_twin(url: str, page: object) -> dict:
@@ -79,11 +59,11 @@ def test_page_comes_from_this_server_only_and_shows_the_model(pg_server, pg_run,
 def test_tokens_stream_as_chips_whose_alternatives_equal_the_api_logprobs(pg_server, open_page, shots) -> None:
     page, _ = open_page(pg_server.url + "/")
     page.fill("#prompt", "the cat sat on")
-    _set(page, temperature=0, top_k=0, top_p=1, max_tokens=40, logprobs=5)
+    ui.set_controls(page, temperature=0, top_k=0, top_p=1, max_tokens=40, logprobs=5)
     page.focus("#prompt")
     page.keyboard.press("Control+Enter")  # the documented shortcut, not a click
-    assert _finish(page) in ("length", "stop")
-    chips = _chips(page)
+    assert ui.finish(page) in ("length", "stop")
+    chips = ui.chips(page)
     choice = _api_twin(pg_server.url, page)
     lp = choice["logprobs"]
     assert [c["token"] for c in chips] == lp["tokens"] and len(chips) == len(choice["token_ids"])
@@ -92,7 +72,7 @@ def test_tokens_stream_as_chips_whose_alternatives_equal_the_api_logprobs(pg_ser
 
     i = 3
     page.click(f'#output .chip[data-i="{i}"]')
-    bars = _bars(page)
+    bars = ui.bars(page)
     want = sorted(lp["top_logprobs"][i].items(), key=lambda kv: -kv[1])
     assert [b["token"] for b in bars] == [t for t, _ in want]
     for b, (_, w) in zip(bars, want, strict=True):
@@ -118,22 +98,14 @@ def test_tokens_stream_as_chips_whose_alternatives_equal_the_api_logprobs(pg_ser
 def test_seeded_sampling_in_the_page_equals_the_api(pg_server, open_page) -> None:
     page, _ = open_page(pg_server.url + "/")
     page.fill("#prompt", "hello")
-    _set(page, temperature=1.1, top_k=20, top_p=0.95, max_tokens=30, seed=1234, logprobs=3)
+    ui.set_controls(page, temperature=1.1, top_k=20, top_p=0.95, max_tokens=30, seed=1234, logprobs=3)
     page.fill("#stop_strings", "zzz\\n\\n")
     page.click("#generate")
-    _finish(page)
+    ui.finish(page)
     sent = json.loads(page.text_content("#request-json"))
     assert sent["seed"] == 1234 and sent["top_k"] == 20 and sent["top_p"] == 0.95 and sent["stop"] == ["zzz\n\n"]
     choice = _api_twin(pg_server.url, page)
-    assert [c["token"] for c in _chips(page)] == choice["logprobs"]["tokens"]
-
-
-ARRIVALS = """() => {
-    window.__arrivals = [];  // (time, chips so far) at each DOM change of the output: how tokens arrived
-    const out = document.getElementById('output');
-    new MutationObserver(() => window.__arrivals.push([performance.now(), out.querySelectorAll('.chip').length]))
-        .observe(out, {childList: true});
-}"""
+    assert [c["token"] for c in ui.chips(page)] == choice["logprobs"]["tokens"]
 
 
 def test_stop_cancels_the_stream_and_the_running_gauge_drops(pg_server, open_page, shots) -> None:
@@ -141,9 +113,9 @@ def test_stop_cancels_the_stream_and_the_running_gauge_drops(pg_server, open_pag
     page, _ = open_page(url + "/")
     cancelled = metric(url, "nextoken_requests_total", outcome="cancelled")
     page.fill("#prompt", "the")
-    _set(page, temperature=0, max_tokens=4000, logprobs=2)
+    ui.set_controls(page, temperature=0, max_tokens=4000, logprobs=2)
     page.check("#ignore_eos")  # 4000 tokens whatever the model predicts: seconds of streaming
-    page.evaluate(ARRIVALS)
+    page.evaluate(ui.arrivals("#output"))
     page.click("#generate")
     # Streaming: chips have arrived in at least two DOM updates (checked again below).
     page.wait_for_function("() => new Set(window.__arrivals.filter(([, n]) => n > 0).map(([, n]) => n)).size >= 2")
@@ -151,8 +123,8 @@ def test_stop_cancels_the_stream_and_the_running_gauge_drops(pg_server, open_pag
         running = metric(url, "nextoken_requests_running")
         page.keyboard.press("Escape")
         assert running == 1  # the server was generating for this page when Stop was pressed
-        assert _finish(page) == "stopped"
-        stopped_at = len(_chips(page))
+        assert ui.finish(page) == "stopped"
+        stopped_at = len(ui.chips(page))
         assert 0 < stopped_at < 4000
     deadline = time.monotonic() + 10
     while metric(url, "nextoken_requests_running") != 0:
@@ -160,7 +132,7 @@ def test_stop_cancels_the_stream_and_the_running_gauge_drops(pg_server, open_pag
         time.sleep(0.05)
     assert metric(url, "nextoken_requests_total", outcome="cancelled") == cancelled + 1
     time.sleep(0.3)
-    assert len(_chips(page)) == stopped_at  # nothing arrives after Stop
+    assert len(ui.chips(page)) == stopped_at  # nothing arrives after Stop
     assert page.is_enabled("#generate") and page.is_disabled("#stop")
     assert page.inner_text("#gen-status") == f"stopped after {stopped_at} tokens"
     page.screenshot(path=str(shots / "stopped.png"), full_page=True)
@@ -206,7 +178,7 @@ def test_score_text_equals_the_api(pg_server, open_page, shots) -> None:
     assert facts["total"] == f"{total:.4f} nats"
     assert facts["mean"] == f"{total / len(scored):.4f} nats/token"
     assert facts["ppl"] == f"{math.exp(total / len(scored)):.2f}"
-    cells = _chips(page, "#heat")
+    cells = ui.chips(page, "#heat")
     assert [c["token"] for c in cells] == lp["tokens"]
     surprises = page.locator("#heat .chip").evaluate_all("els => els.map(e => e.dataset.surprise)")
     for s, v in zip(surprises, lp["token_logprobs"], strict=True):
@@ -282,9 +254,9 @@ def test_keyboard_focus_order_labels_and_phone_width(pg_server, open_page, shots
 
     phone, _ = open_page(pg_server.url + "/", viewport=PHONE)
     phone.fill("#prompt", "the cat")
-    _set(phone, temperature=0, max_tokens=24)
+    ui.set_controls(phone, temperature=0, max_tokens=24)
     phone.click("#generate")
-    _finish(phone)
+    ui.finish(phone)
     width = phone.evaluate("() => [document.scrollingElement.scrollWidth, window.innerWidth]")
     assert width[0] <= width[1], f"horizontal scrolling at phone width: {width}"
     phone.click('#output .chip[data-i="2"]')
@@ -296,9 +268,9 @@ def test_keyboard_focus_order_labels_and_phone_width(pg_server, open_page, shots
 def test_a_refused_request_names_its_field(pg_server, open_page) -> None:
     page, watch = open_page(pg_server.url + "/")
     watch.allow(r"status of 400")
-    _set(page, temperature=3)
+    ui.set_controls(page, temperature=3)
     page.click("#generate")
-    assert _finish(page) == "error"
+    assert ui.finish(page) == "error"
     status = page.inner_text("#gen-status")
     assert status.startswith("error 400: temperature") and "got 3" in status, status
     assert page.get_attribute("#temperature", "aria-invalid") is not None

@@ -1,20 +1,23 @@
 // The playground: stream a completion token by token, each token a chip shaded by its
 // probability; a chip opens the model's top alternatives at that position (the API's logprobs).
-// "Score text" asks the API for the prompt's own logprobs (echo) and shows each token's surprise.
+// "Chat" (chat.js) does the same for a chat model's replies; "Score text" asks the API for the
+// prompt's own logprobs (echo) and shows each token's surprise.
+import { chatAvailable, sendChat, setupChat } from "/ui/chat.js";
+import { addChip, resetTokens, showPinned, tokenCount, wireChips } from "/ui/chips.js";
 import {
-  EOT, ApiError, api, apiJSON, chipText, el, errorOf, facts, fmt, fmtInt, fmtParams, hasSeries, histogramBuckets,
-  histogramQuantile, parsePrometheus, quotedToken, setupKeyBox, sseEvents, sumOf,
+  ApiError, api, apiJSON, chipText, el, errorOf, facts, fmt, fmtInt, fmtParams, hasSeries, histogramBuckets,
+  histogramQuantile, parsePrometheus, quotedToken, setupKeyBox, sumOf,
 } from "/ui/common.js";
+import {
+  fitDefaults, numberField, onUnauthorized, running, samplingFields, showError, stop, stream,
+} from "/ui/sampling.js";
 
 const $ = (id) => document.getElementById(id);
 const METRICS_EVERY_MS = 2000;
 const RATE_WINDOW_MS = 15000;
+const TABS = { generate: "gen", chat: "chat", score: "score" }; // tab -> the token list its chips show
 
 const state = {
-  ctrl: null, // AbortController of the running generation
-  gen: { prompt: "", tokens: [] }, // tokens: {text, logprob, top: [[text, logprob], ...], id}
-  score: { prompt: "", tokens: [] },
-  pinned: { gen: -1, score: -1 },
   modelId: null,
   vocab: null,
   metricsHistory: [], // [{t, generated}] for the tokens/s rate
@@ -23,141 +26,29 @@ const state = {
 let keyBox = null;
 
 // --- generation ---------------------------------------------------------------------------
-function numberField(id) {
-  const raw = $(id).value.trim();
-  if (raw === "") return undefined;
-  return Number(raw);
-}
-
-function parseStops(text) {
-  return text
-    .split("\n")
-    .filter((s) => s !== "")
-    .map((s) => s.replace(/\\(n|t|\\)/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]));
-}
-
-export function requestBody() {
-  const body = {
-    prompt: $("prompt").value,
-    max_tokens: numberField("max_tokens"),
-    temperature: numberField("temperature"),
-    top_k: numberField("top_k"),
-    top_p: numberField("top_p"),
-    logprobs: numberField("logprobs"),
-    stream: true,
-    stream_options: { include_usage: true },
-  };
-  const seed = numberField("seed");
-  if (seed !== undefined) body.seed = seed;
-  const stops = parseStops($("stop_strings").value);
-  if (stops.length) body.stop = stops;
-  if ($("ignore_eos").checked) body.ignore_eos = true;
-  for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
-  return body;
-}
-
-function setRunning(running) {
-  $("generate").disabled = running;
-  $("stop").disabled = !running;
-  document.body.classList.toggle("generating", running);
-}
-
-function markParam(param) {
-  for (const node of document.querySelectorAll("[data-param]")) {
-    node.toggleAttribute("aria-invalid", node.dataset.param === param);
-  }
-}
-
-function showError(statusNode, err) {
-  if (err instanceof ApiError && err.status === 401) keyBox.refused();
-  statusNode.textContent = err instanceof ApiError ? `error ${err.status}: ${err.message}` : `error: ${err.message}`;
-  statusNode.classList.add("error");
-  if (err instanceof ApiError) markParam(err.param);
-}
-
 async function generate() {
-  if (state.ctrl) return;
-  const status = $("gen-status");
-  status.classList.remove("error");
-  delete status.dataset.finish;
-  markParam(null);
-  const body = requestBody();
-  $("request-json").textContent = JSON.stringify(body, null, 2);
+  if (running()) return;
+  const prompt = $("prompt").value;
+  const body = {
+    prompt, ...samplingFields(), logprobs: numberField("logprobs"),
+    stream: true, stream_options: { include_usage: true },
+  };
   const out = $("output");
-  out.replaceChildren(el("span", { class: "prompt-text", text: body.prompt }));
-  state.gen = { prompt: body.prompt, tokens: [] };
-  state.pinned.gen = -1;
-  showHint();
-  const ctrl = new AbortController();
-  state.ctrl = ctrl;
-  setRunning(true);
-  status.textContent = "waiting for the first token…";
-  const t0 = performance.now();
-  let firstAt = null;
-  let finish = null;
-  let usage = null;
-  try {
-    const res = await api("/v1/completions", { method: "POST", json: body, signal: ctrl.signal });
-    if (!res.ok) throw await errorOf(res);
-    for await (const chunk of sseEvents(res)) {
-      if (chunk.error) throw new ApiError(500, chunk);
-      if (chunk.usage) usage = chunk.usage;
-      const choice = chunk.choices && chunk.choices[0];
-      if (!choice) continue;
+  await stream({
+    path: "/v1/completions", body, tokenize: { prompt }, param: "prompt",
+    status: $("gen-status"), shown: $("request-json"), count: () => tokenCount("gen"),
+    onStart: () => {
+      out.replaceChildren(el("span", { class: "prompt-text", text: prompt }));
+      resetTokens("gen", prompt);
+    },
+    onChoice: (choice) => {
       const lp = choice.logprobs;
-      if (lp && lp.tokens) {
-        for (let i = 0; i < lp.tokens.length; i++) {
-          const top = Object.entries(lp.top_logprobs?.[i] || {}).sort((a, b) => b[1] - a[1]);
-          addChip({ text: lp.tokens[i], logprob: lp.token_logprobs[i], top, id: choice.token_ids?.[i] });
-        }
+      for (let i = 0; i < (lp?.tokens?.length ?? 0); i++) {
+        const top = Object.entries(lp.top_logprobs?.[i] || {}).sort((a, b) => b[1] - a[1]);
+        addChip(out, "gen", { text: lp.tokens[i], logprob: lp.token_logprobs[i], top, id: choice.token_ids?.[i] });
       }
-      if (firstAt === null && state.gen.tokens.length) firstAt = performance.now();
-      if (choice.finish_reason) finish = choice.finish_reason;
-      const n = state.gen.tokens.length;
-      if (n) status.textContent = `${n} token${n === 1 ? "" : "s"}…`;
-    }
-    const secs = (performance.now() - t0) / 1000;
-    const n = usage ? usage.completion_tokens : state.gen.tokens.length;
-    const ttft = firstAt === null ? "" : ` · first token after ${fmtInt(firstAt - t0)} ms`;
-    status.textContent = `done: ${n} tokens in ${secs.toFixed(2)} s (${fmtInt(n / Math.max(secs, 1e-3))} tok/s)` +
-      `${ttft} · finish: ${finish || "?"}`;
-    status.dataset.finish = finish || "";
-  } catch (err) {
-    if (err.name === "AbortError") {
-      status.textContent = `stopped after ${state.gen.tokens.length} tokens`;
-      status.dataset.finish = "stopped";
-    } else {
-      showError(status, err);
-      status.dataset.finish = "error";
-    }
-  } finally {
-    state.ctrl = null;
-    setRunning(false);
-  }
-}
-
-function stop() {
-  if (state.ctrl) state.ctrl.abort(); // closing the stream is the cancel: the server frees the slot
-}
-
-function probClass(chip, p) {
-  chip.style.setProperty("--p", p.toFixed(4));
-  if (p > 0.55) chip.classList.add("strong");
-}
-
-function addChip(tok) {
-  const i = state.gen.tokens.length;
-  state.gen.tokens.push(tok);
-  const p = Math.exp(tok.logprob);
-  const chip = el("span", {
-    class: `chip${tok.text === EOT ? " eot" : ""}`,
-    role: "button",
-    tabindex: i === 0 ? "0" : "-1",
-    dataset: { i: String(i), p: String(p), token: tok.text },
-    "aria-label": `token ${i + 1}: ${quotedToken(tok.text)}, probability ${fmt(p, 3)}`,
-  }, chipText(tok.text));
-  probClass(chip, p);
-  $("output").append(chip);
+    },
+  });
 }
 
 // --- scoring ------------------------------------------------------------------------------
@@ -203,8 +94,7 @@ function renderScore(text, lp) {
     logprob: lp.token_logprobs[i],
     top: Object.entries(lp.top_logprobs?.[i] || {}).sort((a, b) => b[1] - a[1]),
   }));
-  state.score = { prompt: "", tokens };
-  state.pinned.score = -1;
+  resetTokens("score", "", tokens);
   const nums = scoreNumbers(lp.token_logprobs);
   let worst = -1;
   tokens.forEach((t, i) => {
@@ -239,122 +129,6 @@ function renderScore(text, lp) {
   });
 }
 
-// --- the alternatives panel ---------------------------------------------------------------
-function showHint() {
-  $("detail-title").textContent = "Next-token distribution";
-  $("detail-hint").hidden = false;
-  $("detail-body").replaceChildren();
-}
-
-function showDetail(kind, i) {
-  const list = state[kind].tokens;
-  if (i < 0 || i >= list.length) {
-    showHint();
-    return;
-  }
-  const tok = list[i];
-  const before = state[kind].prompt + list.slice(0, i).map((t) => t.text).join("");
-  const tail = before.length > 40 ? `…${before.slice(-40)}` : before;
-  $("detail-hint").hidden = true;
-  const body = $("detail-body");
-  body.replaceChildren();
-  $("detail-title").textContent = kind === "gen" ? `Token ${i + 1} of ${list.length}` : `Scored token ${i + 1}`;
-  if (tok.logprob === null || tok.logprob === undefined) {
-    body.append(el("p", { class: "formula", text: `${quotedToken(tok.text)}: not scored` }),
-      el("p", { class: "hint", text: "The first token has no context before it to be predicted from." }));
-    return;
-  }
-  const p = Math.exp(tok.logprob);
-  const rank = tok.top.findIndex(([t]) => t === tok.text);
-  body.append(
-    el("p", { class: "formula", dataset: { p: String(p) } },
-      "P(", el("strong", { text: quotedToken(tok.text) }), ` | ${quotedToken(tail)}) = `, el("strong", { text: fmt(p) })),
-    el("p", { class: "sub", text: `logprob ${fmt(tok.logprob)} · loss −log p = ${fmt(-tok.logprob, 3)} nats · ` +
-      (rank >= 0 ? `rank ${rank + 1}` : `outside the top ${tok.top.length}`) +
-      (tok.id !== undefined ? ` · id ${tok.id}` : "") }),
-  );
-  if (!tok.top.length) {
-    body.append(el("p", { class: "hint", text: "No alternatives were requested (alternatives = 0)." }));
-    return;
-  }
-  const bars = el("ol", { class: "bars", "aria-label": `top ${tok.top.length} alternatives` });
-  let covered = 0;
-  for (const [text, lp] of tok.top) {
-    const q = Math.exp(lp);
-    covered += q;
-    const fill = el("span", { class: "fill" });
-    fill.style.width = `${(q * 100).toFixed(2)}%`;
-    bars.append(el("li", { class: `bar${text === tok.text ? " chosen" : ""}`, dataset: { token: text, p: String(q) } },
-      el("span", { class: "tok", text: quotedToken(text) }),
-      el("span", { class: "track" }, fill),
-      el("span", { class: "val", text: fmt(q) })));
-  }
-  if (rank < 0) {
-    const fill = el("span", { class: "fill" });
-    fill.style.width = `${(p * 100).toFixed(2)}%`;
-    bars.append(el("li", { class: "bar chosen outside", dataset: { token: tok.text, p: String(p) } },
-      el("span", { class: "tok", text: `${quotedToken(tok.text)} (chosen)` }),
-      el("span", { class: "track" }, fill), el("span", { class: "val", text: fmt(p) })));
-  }
-  body.append(bars, el("p", { class: "hint", text: `the top ${tok.top.length} hold ${fmt(covered * 100, 1)}% of the ` +
-    "probability. These are the model's own probabilities (temperature 1, before top-k/top-p)." }));
-}
-
-function wireChips(container, kind) {
-  const chipAt = (target) => target.closest?.(".chip");
-  const focusChip = (i) => {
-    const chips = container.querySelectorAll(".chip");
-    if (!chips.length) return;
-    const k = Math.max(0, Math.min(chips.length - 1, i));
-    chips.forEach((c, j) => c.setAttribute("tabindex", j === k ? "0" : "-1"));
-    chips[k].focus();
-  };
-  const pin = (i) => {
-    state.pinned[kind] = i;
-    container.querySelectorAll(".chip.pinned").forEach((c) => c.classList.remove("pinned"));
-    const chip = container.querySelector(`.chip[data-i="${i}"]`);
-    if (chip) {
-      chip.classList.add("pinned");
-      // one tab stop for the whole text: the pinned token (arrow keys move from there)
-      container.querySelectorAll('.chip[tabindex="0"]').forEach((c) => c.setAttribute("tabindex", "-1"));
-      chip.setAttribute("tabindex", "0");
-    }
-    showDetail(kind, i);
-  };
-  container.addEventListener("mouseover", (e) => {
-    const chip = chipAt(e.target);
-    if (chip) showDetail(kind, Number(chip.dataset.i));
-  });
-  container.addEventListener("mouseleave", () => {
-    if (state.pinned[kind] >= 0) showDetail(kind, state.pinned[kind]);
-  });
-  container.addEventListener("click", (e) => {
-    const chip = chipAt(e.target);
-    if (!chip) return;
-    pin(Number(chip.dataset.i));
-    // One column (phone width): the distribution sits below the text, so bring it into view.
-    if (window.matchMedia("(max-width: 860px)").matches) $("detail").scrollIntoView({ block: "nearest" });
-  });
-  container.addEventListener("focusin", (e) => {
-    const chip = chipAt(e.target);
-    if (chip) pin(Number(chip.dataset.i));
-  });
-  container.addEventListener("keydown", (e) => {
-    const chip = chipAt(e.target);
-    if (!chip) return;
-    const i = Number(chip.dataset.i);
-    const n = container.querySelectorAll(".chip").length;
-    const moves = { ArrowRight: i + 1, ArrowDown: i + 1, ArrowLeft: i - 1, ArrowUp: i - 1, Home: 0, End: n - 1 };
-    if (e.key in moves) {
-      e.preventDefault();
-      focusChip(moves[e.key]);
-    } else if (e.key === "Enter" || e.key === " ") {
-      e.preventDefault();
-      pin(i);
-    }
-  });
-}
-
 // --- model panel and live figures ---------------------------------------------------------
 async function loadModel() {
   if (!keyBox.ready()) return;
@@ -379,6 +153,9 @@ async function loadModel() {
       ["ONNX vs PyTorch", parity, "parity"],
     ]);
     $("run-link").hidden = !info.run_available;
+    fitDefaults(m);
+    $("tab-chat").hidden = !chatAvailable(m);
+    if ($("tab-chat").hidden && !$("panel-chat").hidden) selectTab("generate");
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) keyBox.refused();
     facts($("model-facts"), [["model", `unavailable: ${err.message}`]]);
@@ -422,49 +199,57 @@ async function pollMetrics() {
 
 // --- tabs and keyboard ----------------------------------------------------------------------
 function selectTab(name) {
-  for (const t of ["generate", "score"]) {
+  for (const t of Object.keys(TABS)) {
     const tab = $(`tab-${t}`);
     const on = t === name;
     tab.setAttribute("aria-selected", String(on));
     tab.tabIndex = on ? 0 : -1;
     $(`panel-${t}`).hidden = !on;
   }
-  const kind = name === "score" ? "score" : "gen";
-  if (state.pinned[kind] >= 0) showDetail(kind, state.pinned[kind]);
-  else showHint();
+  // One set of Sampling controls serves Generate and Chat: it sits under the shown panel's buttons.
+  if (name !== "score") $(`panel-${name}`).querySelector(".buttons").after($("sampling"));
+  showPinned(TABS[name]);
 }
 
+// The ARIA tabs pattern: arrow keys cycle through the tabs shown, Home and End jump to the ends.
 function wireTabs() {
-  $("tab-generate").addEventListener("click", () => selectTab("generate"));
-  $("tab-score").addEventListener("click", () => selectTab("score"));
-  document.querySelector("[role=tablist]").addEventListener("keydown", (e) => {
-    if (e.key !== "ArrowLeft" && e.key !== "ArrowRight") return;
-    const next = $("tab-generate").getAttribute("aria-selected") === "true" ? "score" : "generate";
-    selectTab(next);
-    $(`tab-${next}`).focus();
+  const list = document.querySelector("[role=tablist]");
+  for (const t of Object.keys(TABS)) $(`tab-${t}`).addEventListener("click", () => selectTab(t));
+  list.addEventListener("keydown", (e) => {
+    const tabs = [...list.querySelectorAll("[role=tab]:not([hidden])")];
+    const at = tabs.findIndex((t) => t.getAttribute("aria-selected") === "true");
+    const moves = { ArrowRight: at + 1, ArrowLeft: at - 1 + tabs.length, Home: 0, End: tabs.length - 1 };
+    if (!(e.key in moves)) return;
+    e.preventDefault();
+    const next = tabs[moves[e.key] % tabs.length];
+    selectTab(next.id.slice("tab-".length));
+    next.focus();
   });
 }
 
 function wireKeys() {
+  const send = { generate, chat: sendChat, score };
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && state.ctrl) {
+    if (e.key === "Escape" && running()) {
       e.preventDefault();
       stop();
     } else if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
       e.preventDefault();
-      if ($("panel-score").hidden) generate();
-      else score();
+      const shown = Object.keys(TABS).find((t) => !$(`panel-${t}`).hidden);
+      send[shown]();
     }
   });
 }
 
 async function main() {
   keyBox = await setupKeyBox({ onChange: () => { loadModel(); pollMetrics(); } });
+  onUnauthorized(() => keyBox.refused());
   $("generate").addEventListener("click", generate);
   $("stop").addEventListener("click", stop);
   $("score").addEventListener("click", score);
   wireChips($("output"), "gen");
   wireChips($("heat"), "score");
+  setupChat();
   wireTabs();
   wireKeys();
   await loadModel();
