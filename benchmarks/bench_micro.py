@@ -119,7 +119,7 @@ def test_batch_sampler(benchmark: Any, case: str, batch: int, vocab: int) -> Non
 
     params, kind = SAMPLER_CASES[case]
     logits = make_sampler_logits(kind, batch, vocab)
-    bs = BatchSampler(batch, vocab, eos_id=0)
+    bs = BatchSampler(batch, vocab, eos_ids=0)
     for i in range(batch):
         bs.add(i, params(i), list(range(1, 17)))
     out = benchmark(bs.sample, logits, np.arange(batch))

@@ -141,6 +141,47 @@ class Artifact:
     def model_id(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def eos_ids(self) -> list[int]:
+        return eos_ids(self.config, self.generation_config)
+
+
+def eos_ids(config: dict[str, Any], generation_config: dict[str, Any]) -> list[int]:
+    """Every token that ends generation: config.json's end-of-text first, then generation_config.json's
+    (an id or a list: Llama-3 instruct models end a turn with <|eot_id|> as well as <|end_of_text|>)."""
+    out: list[int] = []
+    for v in (config.get("eos_token_id"), generation_config.get("eos_token_id")):
+        for i in (v if isinstance(v, list) else [v]):
+            if isinstance(i, int) and not isinstance(i, bool) and i not in out:
+                out.append(i)
+    return out
+
+
+# The chat template of a model without one of its own (every model nextoken trains): each message as
+# "{Role}: {content}\n" (System, User, Assistant; developer is System), then "Assistant:", after the
+# "<|endoftext|>" a document starts with (the bos_token of nextoken's tokenizer_config.json). Export writes
+# it into tokenizer_config.json, so transformers, vLLM and lm-eval render the prompt the server feeds.
+# Written with the newline as an expression and no whitespace control, so Jinja's defaults and Hugging
+# Face's (trim_blocks, lstrip_blocks) render the same text. A renderer that passes no bos_token (lm-eval's
+# remote tokenizer, which then sends the text as a completion prompt, where the server adds it) gets none.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token is defined %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] in ('system', 'developer') %}System{% else %}{{ message['role'] | capitalize }}{% endif %}"
+    ": {% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+DEFAULT_CHAT_STOP = "\nUser:"  # with the default template: the model must not write the user's next turn
+
+
+def prompt_prefix_id(config: dict[str, Any]) -> int | None:
+    """The token nextoken puts before a text prompt of a model it trained: the ``<|endoftext|>`` its
+    training documents started after (such artifacts name their ``tokenizer_kind``). Any other model's
+    prompt is what its own tokenizer makes (its post-processor, e.g. Llama's BOS)."""
+    return int(config["eos_token_id"]) if config.get("tokenizer_kind") else None
+
 
 def pointed_version(pointer: str | Path) -> str | None:
     """The version folder a ``current`` pointer names, or None. One readlink: cheap enough to poll.

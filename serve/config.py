@@ -44,6 +44,11 @@ class ServeConfig:
                                                 "default: 64 on cpu, 0 on cuda, where it is not built yet)")
     prefix_block_size: int = _opt(16, "tokens per prefix-cache block")
     # compute
+    chat_template: str | None = _opt(None, "a Jinja chat template (a file, or the template itself) used instead of "
+                                           "the model's own (vLLM's flag)")
+    generation_config: str = _opt("auto", "auto: the model's generation_config.json sets the defaults of the "
+                                          "sampling fields a request omits (vLLM's default); vllm: ignore it",
+                                  choices=("auto", "vllm"))
     device: str = _opt("cpu", "where ONNX Runtime runs the model", choices=("cpu", "cuda"))
     threads: int = _opt(0, "ONNX Runtime intra-op threads (0 = one less than the cores, at most 4)")
     # lifecycle

@@ -58,6 +58,7 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     """
     from nextoken.serve import litserve_adapter
     from nextoken.serve.engine.loop import EngineLoop
+    from nextoken.serve.http.chat import ChatTemplateError
     from nextoken.serve.http.engine_client import SharedState
     from nextoken.serve.http.frontend import Frontend
     from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
@@ -79,9 +80,16 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     pipes = Pipes(num_frontends=1)
     state = SharedState(config.max_inflight)
     engine_pid = mp.get_context("spawn").Value("i", 0)  # read here, written by the (spawned) engine process
+    try:
+        frontend = Frontend(config, pipes, state, artifact)
+    except ChatTemplateError as e:
+        raise UserError(str(e), flag="--chat-template") from None
+    try:
+        frontend.model()  # the tokenizer and chat template, read once here (the forked HTTP process inherits them)
+    except ChatTemplateError as e:
+        raise UserError(f"{artifact.path}: {e}; serve it with --chat-template FILE", flag="ARTIFACT_DIR") from None
     # The engine watches the path as given (e.g. models/current), so a newly published version is picked up.
     engine = EngineLoop(config, pipes, verified=artifact)
-    frontend = Frontend(config, pipes, state, artifact)
     server = litserve_adapter.build_server(engine, frontend.routes(), healthy=frontend.ready, engine_pid=engine_pid)
     frontend.install(server.app)
     for mount in mounts:  # after the API-key middleware: what they add answers in front of it (see playground.py)

@@ -158,7 +158,7 @@ class AddRequest:
     arrival: float  # wall-clock time the HTTP side received it (time.time())
     model: str  # the version whose tokenizer made prompt_ids
     prompt_text: str | None = None  # to tokenize again if another version runs it (hot reload)
-    add_eos_prefix: bool = True  # how prompt_ids were made from prompt_text (a document starts after EOS)
+    add_special_tokens: bool = True  # how prompt_ids were made from prompt_text (ModelTokenizer.encode_prompt)
 
 
 @dataclass
@@ -245,7 +245,6 @@ class ModelStatus:
     context: int  # the model's context
     max_model_len: int  # the longest sequence this server caches (<= context)
     vocab_size: int
-    eos_id: int
     provider: str
     models_loaded: int
     event: ModelEvent = ModelEvent.LOADED

@@ -80,6 +80,25 @@ def tiny_bpe_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) ->
     return out
 
 
+def republish(src: Path, dst: Path, *, version: str | None = None, json_edits: dict[str, dict] | None = None) -> Path:
+    """``src`` copied to ``dst`` as a valid artifact: ``json_edits`` (file name -> keys to set) applied, the
+    manifest written again (with ``version``), so the server's hash check passes."""
+    import json
+    import shutil
+
+    from nextoken.export.artifact import write_manifest
+
+    shutil.copytree(src, dst)
+    for name, changes in (json_edits or {}).items():
+        obj = json.loads((dst / name).read_text(encoding="utf-8"))
+        obj.update(changes)
+        (dst / name).write_text(json.dumps(obj, indent=2), encoding="utf-8")
+    m = json.loads((dst / "manifest.json").read_text(encoding="utf-8"))
+    write_manifest(dst, name=m["name"], version=version or m["version"], source=m["source"], export=m["export"],
+                   verification=m["verification"])
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
     """``tiny_run`` exported (opset 23, fp32, verified) into an artifact folder, shared by the session."""

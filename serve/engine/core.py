@@ -109,11 +109,13 @@ class EngineCore:
                              threads=o.threads)
         self.max_len = self.runner.spec.max_len
         self.vocab_size = self.runner.vocab_size
-        self.eos_id = int(artifact.config["eos_token_id"])
+        self.eos_ids = tuple(artifact.eos_ids)  # every end-of-text token (Llama-3 instruct: three); [0] the model's
+        self.eos_id = self.eos_ids[0]
+        self._eos = np.asarray(self.eos_ids, dtype=np.int64)
         self.prefix_cache = (PrefixCache(self.runner, block_size=o.prefix_block_size, max_bytes=o.prefix_cache_bytes)
                              if o.prefix_cache_bytes > 0 else None)
         self.scheduler = Scheduler(o.max_slots, o.max_num_batched_tokens, self.prefix_cache)
-        self.sampler = BatchSampler(o.max_slots, self.vocab_size, self.eos_id)
+        self.sampler = BatchSampler(o.max_slots, self.vocab_size, self.eos_ids)
         self.on_step = on_step
         self.reqs: dict[str, _Req] = {}
         S = o.max_slots
@@ -159,7 +161,7 @@ class EngineCore:
                                       "complete only end-of-text may follow", "ignore_eos")
             matcher = self._compile(p.structured)
         seq = Sequence(req.rid, ids, max_tokens, req.arrival, use_prefix_cache=p.prompt_logprobs is None)
-        stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else {self.eos_id})
+        stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids))
         self.reqs[req.rid] = _Req(seq, p, self.model_id, stops, matcher)
         self.scheduler.add(seq)
 
@@ -195,7 +197,7 @@ class EngineCore:
         self.lengths[s] = r.seq.num_cached
         self.generated[s] = 0
         self.max_tokens[s] = r.seq.max_tokens
-        self.stop_eos[s] = self.eos_id in r.stop_ids
+        self.stop_eos[s] = not r.params.ignore_eos
         self.extra_stops[s] = bool(r.params.stop_token_ids)
         self.matchers[s] = r.matcher
 
@@ -274,7 +276,7 @@ class EngineCore:
             self.generated[slots] += 1
             done = self.generated[slots] >= self.max_tokens[slots]
             done |= self.lengths[slots] + 1 > self.max_len  # nowhere to feed the token back
-            stopped = self.stop_eos[slots] & (tokens == self.eos_id)
+            stopped = self.stop_eos[slots] & np.isin(tokens, self._eos)
             for i in np.flatnonzero(self.extra_stops[slots]):
                 stopped[i] |= int(tokens[i]) in self.reqs[out.rids[i]].stop_ids
             if allowed is not None:

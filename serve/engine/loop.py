@@ -160,7 +160,7 @@ class EngineLoop:
         spec = v.core.runner.spec
         return ModelStatus(id=v.id, name=v.artifact.name, version=v.artifact.version, path=str(v.artifact.path),
                            context=v.core.runner.context, max_model_len=spec.max_len, vocab_size=v.core.vocab_size,
-                           eos_id=v.core.eos_id, provider=v.core.runner.provider,
+                           provider=v.core.runner.provider,
                            models_loaded=self.models.models_loaded, event=event, last_error=self.last_error)
 
     def publish(self, event: ModelEvent = ModelEvent.LOADED) -> None:

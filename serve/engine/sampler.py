@@ -42,6 +42,7 @@ This module knows nothing about tokenizers, HTTP or ONNX Runtime.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +62,7 @@ def _is_int(v: Any) -> bool:
 @dataclass
 class SampleResult:
     token_ids: np.ndarray  # (n,) int64
-    # (n,) float32 chosen tokens' log-probabilities under the model's own distribution, when any row
-    # asked; NaN in rows that did not ask (BatchSampler)
-    logprobs: np.ndarray | None
+    logprobs: np.ndarray | None  # (n,) float32 under the model's own distribution; NaN in rows that did not ask
     top_ids: list[np.ndarray | None]  # per row: (N,) int64 ids of the N most likely tokens, most likely first
     top_logprobs: list[np.ndarray | None]  # per row: (N,) float32 their log-probabilities; None = not asked
 
@@ -100,14 +99,15 @@ class BatchSampler:
     the tokens for penalties and min_tokens), ``prompt_logprobs(logits, targets, n)`` for scoring.
     """
 
-    def __init__(self, max_slots: int, vocab_size: int, eos_id: int) -> None:
+    def __init__(self, max_slots: int, vocab_size: int, eos_ids: int | Sequence[int]) -> None:
         if not _is_int(max_slots) or max_slots < 1:
             raise ValueError(f"max_slots must be an integer >= 1, got {max_slots!r}")
         if not _is_int(vocab_size) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
-        if not _is_int(eos_id) or not 0 <= eos_id < vocab_size:
-            raise ValueError(f"eos_id must be in [0, {vocab_size}), got {eos_id!r}")
-        S, self.max_slots, self.vocab_size, self.eos_id = max_slots, max_slots, vocab_size, eos_id
+        eos = (eos_ids,) if _is_int(eos_ids) else tuple(eos_ids)
+        if not eos or not all(_is_int(e) and 0 <= e < vocab_size for e in eos):
+            raise ValueError(f"eos_ids must be token ids in [0, {vocab_size}), got {eos_ids!r}")
+        S, self.max_slots, self.vocab_size, self.eos_ids = max_slots, max_slots, vocab_size, eos
         self.params: list[SamplingParams | None] = [None] * S
         self.active = np.zeros(S, dtype=bool)
         self.flags = np.zeros(S, dtype=np.int64)  # the _GREEDY ... _LOGPROBS bits of each slot's request
@@ -151,7 +151,7 @@ class BatchSampler:
             if self._bias is None:
                 self._bias = np.zeros((self.max_slots, V), dtype=np.float32)
             self._bias[s, list(p.logit_bias)] = list(p.logit_bias.values())
-        ban = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else {self.eos_id}))
+        ban = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids)))
         self.bans[s] = np.asarray(ban, dtype=np.int64) if p.min_tokens > 0 and ban else None
         if p.needs_counts:
             if self._counts is None:

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from nextoken.export.artifact import Artifact, ArtifactError, load_artifact, resolve_artifact_dir
 from nextoken.serve.engine.core import EngineCore
+from nextoken.serve.tokens import ModelTokenizer
 from nextoken.serve.wire import AddRequest, ModelEvent, SamplingParams, StepOutput
 
 logger = logging.getLogger("nextoken.serve")
@@ -57,17 +56,18 @@ class Version:
 
     core: EngineCore
     artifact: Artifact
-    _tokenizer: Tokenizer | None = None
+    _tokenizer: ModelTokenizer | None = None
 
     @property
     def id(self) -> str:
         return self.artifact.model_id
 
-    def tokenize(self, text: str, add_eos_prefix: bool) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """A text prompt as this version's tokenizer feeds it (the HTTP side's rule, ``encode_prompt``)."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_file(str(self.artifact.tokenizer_path))
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.core.eos_id, *ids] if add_eos_prefix else ids
+            a = self.artifact
+            self._tokenizer = ModelTokenizer.from_folder(a.path, a.config, a.generation_config)
+        return self._tokenizer.encode_prompt(text, add_special_tokens)
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class ModelSet:
         if req.model != v.id and req.prompt_text is not None:
             # The HTTP side tokenized with a version that is no longer (or not yet) the one serving:
             # tokenize again with the tokenizer of the version that will run it.
-            req.prompt_ids = v.tokenize(req.prompt_text, req.add_eos_prefix)
+            req.prompt_ids = v.tokenize(req.prompt_text, req.add_special_tokens)
         v.core.add(req)
         self.owner[req.rid] = v
 

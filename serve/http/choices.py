@@ -50,7 +50,7 @@ class ChoiceRun:
         self.arrival = arrival
         params = state.choice.params
         self.min_tokens = params.min_tokens if params is not None else 0
-        self.text = TextStream(model.tokenizer, params.stop if params is not None else [])
+        self.text = TextStream(model.tokenizer, params.stop if params is not None else [], state.choice.prompt_ids)
         self.want_logprobs = params is not None and params.logprobs is not None
         self.times: list[float] = []
         self.queue_time: float | None = None
@@ -64,7 +64,7 @@ class ChoiceRun:
         self.prompt_tokens = st.prompt_tokens
         if st.model != self.model.id:  # another version ran it (hot reload): its tokenizer decodes
             self.model = self.frontend.model_for(st.model)
-            self.text = TextStream(self.model.tokenizer, self.text.stop)
+            self.text = TextStream(self.model.tokenizer, self.text.stop)  # its prompt ids were not ours
         if st.prompt_logprobs is not None:
             ids = self.state.choice.prompt_ids
             entries: list[LogprobEntry | None] = [None]  # the first prompt token has nothing before it
@@ -83,7 +83,7 @@ class ChoiceRun:
         if self.stopped:
             return ev  # tokens that were already on their way when the stop string was seen
         st = self.state
-        eos = self.model.eos_id
+        eos = self.model.eos_ids
         params = st.choice.params
         for k, tok in enumerate(u.token_ids):
             st.token_ids.append(tok)
@@ -94,7 +94,7 @@ class ChoiceRun:
                 entry = self.model.logprob_entry(tok, u.logprobs[k], u.top_ids[k] if u.top_ids else None,
                                                  u.top_logprobs[k] if u.top_logprobs else None)
                 ev.logprobs = (ev.logprobs or []) + [entry]
-            if tok == eos and not params.ignore_eos:
+            if tok in eos and not params.ignore_eos:
                 continue  # end-of-text ends it (the engine's Finished follows) and has no text
             # vLLM: no stop string counts before min_tokens tokens
             delta = self.text.push(tok, check_stops=st.completion_tokens > self.min_tokens)

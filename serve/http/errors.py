@@ -84,6 +84,7 @@ REFUSED = {
     "prompt_logprobs": "prompt_logprobs is not supported in vLLM's shape; use echo with logprobs",
     "echo": "echo is only supported on /v1/completions",
     "suffix": "suffix (insertion) is not supported",
+    "chat_template": "a request cannot bring its own chat template (a template is code the server runs)",
 }
 
 

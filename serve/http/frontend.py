@@ -35,6 +35,7 @@ from nextoken.serve.config import ServeConfig
 from nextoken.serve.http import responses as R
 from nextoken.serve.http.bodies import parse_json, read_body
 from nextoken.serve.http.builder import SSE_DONE, ChoiceState, ResponseBuilder, answer, sse
+from nextoken.serve.http.chat import load_chat_template
 from nextoken.serve.http.choices import ChoiceRun, Event, Fanout, disconnected, or_disconnect
 from nextoken.serve.http.engine_client import EngineClient, EngineDead, SharedState
 from nextoken.serve.http.errors import INTERNAL_ERROR, RequestError, validate
@@ -66,8 +67,9 @@ class Frontend:
         self.status = ModelStatus(id=artifact.model_id, name=artifact.name, version=artifact.version,
                                   path=str(artifact.path), context=int(c["n_positions"]),
                                   max_model_len=config.max_model_len or int(c["n_positions"]),
-                                  vocab_size=int(c["vocab_size"]), eos_id=int(c["eos_token_id"]),
+                                  vocab_size=int(c["vocab_size"]),
                                   provider="", models_loaded=1, event=ModelEvent.STARTING)
+        self.chat_template = load_chat_template(config.chat_template) if config.chat_template else None
         self._models: dict[str, ServedModel] = {}
         self._metrics: Any = None
 
@@ -95,7 +97,8 @@ class Frontend:
         if m is None:
             if model_id != self.status.id:
                 raise RuntimeError(f"the engine reported version {model_id}, which it never announced")
-            m = self._models[model_id] = ServedModel(self.status)
+            m = self._models[model_id] = ServedModel(self.status, self.chat_template,
+                                                     generation_defaults=self.config.generation_config == "auto")
             for old in list(self._models)[:-3]:  # versions long gone (requests keep their own reference)
                 del self._models[old]
         return m
@@ -160,7 +163,8 @@ class Frontend:
             m = self.model()
             card = R.ModelCard.model_construct(id=m.id, object="model", created=m.created, owned_by="nextoken",
                                                name=m.name, version=m.version, context_length=m.context,
-                                               max_model_len=m.context)
+                                               max_model_len=m.context, chat_template=m.chat_template_origin,
+                                               default_sampling_params=m.sampling_defaults)
             return answer(R.ModelList.model_construct(object="list", data=[card]))
 
         @app.post("/admin/reload")
@@ -246,11 +250,11 @@ class Frontend:
         for c in choices:
             stream = None
             if c.needs_engine:
-                # The engine tokenizes a text prompt again ([EOS] + text) only when another version runs it.
+                # The engine tokenizes a text prompt again only when another version runs it.
                 again = c.prompt_text is not None and not c.echo_text
                 stream = self.client.submit(AddRequest(
                     f"{endpoint}-{os.getpid()}-{stamp}-{c.index}", c.prompt_ids, c.params, arrival, model.id,
-                    c.prompt_text if again else None, add_eos_prefix=len(c.prompt_ids) == len(c.echo_ids) + 1))
+                    c.prompt_text if again else None, add_special_tokens=c.add_special_tokens))
             st = ChoiceState(c)
             if stream is None:
                 st.finish_reason = FinishReason.LENGTH.value  # echo of the prompt alone: answered here

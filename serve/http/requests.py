@@ -15,14 +15,14 @@ This module knows nothing about tokenizers, models or the engine's internals.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from nextoken.serve.http.chat import CHAT_STOP
+from nextoken.serve.http.chat import Conversation
 from nextoken.serve.http.errors import broken_rule, refused
 from nextoken.serve.http.fields import (
-    MAX_MESSAGES,
     MAX_METADATA,
     MAX_N,
     MAX_STOP,
@@ -30,7 +30,6 @@ from nextoken.serve.http.fields import (
     MAX_TOP_LOGPROBS,
     SEED_MAX,
     SEED_MIN,
-    ChatMessage,
     FunctionCall,
     LogitBias,
     NonEmptyText,
@@ -98,8 +97,9 @@ class _Generation(_Open):
                                                                 "step and choice, then `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream: true.")
     add_special_tokens: StrictBool | None = Field(
-        default=None, description="vLLM extension: a text prompt starts after <|endoftext|> (the document "
-                                  "separator the model was trained with); false feeds the text alone. Default true.")
+        default=None, description="vLLM extension: a text prompt gets the special tokens its tokenizer adds (a "
+                                  "BOS), or, for a model nextoken trained, starts after <|endoftext|> (the document "
+                                  "separator it was trained with); false feeds the text alone. Default true.")
     response_format: ResponseFormat = Field(
         default=None, description="json_object: the output is one JSON object; json_schema: it matches the "
                                   "schema; enforced on every token by the grammar engine.")
@@ -192,18 +192,29 @@ class _Generation(_Open):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def to_sampling_params(self, *, max_tokens: int | None, logprobs: int | None, seed: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
-        """The engine's settings for one choice (its own ``seed``; ``max_tokens`` None = the rest of the context)."""
-        temperature = 1.0 if self.temperature is None else self.temperature
+                           prompt_logprobs: int | None = None, defaults: Mapping[str, int | float] | None = None,
+                           extra_stop: Sequence[str] = ()) -> SamplingParams:
+        """The engine's settings for one choice (its own ``seed``; ``max_tokens`` None = the rest of the context).
+
+        ``defaults``: the model's recommended settings (generation_config.json) for fields the request omits;
+        ``extra_stop``: stop strings the chat template adds (the model must not write the user's next turn).
+        """
+        d = defaults or {}
+
+        def value(name: str, fallback: float) -> Any:
+            v = getattr(self, name)
+            return v if v is not None else d.get(name, fallback)
+
+        temperature = value("temperature", 1.0)
         greedy = temperature < GREEDY_BELOW  # the filters cannot change the argmax: turn them off
         return SamplingParams(
-            temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy or self.top_p is None else self.top_p,
-            top_k=0 if greedy else max(self.top_k or 0, 0),  # -1 is vLLM's spelling of off
-            min_p=0.0 if greedy else self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            temperature=0.0 if greedy else float(temperature),
+            top_p=1.0 if greedy else float(value("top_p", 1.0)),
+            top_k=0 if greedy else max(int(value("top_k", 0)), 0),  # -1 is vLLM's spelling of off
+            min_p=0.0 if greedy else float(value("min_p", 0.0)),
+            repetition_penalty=float(value("repetition_penalty", 1.0)),
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            max_tokens=max_tokens, min_tokens=self.min_tokens or 0, stop=self.stop_strings(),
+            max_tokens=max_tokens, min_tokens=self.min_tokens or 0, stop=[*self.stop_strings(), *extra_stop],
             stop_token_ids=list(self.stop_token_ids or []), seed=seed, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
@@ -217,8 +228,8 @@ class CompletionRequest(_Generation):
 
     prompt: PromptField = Field(description="One prompt (text or token ids) or a batch (a list of strings or of "
                                             "token-id lists). Choice index = prompt index x n + j. Token ids are "
-                                            "fed exactly as given; text starts after <|endoftext|> unless "
-                                            "add_special_tokens is false.")
+                                            "fed exactly as given; text gets the tokenizer's special tokens "
+                                            "unless add_special_tokens is false.")
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
         default=None, description="Tokens to generate per choice (default 16); prompt + max_tokens must fit the "
                                   "context. 0 only with echo: score the prompt, generate nothing.")
@@ -243,9 +254,11 @@ class CompletionRequest(_Generation):
                               f"away; got {self.best_of}", "best_of", "unsupported_value")
         return self
 
-    @property
-    def output_tokens(self) -> int:
-        return DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
+    def output_tokens(self, default: int | None = None) -> int:
+        """max_tokens, else ``default`` (the model's generation_config.json), else OpenAI's 16."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return DEFAULT_COMPLETION_TOKENS if default is None else default
 
     @property
     def logprobs_count(self) -> int | None:
@@ -256,14 +269,14 @@ class CompletionRequest(_Generation):
         return bool(self.echo)
 
 
-class ChatCompletionRequest(_Generation):
+class ChatCompletionRequest(_Generation, Conversation):
     """POST /v1/chat/completions."""
 
     endpoint: ClassVar[str] = "chat"
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
-        description='Rendered as "{Role}: {content}\\n" per message (System, User, Assistant; developer = '
-                    'System), then "Assistant:"; generation also stops at "\\nUser:".')
+    add_special_tokens: StrictBool | None = Field(
+        default=None, description="vLLM extension: also add the tokenizer's own special tokens (a BOS) before the "
+                                  "rendered chat, which usually writes them itself. Default false.")
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="Tokens to generate per choice; default: the rest of the context.")
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
@@ -316,9 +329,11 @@ class ChatCompletionRequest(_Generation):
             raise broken_rule("top_logprobs needs logprobs: true", "top_logprobs")
         return self
 
-    @property
-    def output_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def output_tokens(self, default: int | None = None) -> int | None:
+        """max_completion_tokens, else max_tokens, else ``default``; None: the rest of the context."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens if self.max_tokens is not None else default
 
     @property
     def logprobs_count(self) -> int | None:
@@ -328,8 +343,6 @@ class ChatCompletionRequest(_Generation):
     def echo_prompt(self) -> bool:
         return False
 
-    def stop_strings(self) -> list[str]:
-        return [*super().stop_strings(), CHAT_STOP]  # the model must not write the user's next turn
 
 
 # --- tokenizer routes (vLLM's shapes) -----------------------------------------------------------
@@ -339,29 +352,24 @@ class TokenizeCompletionRequest(_Open):
     model: Text | None = None
     prompt: Text = Field(description="Text to tokenize.")
     add_special_tokens: StrictBool | None = Field(
-        default=None, description="Default true: start with <|endoftext|>, as /v1/completions feeds a text prompt.")
+        default=None, description="Default true: the special tokens /v1/completions feeds a text prompt with.")
     return_token_strs: StrictBool | None = Field(default=None, description="Also return each token's string.")
 
 
-class TokenizeChatRequest(_Open):
+class TokenizeChatRequest(Conversation):
     """POST /tokenize with messages: the chat template's tokens, as /v1/chat/completions feeds them."""
 
     model: Text | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    add_generation_prompt: StrictBool | None = Field(default=None, description='Default true: end with "Assistant:".')
-    continue_final_message: StrictBool | None = Field(
-        default=None, description="End inside the last message (no newline after it, no generation prompt); "
-                                  "not with add_generation_prompt: true.")
-    add_special_tokens: StrictBool | None = Field(default=None, description="Default true: start with "
-                                                                            "<|endoftext|>.")
+    add_special_tokens: StrictBool | None = Field(
+        default=None, description="Also add the tokenizer's own special tokens before the rendered chat. Default "
+                                  "false, as /v1/chat/completions.")
     return_token_strs: StrictBool | None = None
 
-    @model_validator(mode="after")
-    def _ends(self) -> TokenizeChatRequest:
-        if self.continue_final_message and self.add_generation_prompt:
-            raise broken_rule("continue_final_message and add_generation_prompt cannot both be true",
-                              "continue_final_message")
-        return self
+
+class ApplyTemplateRequest(Conversation):
+    """POST /apply-template (llama.cpp's): the prompt text /v1/chat/completions would feed for these messages."""
+
+    model: Text | None = None
 
 
 class DetokenizeRequest(_Open):

@@ -144,6 +144,8 @@ class ModelCard(_Closed):
     version: str
     context_length: int
     max_model_len: int
+    chat_template: Literal["model", "--chat-template", "nextoken default"]  # which template chats are rendered with
+    default_sampling_params: dict[str, int | float]  # generation_config.json's, for fields a request omits
 
 
 class ModelList(_Closed):
@@ -162,6 +164,10 @@ class DetokenizeResponse(_Closed):
     prompt: str
 
 
+class ApplyTemplateResponse(_Closed):
+    prompt: str  # the rendered chat, special tokens written as text
+
+
 class TokenizerInfoResponse(BaseModel):
     """vLLM's /tokenizer_info: the tokenizer_config.json a Hugging Face tokenizer would load, plus what the
     server adds (vocab_size, the chat template lm-eval renders)."""
@@ -170,9 +176,9 @@ class TokenizerInfoResponse(BaseModel):
 
     tokenizer_class: str
     eos_token: str
-    bos_token: str | None
-    pad_token: str | None
-    unk_token: str | None
+    bos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
     model_max_length: int
     vocab_size: int
     add_bos_token: bool

@@ -1,28 +1,59 @@
-"""The HTTP side's view of one model version: its tokenizer, its limits, and tokens as clients see them.
+"""The HTTP side's view of one model version: its tokenizer, chat template, limits and sampling defaults.
 
-Made from the engine's ``ModelStatus`` (the artifact folder it names holds the tokenizer), once per
-version this HTTP process serves; planning tokenizes with it, and it turns token ids into the
-``LogprobEntry``s responses carry. It knows nothing about routes or the engine's internals.
+Made from the engine's ``ModelStatus`` (the artifact folder it names holds the tokenizer files), once
+per version this HTTP process serves; planning tokenizes and renders chats with it, and it turns token
+ids into the ``LogprobEntry``s responses carry. It knows nothing about routes or the engine's internals.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
-
+from nextoken.fileio import read_json_object
 from nextoken.serve.http.builder import Candidate, LogprobEntry
-from nextoken.serve.tokens import TokenBytes
+from nextoken.serve.http.chat import SPECIAL_TOKENS, ChatTemplate
+from nextoken.serve.tokens import ModelTokenizer, TokenBytes
 from nextoken.serve.wire import ModelStatus
+
+# generation_config.json's sampling keys -> the request field each one is the default of (vLLM's set)
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, int | float]:
+    """The request defaults a model's generation_config.json recommends (its creator's settings), as vLLM
+    applies them: only the keys it sets, by the request field's name."""
+    out: dict[str, int | float] = {}
+    for key, field in GENERATION_DEFAULTS.items():
+        v = generation_config.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[field] = v
+    return out
+
+
+def chat_template_source(folder: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The model's own template: ``chat_template.jinja`` (where recent transformers save it), else
+    tokenizer_config.json's ``chat_template`` (a string, or named templates of which "default" is used)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    t = tokenizer_config.get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) and t else None
 
 
 class ServedModel:
-    """The HTTP side's view of one model version: its tokenizer and limits (what planning needs)."""
+    """The HTTP side's view of one model version: what planning and the tokenizer routes need.
 
-    def __init__(self, status: ModelStatus) -> None:
+    ``chat_template``: the server's ``--chat-template`` (it wins over the model's own);
+    ``generation_defaults``: False ignores generation_config.json (``--generation-config vllm``).
+    """
+
+    def __init__(self, status: ModelStatus, chat_template: str | None = None, generation_defaults: bool = True
+                 ) -> None:
         self.status = status
         self.path = status.path
         self.id = status.id
@@ -30,27 +61,41 @@ class ServedModel:
         self.version = status.version
         self.context = status.max_model_len  # the longest sequence this server caches
         self.model_context = status.context
-        self.eos_id = status.eos_id
-        self.tokenizer = Tokenizer.from_file(str(Path(status.path) / "tokenizer.json"))
-        self.created = int((Path(status.path) / "config.json").stat().st_mtime)
+        folder = Path(status.path)
+        config = read_json_object(folder / "config.json") or {}
+        generation = read_json_object(folder / "generation_config.json") or {}
+        self.tokens = ModelTokenizer.from_folder(folder, config, generation)
+        self.tokenizer = self.tokens.tokenizer
+        self.eos_ids = self.tokens.eos_ids
+        self.eos_id = self.tokens.eos_id
+        self.created = int((folder / "config.json").stat().st_mtime)
         self._vocab_size = self.tokenizer.get_vocab_size()
         self.token_bytes = TokenBytes(self.tokenizer)
         self._token_text: dict[int, str] = {}
         self._pieces: dict[int, tuple[str, list[int]]] = {}  # id -> (text, bytes), for logprob entries
-        self._tokenizer_config: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            cfg = json.loads((Path(status.path) / "tokenizer_config.json").read_text(encoding="utf-8"))
-            if isinstance(cfg, dict):
-                self._tokenizer_config = cfg
+        self._tokenizer_config = dict(self.tokens.tokenizer_config)
         if not self._tokenizer_config.get("unk_token") and self.tokenizer.token_to_id("<unk>") is not None:
             self._tokenizer_config["unk_token"] = "<unk>"
+        specials = {k: self.tokens.special_token_text(k) for k in SPECIAL_TOKENS}
+        if specials.get("eos_token") is None:
+            specials["eos_token"] = self.token_text(self.eos_id)
+        if specials.get("bos_token") is None and self.tokens.prefix_id is not None:
+            specials["bos_token"] = self.token_text(self.tokens.prefix_id)  # a nextoken model's document start
+        own = chat_template_source(folder, self._tokenizer_config)
+        self.chat = ChatTemplate(chat_template or own, specials)
+        self.chat_template_origin = "--chat-template" if chat_template else "model" if own else "nextoken default"
+        self.sampling_defaults = sampling_defaults(generation) if generation_defaults else {}
 
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """The text's own tokens (no special tokens added)."""
+        return self.tokens.encode(text)
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokens.encode_prompt(text, add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

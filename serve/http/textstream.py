@@ -20,13 +20,19 @@ class TextDelta:
     stopped: bool  # a stop string was found: the request is finished
 
 
+CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new one (vLLM's initial offset)
+
+
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+    """``context``: the prompt's last tokens. A Metaspace tokenizer (Llama-2, Mistral) drops a word's leading
+    space when the word starts the decoded text, so the first new token is decoded after them."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], context: list[int] | None = None) -> None:
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context[-CONTEXT_TOKENS:]) if context else []
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.ids)
         self.pending = ""  # decoded text not yet released (a possible stop-string prefix)
 
     def _decode_new(self) -> str:

@@ -8,9 +8,10 @@ Shapes as vLLM's ``serving_tokenization`` (request: ``prompt`` or ``messages``, 
 so it counts tokens exactly as the server feeds them.
 
 The tokens returned are the ones /v1/completions and /v1/chat/completions would feed for the same text:
-by default a text starts with ``<|endoftext|>`` (``add_special_tokens: false``: the text alone), and
-messages go through the same chat template. The routes answer from the HTTP process's tokenizer of the
-version serving now; nothing here touches the engine.
+a text prompt with the special tokens its tokenizer adds (a nextoken model's ``<|endoftext|>``),
+messages through the same chat template. llama.cpp's ``POST /apply-template`` returns the rendered chat
+text itself. The routes answer from the HTTP process's tokenizer of the version serving now; nothing
+here touches the engine.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from pydantic import BaseModel
 from nextoken.serve.http import responses as R
 from nextoken.serve.http.bodies import read_json
 from nextoken.serve.http.builder import answer
-from nextoken.serve.http.chat import CHAT_TEMPLATE, chat_prompt
 from nextoken.serve.http.errors import RequestError, validate
-from nextoken.serve.http.plan import TokenizerView
-from nextoken.serve.http.requests import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from nextoken.serve.http.plan import TokenizerView, render_chat
+from nextoken.serve.http.requests import (
+    ApplyTemplateRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 
 
 class TokenizerModel(TokenizerView, Protocol):
@@ -52,17 +57,20 @@ def tokenize(body: Any, model: TokenizerModel) -> R.TokenizeResponse:
     if isinstance(body, dict) and "messages" in body:
         r = validate(TokenizeChatRequest, body)
         check_model(r.model, model)
-        text = chat_prompt(r.messages, add_generation_prompt=r.add_generation_prompt is not False
-                           and not r.continue_final_message, continue_final_message=bool(r.continue_final_message))
+        ids = model.encode_prompt(render_chat(model.chat, r), bool(r.add_special_tokens))
     else:
         r = validate(TokenizeCompletionRequest, body)
         check_model(r.model, model)
-        text = r.prompt
-    ids = model.encode(text)
-    if r.add_special_tokens is not False:
-        ids = [model.eos_id] + ids
+        ids = model.encode_prompt(r.prompt, r.add_special_tokens is not False)
     strs = {"token_strs": [model.token_text(t) for t in ids]} if r.return_token_strs else {}
     return R.TokenizeResponse.model_construct(count=len(ids), max_model_len=model.context, tokens=ids, **strs)
+
+
+def apply_template(body: Any, model: TokenizerModel) -> R.ApplyTemplateResponse:
+    """llama.cpp's ``POST /apply-template``: ``messages`` -> ``{"prompt": the rendered chat}``."""
+    r = validate(ApplyTemplateRequest, body)
+    check_model(r.model, model)
+    return R.ApplyTemplateResponse.model_construct(prompt=render_chat(model.chat, r))
 
 
 def detokenize(body: Any, model: TokenizerModel) -> R.DetokenizeResponse:
@@ -77,13 +85,13 @@ def detokenize(body: Any, model: TokenizerModel) -> R.DetokenizeResponse:
 
 def tokenizer_info(model: TokenizerModel) -> dict[str, Any]:
     """The tokenizer_config.json a Hugging Face tokenizer would load, with what the server itself does."""
-    eos = model.token_text(model.eos_id)
-    info: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
-                            "pad_token": eos, "unk_token": None}
+    specials = model.chat.special_tokens
+    info: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": None}
     info.update({k: v for k, v in model.tokenizer_config().items() if k != "added_tokens_decoder"})
-    # What the server does wins over the file: these are how /tokenize and the completions routes behave.
-    info.update(model_max_length=model.context, vocab_size=model.vocab_size, add_bos_token=True,
-                chat_template=CHAT_TEMPLATE, eos_token=eos, bos_token=eos)
+    # What the server does wins over the file: these are how /tokenize and the generation routes behave.
+    info.update({k: v for k, v in specials.items() if v is not None})
+    info.update(model_max_length=model.context, vocab_size=model.vocab_size, chat_template=model.chat.source,
+                add_bos_token=bool(model.encode_prompt("", True)))
     return info
 
 
@@ -102,6 +110,7 @@ def mount_tokenizer_routes(app: FastAPI, get_model: Callable[[], TokenizerModel]
 
     app.add_api_route("/tokenize", route(tokenize), methods=["POST"])
     app.add_api_route("/detokenize", route(detokenize), methods=["POST"])
+    app.add_api_route("/apply-template", route(apply_template), methods=["POST"])
 
     @app.get("/tokenizer_info")
     async def tokenizer_info_route(request: Request) -> Response:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,8 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextoken.export.artifact import write_manifest
-from tests.conftest import ServerProcess, metric
+from tests.conftest import ServerProcess, metric, republish
 
 
 def point_current(models: Path, version: str) -> None:
@@ -28,11 +25,7 @@ def point_current(models: Path, version: str) -> None:
 def models(tmp_path: Path, serve_artifact: Path) -> Path:
     models = tmp_path / "models"
     for version in ("1", "2"):
-        d = models / version
-        shutil.copytree(serve_artifact, d)
-        manifest = json.loads((d / "manifest.json").read_text())
-        write_manifest(d, name="tiny-serve", version=version, source=manifest["source"], export=manifest["export"],
-                       verification=manifest["verification"])
+        republish(serve_artifact, models / version, version=version)
     point_current(models, "1")
     return models
 
@@ -71,10 +64,7 @@ def test_new_version_under_load_then_a_corrupt_one_is_refused(models: Path) -> N
         assert wait_for(lambda: metric(s.url, "nextoken_models_loaded") == 1)
 
         # version 3 is corrupt: published like the others, then its weights changed under the manifest
-        shutil.copytree(models / "2", models / "3")
-        manifest = json.loads((models / "3" / "manifest.json").read_text())
-        write_manifest(models / "3", name="tiny-serve", version="3", source=manifest["source"],
-                       export=manifest["export"], verification=manifest["verification"])
+        republish(models / "2", models / "3", version="3")
         with open(models / "3" / "model.onnx", "r+b") as f:
             f.seek(100)
             f.write(b"\x00garbage\x00")

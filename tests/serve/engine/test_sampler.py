@@ -203,6 +203,19 @@ def test_min_tokens_keeps_eos_and_stop_ids_away_exactly_until_the_count() -> Non
     assert [int(step(bs, x2).token_ids[0]) for _ in range(3)] == [20, 20, 13]
 
 
+def test_min_tokens_keeps_every_end_of_text_token_away() -> None:
+    """Llama-3 instruct ends a turn with <|eot_id|> as well as <|end_of_text|>: min_tokens holds back both."""
+    x = np.zeros((1, V), dtype=np.float32)
+    x[0, 7], x[0, EOS], x[0, 20] = 6.0, 5.0, 3.0  # the second end token best, then the first, then 20
+    bs = BatchSampler(1, V, (EOS, 7))
+    bs.add(0, SamplingParams(temperature=0, min_tokens=2), [1, 2])
+    assert [int(step(bs, x).token_ids[0]) for _ in range(3)] == [20, 20, 7]
+    with pytest.raises(ValueError, match="eos_ids"):
+        BatchSampler(1, V, (EOS, V))
+    with pytest.raises(ValueError, match="eos_ids"):
+        BatchSampler(1, V, ())
+
+
 def as_bias(allowed: np.ndarray) -> np.ndarray:
     """serve/engine/grammar.py's additive form of a mask: 0 where allowed, -inf where not."""
     return np.where(allowed, np.float32(0), np.float32(-np.inf)).astype(np.float32)
@@ -546,7 +559,7 @@ def test_slots_are_checked() -> None:
 def test_a_vanishing_repetition_penalty_saturates_instead_of_breaking_the_draw() -> None:
     """Any penalty > 0 is valid; 5e-324 (a denormal, 0 in float32) once turned a row's weights into NaN
     (found by schemathesis through the server). The seen tokens' logits saturate and tie instead."""
-    s = BatchSampler(2, 40, eos_id=0)
+    s = BatchSampler(2, 40, eos_ids=0)
     s.add(0, SamplingParams(repetition_penalty=5e-324, max_tokens=8, seed=1), [5, 6, 7])
     logits = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32) * 3
     boosted = [i for i in (5, 6, 7) if logits[0, i] > 0]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jinja2
 import pytest
 
 from tests.conftest import ServerProcess
@@ -87,7 +88,6 @@ def test_batched_prompts_are_indexed_as_openai_does(server: ServerProcess) -> No
 
 
 def test_chat_is_the_template_through_completions(server: ServerProcess) -> None:
-    jinja2 = pytest.importorskip("jinja2")
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     chat = client(server).chat.completions.create(model=model_id(server), messages=msgs, max_tokens=12,
                                                   temperature=0)

@@ -125,6 +125,7 @@ def fuzz(url: str, generation_examples: int,
 
     operations = [r.ok() for r in api.get_all_operations()]
     assert {op.path for op in operations} >= {*GENERATION_ROUTES, "/tokenize", "/detokenize", "/tokenizer_info",
+                                              "/apply-template",
                                               "/v1/models", "/health", "/ready", "/metrics", "/admin/reload"}
     for op in operations:
         raw = op.definition.raw

@@ -6,7 +6,8 @@ OpenAI parameter or a new field of ours fails ``test_every_parameter_is_classifi
 decided here. For each parameter:
 
 - ``refused``: bodies that must get a 4xx whose ``error.param`` names it;
-- ``honoured``: a body that must be served (200), and the test in test_openai_compat.py that shows
+- ``honoured``: a body that must be served (200), and the test in test_openai_compat.py (or, for the chat
+  template's fields, test_chat_server.py) that shows
   its effect through the real server.
 
 Metadata-only fields (``user``, ``metadata``, ``safety_identifier``, ``prompt_cache_key``) count as
@@ -23,10 +24,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nextoken.serve.http.chat import ChatTemplate
 from nextoken.serve.http.errors import RequestError, validate
-from nextoken.serve.http.plan import prompts_of
+from nextoken.serve.http.plan import render_chat
 from nextoken.serve.http.requests import ChatCompletionRequest, CompletionRequest
 from tests.conftest import ServerProcess
+from tests.serve.http import test_chat_server as chat_server
 from tests.serve.http import test_openai_compat as compat
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -36,7 +39,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 @dataclass
 class Decision:
     honoured: dict | None = None  # extra body fields of a request that must be served
-    test: str | None = None  # the test in test_openai_compat.py that shows the effect
+    test: str | None = None  # the test in test_openai_compat.py / test_chat_server.py that shows the effect
     refused: list[dict] = field(default_factory=list)  # bodies (extra fields) that must be refused naming it
     status: int = 400  # the refusals' status
 
@@ -149,6 +152,16 @@ CHAT = {
     "prompt_cache_key": H({"prompt_cache_key": "k"}, "test_metadata_is_recorded_in_the_request_log",
                           {"prompt_cache_key": 5}),
     "echo": R({"echo": True}),
+    "add_generation_prompt": H({"add_generation_prompt": False}, "test_continue_final_message_and_chat_template_kwargs",
+                               {"add_generation_prompt": "yes"}),
+    "continue_final_message": H({"messages": [*MESSAGES, {"role": "assistant", "content": "the"}],
+                                 "continue_final_message": True, "add_generation_prompt": False},
+                                "test_continue_final_message_and_chat_template_kwargs",
+                                {"continue_final_message": True, "add_generation_prompt": True}),
+    "chat_template_kwargs": H({"chat_template_kwargs": {"enable_thinking": False}},
+                              "test_continue_final_message_and_chat_template_kwargs",
+                              {"chat_template_kwargs": {"messages": []}}, {"chat_template_kwargs": [1]}),
+    "chat_template": R({"chat_template": "{{ messages }}"}),
 }
 ENDPOINTS = {"completions": ("/v1/completions", COMPLETIONS, {"prompt": "the", "max_tokens": 2, "temperature": 0}),
              "chat": ("/v1/chat/completions", CHAT, {"messages": MESSAGES, "max_tokens": 2, "temperature": 0})}
@@ -182,8 +195,8 @@ def test_every_parameter_is_classified(endpoint: str) -> None:
     for name, d in table.items():
         assert d.honoured is not None or d.refused, f"{endpoint}.{name}: neither honoured nor refused"
         if d.honoured is not None:
-            assert d.test and callable(getattr(compat, d.test, None)), \
-                f"{endpoint}.{name}: honoured, but test_openai_compat has no {d.test}"
+            assert d.test and any(callable(getattr(m, d.test, None)) for m in (compat, chat_server)), \
+                f"{endpoint}.{name}: honoured, but neither test_openai_compat nor test_chat_server has {d.test}"
 
 
 @pytest.fixture(scope="module")
@@ -266,4 +279,5 @@ def test_chat_errors_name_the_field(body: dict, param: str, message: str) -> Non
 
 def test_unknown_fields_are_ignored_and_tool_choice_none_is_served_without_tools() -> None:
     req = parse_request({"messages": MESSAGES, "tools": [TOOL], "tool_choice": "none", "x_unknown": {"a": 1}}, "chat")
-    assert [p.text for p in prompts_of(req)] == ["User: hi\nAssistant:"]  # the tools are not offered to the model
+    # the tools are not offered to the model (nextoken's default template, no bos_token given)
+    assert render_chat(ChatTemplate(None, {}), req) == "User: hi\nAssistant:"

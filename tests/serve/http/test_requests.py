@@ -41,7 +41,39 @@ def test_settings_are_normalised_for_the_engine() -> None:
     p = params(temperature=0.7, top_k=5, logit_bias={"3": -100}, stop="x", stop_token_ids=[7], seed=-3)
     assert (p.temperature, p.top_k, p.logit_bias, p.stop, p.stop_token_ids) == (0.7, 5, {3: -100.0}, ["x"], [7])
     chat = validate(ChatCompletionRequest, {"messages": MESSAGES, "stop": "END"})
-    assert chat.to_sampling_params(max_tokens=None, logprobs=None, seed=None).stop == ["END", "\nUser:"]
+    # the chat template's own stop strings (nextoken's default template: the user's next turn) come after the request's
+    assert chat.to_sampling_params(max_tokens=None, logprobs=None, seed=None, extra_stop=["\nUser:"]).stop == [
+        "END", "\nUser:"]
+
+
+def test_the_models_generation_config_fills_only_what_a_request_omits() -> None:
+    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}
+    req = validate(CompletionRequest, {"prompt": "x", "top_p": 0.5})
+    p = req.to_sampling_params(max_tokens=16, logprobs=None, seed=None, defaults=defaults)
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty) == (0.6, 0.5, 20, 0.05, 1.1)
+    greedy = validate(CompletionRequest, {"prompt": "x", "temperature": 0}).to_sampling_params(
+        max_tokens=16, logprobs=None, seed=None, defaults=defaults)
+    assert greedy.greedy and (greedy.top_k, greedy.top_p, greedy.min_p) == (0, 1.0, 0.0)
+    assert greedy.repetition_penalty == 1.1  # a penalty changes the argmax: it still applies
+    assert req.output_tokens(64) == 64  # generation_config.json's max_new_tokens
+    assert validate(CompletionRequest, {"prompt": "x"}).output_tokens() == 16  # OpenAI's default without one
+    chat = validate(ChatCompletionRequest, {"messages": MESSAGES, "max_tokens": 5})
+    assert chat.output_tokens(64) == 5
+    assert validate(ChatCompletionRequest, {"messages": MESSAGES}).output_tokens() is None  # the rest of the context
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"bos_token": "x"}}, "chat_template_kwargs"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+])
+def test_chat_rendering_rules(fields: dict, param: str) -> None:
+    with pytest.raises(RequestError) as e:
+        validate(ChatCompletionRequest, {"messages": MESSAGES, **fields})
+    assert e.value.param == param and e.value.status == 400, e.value.message
+    assert validate(ChatCompletionRequest, {"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": False},
+                                            "continue_final_message": True}).generation_prompt is False
 
 
 @pytest.mark.parametrize(("fields", "spec"), [

@@ -6,6 +6,7 @@ import pytest
 
 from nextoken.serve.http.textstream import TextStream
 from nextoken.train.tokenizer import train_tokenizer
+from tests.tokenizer_styles import STYLES
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +41,38 @@ def test_stop_string_is_cut_whole_even_across_tokens(bpe) -> None:
 def test_a_held_back_prefix_is_released_when_it_does_not_complete(bpe) -> None:
     pieces, stopped = run(bpe, "hello the", ["the end"])
     assert not stopped and "".join(pieces) == "hello the"
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_streamed_text_is_the_decoded_output_in_every_style(style: str) -> None:
+    """Token by token after a prompt, the deltas join to what decoding the whole output gives: byte-fallback
+    pieces (<0xE2><0x82><0xAC>) come out as one whole character, and a Metaspace word keeps its leading space
+    even as the first token of the output."""
+    tok, _ = STYLES[style]()
+    prompt = tok.encode("The quick brown").ids  # with the BOS the tokenizer adds
+    # (a SentencePiece normalizer writes the leading space itself: "fox" is "▁fox")
+    words = "fox € 😀 jumps, wörld!" if style == "metaspace_bpe" else " fox € 😀 jumps, wörld!"
+    output = tok.encode(words, add_special_tokens=False).ids
+    expected = tok.decode(prompt + output)[len(tok.decode(prompt)):]
+    assert expected.startswith(" fox")
+    s = TextStream(tok, [], context=prompt)
+    pieces = [s.push(t).text for t in output] + [s.finish()]
+    assert "".join(pieces) == expected
+    assert not any("\ufffd" in p for p in pieces)
+    if style == "metaspace_bpe":
+        assert sum(tok.id_to_token(t).startswith("<0x") for t in output) >= 7  # € and 😀 are byte pieces there
+        alone = TextStream(tok, [])  # without the prompt, the first word's space is lost (why context exists)
+        assert "".join([alone.push(t).text for t in output] + [alone.finish()]) == expected.lstrip(" ")
+
+
+def test_a_stop_string_across_byte_fallback_pieces() -> None:
+    tok, _ = STYLES["metaspace_bpe"]()
+    prompt = tok.encode("The").ids
+    s = TextStream(tok, ["€"], context=prompt)
+    pieces = []
+    for t in tok.encode("price 5€ and more", add_special_tokens=False).ids:
+        d = s.push(t)
+        pieces.append(d.text)
+        if d.stopped:
+            break
+    assert d.stopped and "".join(pieces) == " price 5"
