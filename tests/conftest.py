@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -115,6 +116,14 @@ def tiny_bpe_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_bpe_run: Pa
     return export_run(tiny_bpe_run, tmp_path_factory.mktemp("artifacts") / "tiny-bpe", name="tiny-bpe", log=None)
 
 
+@dataclass
+class Abandoned:
+    """What ``ServerProcess.abandon_stream`` took."""
+
+    finished_first: int  # attempts whose tokens were all made before the engine could be frozen
+    generated_before: float  # nextoken_generation_tokens_total when the abandoned attempt began
+
+
 class ServerProcess:
     """A real `nextoken serve` on 127.0.0.1 and a free port; ``stop()`` always leaves no process behind."""
 
@@ -189,6 +198,53 @@ class ServerProcess:
             assert code == 400, code
             assert time.monotonic() < deadline, "the server never filled up"
             time.sleep(0.01)
+
+    def abandon_stream(self, body: dict, headers: dict[str, str] | None = None, attempts: int = 20) -> Abandoned:
+        """A streaming request whose client hangs up after its first event; returns once the server counted
+        it cancelled (``nextoken_requests_total{outcome="cancelled"}``).
+
+        The engine is frozen the moment the first event arrives, and the client hangs up only if the request
+        was still running then (the engine's own running gauge, written every step), so the request cannot
+        finish first however slow the machine is. A tiny model may make all its tokens before the freeze
+        lands; that attempt finishes normally and another is made (``Abandoned.finished_first`` counts them).
+        """
+        import json
+
+        def count(name: str, **labels: str) -> float:
+            return metric(self.url, name, headers=headers, **labels)
+
+        pid = self.engine_pid()
+        raw = json.dumps({**body, "stream": True}).encode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
+        for finished_first in range(attempts):
+            cancelled = count("nextoken_requests_total", outcome="cancelled")
+            finished = count("nextoken_requests_total")
+            generated = count("nextoken_generation_tokens_total")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+                             b"Content-Length: %d\r\n\r\n%s" % (extra, len(raw), raw))
+                seen = b""
+                while b"data:" not in seen:  # the stream has started
+                    chunk = sock.recv(4096)
+                    assert chunk, f"the server closed the stream before its first event: {seen!r}"
+                    seen += chunk
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    running = count("nextoken_requests_running")
+                    if running:
+                        sock.close()
+                        deadline = time.monotonic() + 30
+                        while count("nextoken_requests_total", outcome="cancelled") == cancelled:
+                            assert time.monotonic() < deadline, "the abandoned stream was never cancelled"
+                            time.sleep(0.02)
+                        return Abandoned(finished_first, generated)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                deadline = time.monotonic() + 30  # it finished: wait until the server has counted it
+                while count("nextoken_requests_total") == finished:
+                    assert time.monotonic() < deadline, "a finished stream was never counted"
+                    time.sleep(0.02)
+        raise AssertionError(f"in {attempts} attempts the request always finished before the engine was frozen")
 
     def kill(self) -> None:
         """SIGKILL every process of the server at once: what a crash looks like to clients."""

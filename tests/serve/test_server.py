@@ -341,41 +341,32 @@ def test_admission_counts_every_choice_as_one_engine_request(serve_artifact) -> 
 
 
 def test_disconnect_frees_the_slot(narrow: ServerProcess) -> None:
-    generated = metric(narrow.url, "nextoken_generation_tokens_total")
-    cancelled = metric(narrow.url, "nextoken_requests_total", outcome="cancelled")
-    with httpx.stream("POST", narrow.url + "/v1/completions", timeout=60,
-                      json={"prompt": "the", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
-        next(r.iter_lines())
-    # the only slot is free again almost at once (the engine drops the row between steps)
-    deadline = time.monotonic() + 5
-    while True:
-        r = post(narrow.url, {"prompt": "the", "max_tokens": 3})
-        if r.status_code == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert r.status_code == 200
-    assert metric(narrow.url, "nextoken_requests_total", outcome="cancelled") == cancelled + 1
+    """A stream whose client hangs up after its first event is cancelled and its slot freed."""
+    gone = narrow.abandon_stream({"prompt": "the", "max_tokens": 500, "ignore_eos": True})
+    assert post(narrow.url, {"prompt": "the", "max_tokens": 3}).status_code == 200  # the only slot is free again
     # the abandoned stream stopped early: far fewer than its 500 tokens were generated
-    assert metric(narrow.url, "nextoken_generation_tokens_total") - generated < 3 + 500
+    assert metric(narrow.url, "nextoken_generation_tokens_total") - gone.generated_before < 3 + 500
 
 
 def test_non_streaming_disconnect_frees_the_slot(narrow: ServerProcess) -> None:
-    """A client that gives up on a non-streaming request stops its generation too (LitServe never noticed)."""
+    """A client that gives up on a non-streaming request stops its generation too (LitServe never noticed).
+
+    The engine is frozen while the client comes and goes, so the request cannot finish first however
+    slow the machine is: what ends it can only be the hang-up.
+    """
     generated = metric(narrow.url, "nextoken_generation_tokens_total")
     cancelled = metric(narrow.url, "nextoken_requests_total", outcome="cancelled")
     body = json.dumps({"prompt": "the", "max_tokens": 500, "ignore_eos": True}).encode()
-    with socket.create_connection(("127.0.0.1", narrow.port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        # Hang up once it holds the only slot (a second request is then refused), long before its 500 tokens.
-        deadline = time.monotonic() + 5
-        while post(narrow.url, {"prompt": "x", "max_tokens": 1}).status_code != 429:
-            assert time.monotonic() < deadline, "the request never took the slot"
-    deadline = time.monotonic() + 5
-    while metric(narrow.url, "nextoken_requests_total", outcome="cancelled") == cancelled:
-        assert time.monotonic() < deadline, "the abandoned request was never cancelled"
-        time.sleep(0.02)
-    assert post(narrow.url, {"prompt": "the", "max_tokens": 3}).status_code == 200  # the only slot is free
+    with narrow.engine_frozen():
+        with socket.create_connection(("127.0.0.1", narrow.port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            narrow.wait_until_full()  # it holds the only place; then the client hangs up
+        deadline = time.monotonic() + 30
+        while metric(narrow.url, "nextoken_requests_total", outcome="cancelled") == cancelled:
+            assert time.monotonic() < deadline, "the abandoned request was never cancelled"
+            time.sleep(0.02)
+    assert post(narrow.url, {"prompt": "the", "max_tokens": 3}).status_code == 200  # the only place is free
     assert metric(narrow.url, "nextoken_generation_tokens_total") - generated < 3 + 500
 
 
