@@ -89,8 +89,23 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
 
 
-def special_token_ids(tok: Tokenizer) -> dict[str, int | None]:
-    return {"eos_token_id": tok.token_to_id(EOT), "unk_token_id": tok.token_to_id(UNK)}
+def document_token_id(tok: Tokenizer, folder: str | Path | None = None) -> int | None:
+    """The token that separates documents and ends generation: ``<|endoftext|>`` for our tokenizers.
+
+    A run started ``--init-from`` a Hugging Face folder keeps that folder's special tokens beside its
+    tokenizer.json (``hf_tokens.TokenizerFiles``): there it is the folder's (first) end-of-sequence id.
+    """
+    if folder is not None:
+        from nextoken.train.hf_tokens import TokenizerFiles
+
+        files = TokenizerFiles.load(Path(folder))
+        if files is not None and files.eos_token_ids:
+            return files.eos_token_ids[0]
+    return tok.token_to_id(EOT)
+
+
+def special_token_ids(tok: Tokenizer, folder: str | Path | None = None) -> dict[str, int | None]:
+    return {"eos_token_id": document_token_id(tok, folder), "unk_token_id": tok.token_to_id(UNK)}
 
 
 def batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
