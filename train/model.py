@@ -139,6 +139,16 @@ class GPT(nn.Module):
                 if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not config.tie_embeddings):
                     nn.init.zeros_(p)
 
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+        """A model whose parameters ARE ``state``'s tensors (no random init, no copy): for loading big folders."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight  # assign replaced the shared parameter twice
+        return model
+
     @property
     def tied(self) -> bool:
         """Whether the LM head shares the token embedding's tensor (GPT-2)."""

@@ -13,20 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from nextoken.export.artifact import CHAT_TEMPLATE  # noqa: F401  (defined once, with the artifacts that carry it)
 from nextoken.serve.http.fields import ChatMessage
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
-# Written without whitespace control and with the newline as an expression, so it renders the same text
-# under Jinja's defaults, lm-eval's environment and Hugging Face's (trim_blocks, lstrip_blocks).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] in ('system', 'developer') %}System{% else %}{{ message['role'] | capitalize }}{% endif %}"
-    ": {% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
 
 
 def chat_prompt(messages: list[ChatMessage] | list[dict[str, Any]], *, add_generation_prompt: bool = True,
