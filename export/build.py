@@ -10,7 +10,6 @@ non-empty folder there is refused.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, 
 from nextoken.export.serving import export_serving_onnx, verify_serving
 from nextoken.export.source import load_source, name_and_version
 from nextoken.export.verify import verify_onnx
-from nextoken.fileio import atomic_write_text, staged_folder
+from nextoken.fileio import staged_folder
 
 QUANTIZE = ("none", "int8")
 
@@ -49,14 +48,6 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} exists and is not a folder", flag="--out")
     if out.is_dir() and any(out.iterdir()) and not _is_artifact(out):
         raise UserError(f"{out} exists and is not an artifact folder; refusing to replace it", flag="--out")
-
-
-def write_tokenizer_json(source_dir: Path, tokenizer: Any, out: Path) -> None:
-    """tokenizer.json as the source folder has it, byte for byte (or as assembled from GPT-2's vocab + merges)."""
-    if (source_dir / "tokenizer.json").is_file():
-        shutil.copyfile(source_dir / "tokenizer.json", out / "tokenizer.json")
-    else:
-        atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best", name: str | None = None,
@@ -124,7 +115,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
                                 f"{sv['max_abs_diff']:.2e} (tolerance {sv['tolerance']}), greedy tokens identical for "
                                 f"{sv['greedy_identical_tokens']}/{sv['greedy_tokens']}; nothing was written "
                                 f"(--no-verify skips the check)", flag="--verify")
-        write_tokenizer_json(run_dir, src.tokenizer, tmp)
+        ecosystem.write_tokenizer_json(run_dir, src.tokenizer, tmp)
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", src.generation_config())
         # tokenizer_config.json, special_tokens_map.json, genai_config.json: Optimum, AutoTokenizer and

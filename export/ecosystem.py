@@ -24,10 +24,12 @@ ignores weights and graphs; it only describes them.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from nextoken.export.artifact import CHAT_TEMPLATE, eos_token_ids, write_json
+from nextoken.fileio import atomic_write_text
 
 EOT = "<|endoftext|>"  # the same string as nextoken.train.tokenizer.EOT (which imports the trainer)
 UNK = "<unk>"
@@ -125,6 +127,14 @@ def genai_config(config: dict[str, Any], *, filename: str = "model.onnx", thread
                    "temperature": 1.0, "repetition_penalty": 1.0, "early_stopping": True, "length_penalty": 1.0,
                    "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
     }
+
+
+def write_tokenizer_json(source_dir: Path, tokenizer: Any, out: Path) -> None:
+    """tokenizer.json as the source folder has it, byte for byte (or as assembled from GPT-2's vocab + merges)."""
+    if (source_dir / "tokenizer.json").is_file():
+        shutil.copyfile(source_dir / "tokenizer.json", out / "tokenizer.json")
+    else:
+        atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
 
 
 def write_tokenizer_files(folder: Path, config: dict[str, Any], hf_tokenizer_config: dict[str, Any] | None = None
