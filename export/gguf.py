@@ -231,6 +231,9 @@ def write_gguf(src: RunSource, path: Path, *, dtype: str, name: str) -> dict[str
             "merges": len(vocab.get("merges", []))}
 
 
+_KEY_NAMES = {"pad": "padding", "unk": "unknown"}  # GGUF's names for the writer's add_{pad,unk}_token_id
+
+
 def arch_of(src: RunSource) -> str:
     """llama.cpp's architecture name for the model: ``llama`` for the llama family, else ``gpt2``."""
     return "llama" if src.config.arch == "llama" else ARCH
@@ -275,7 +278,7 @@ def read_back(path: Path, src: RunSource) -> dict[str, Any]:
     arch = arch_of(src)
     checks = {"general.architecture": arch, "tokenizer.ggml.model": vocab["model"], "tokenizer.ggml.pre": vocab["pre"],
               "tokenizer.ggml.tokens": vocab["tokens"], "tokenizer.ggml.token_type": vocab["types"],
-              **{f"tokenizer.ggml.{'padding' if k == 'pad' else k}_token_id": v for k, v in special["ids"].items()},
+              **{f"tokenizer.ggml.{_KEY_NAMES.get(k, k)}_token_id": v for k, v in special["ids"].items()},
               "tokenizer.ggml.add_bos_token": special["add_bos"],
               f"{arch}.context_length": c.block_size, f"{arch}.block_count": c.n_layer,
               f"{arch}.embedding_length": c.n_embd, f"{arch}.attention.head_count": c.n_head}

@@ -205,7 +205,7 @@ def init_from_hf(folder: str | Path, *, dropout: float, block_size: int) -> HFMo
     """
     model = load_hf(folder)
     if block_size > model.config.block_size:
-        raise UserError(f"{block_size} exceeds the context ({model.config.block_size}) of {folder}",
-                        flag="--block-size")
+        raise UserError(f"{block_size} exceeds the context of {folder} ({model.config.block_size}: config.json's "
+                        f"n_positions / max_position_embeddings)", flag="--block-size")
     model.config = dataclasses.replace(model.config, dropout=dropout)
     return model
