@@ -121,8 +121,8 @@ def run_details(rid: str, run: Path) -> dict[str, Any]:
                   "learning_rate", "min_lr", "warmup_iters", "eval_interval", "dtype", "device")
     return {
         "id": rid, "name": run.name, "path": str(run),
-        "model": {k: model.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
-                  if k in model},
+        "model": {k: model.get(k) for k in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size",
+                                            "vocab_size", "dropout") if k in model},
         "train": {k: train.get(k) for k in keep_train if k in train},
         "tokenizer": config.get("tokenizer"),
         "vocab_size": vocab,
