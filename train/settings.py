@@ -166,6 +166,8 @@ def init_from_settings(folder: str, explicit: dict[str, Any]) -> dict[str, Any]:
     g = read_hf_config(folder)
     fixed = {name: getattr(g, name) for name in INIT_FROM_FIXED if name != "tokenizer"}
     fixed["tokenizer"] = "bpe"
+    if g.arch == "gpt2":  # GPT-2's derived shape: TrainConfig takes it as "derived" (0)
+        fixed.update(n_kv_head=0, head_dim=0)
     if "block_size" not in explicit:
         fixed["block_size"] = g.block_size
     elif explicit["block_size"] > g.block_size:
