@@ -75,7 +75,7 @@ def ort_cache(sess: ort.InferenceSession, prompt: np.ndarray, n: int) -> np.ndar
     past_names = [f"past_key_values.{i}.{kv}" for i in range(c.n_layer) for kv in ("key", "value")]
     ones = np.ones((B, P + n), dtype=np.int64)
     masks = [np.ascontiguousarray(ones[:, :s]) for s in range(P, P + n + 1)]  # mask per cache length, built once
-    empty = np.zeros((B, c.n_head, 0, c.head_size), dtype=np.float32)
+    empty = np.zeros((B, c.n_kv_head, 0, c.head_dim), dtype=np.float32)
     feeds = {"input_ids": prompt, "attention_mask": masks[0],
              "position_ids": np.broadcast_to(np.arange(P, dtype=np.int64), (B, P)).copy()}
     feeds.update(dict.fromkeys(past_names, empty))
@@ -105,7 +105,7 @@ def genai_folder(onnx_path: Path, folder: Path, max_length: int, threads: int, c
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "intra_op_num_threads": threads,
                                     "inter_op_num_threads": 1, "provider_options": []},
-                "filename": "model.onnx", "head_size": c.head_size, "hidden_size": c.n_embd,
+                "filename": "model.onnx", "head_size": c.head_dim, "hidden_size": c.n_embd,
                 "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head, "num_hidden_layers": c.n_layer,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",

@@ -6,9 +6,11 @@
       model.onnx              merged prefill + KV-cache decode graph (model.onnx.data beside it above 2 GB)
       serving.onnx            the serving graph: the same model over a cache updated in place (serving.py)
       tokenizer.json          Hugging Face tokenizers format
-      config.json             a GPT-2 config.json (transformers reads it) plus the keys our server reads
-      generation_config.json  default sampling settings
-      tokenizer_config.json   special tokens and model_max_length for AutoTokenizer (and special_tokens_map.json)
+      config.json             a GPT-2 or Llama / Qwen2 / Mistral config.json (transformers reads it) plus the keys
+                              our server reads (``artifact_config``)
+      generation_config.json  default sampling settings (a Hugging Face folder's own, as it had them)
+      tokenizer_config.json   chat_template, bos/eos tokens, add_bos_token, model_max_length for AutoTokenizer
+                              (and special_tokens_map.json)
       genai_config.json       lets onnxruntime-genai open the folder as it is
       manifest.json           format version, sha256 of every other file, source checkpoint, export options
 
@@ -33,7 +35,8 @@ FORMAT = "nextoken-artifact"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json", "generation_config.json")
 CURRENT = "current"  # a models folder's pointer to the version that serves
-
+# Hugging Face's classes for the llama family by model_type (the same as nextoken.train.hf_layout's)
+LLAMA_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 def cache_names(prefix: str, n_layer: int) -> list[str]:
     """The graphs' cache tensors by name, layer by layer: ``{prefix}.{i}.key``, ``{prefix}.{i}.value``.
@@ -74,10 +77,11 @@ def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id:
         "n_embd": model["n_embd"],
         "n_layer": model["n_layer"],
         "n_head": model["n_head"],
+        "n_kv_head": model["n_head"],
         "head_dim": model["n_embd"] // model["n_head"],
-        "n_inner": 4 * model["n_embd"],
+        "n_inner": model.get("intermediate_size") or 4 * model["n_embd"],
         "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": model.get("norm_eps", 1e-5),
         "resid_pdrop": model.get("dropout", 0.0),
         "embd_pdrop": model.get("dropout", 0.0),
         "attn_pdrop": model.get("dropout", 0.0),
@@ -87,14 +91,80 @@ def gpt2_style_config(model: dict[str, Any], *, eos_token_id: int, unk_token_id:
         "reorder_and_upcast_attn": False,
         "use_cache": True,
         "tie_word_embeddings": True,
-        "bos_token_id": eos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": eos_token_id,
+        **_token_ids(eos_token_id, eos_token_id, eos_token_id),
         "unk_token_id": unk_token_id,
         "tokenizer_kind": tokenizer_kind,
         "torch_dtype": dtype,
         **extra,
     }
+
+
+def _token_ids(bos: int | None, eos: int | list[int], pad: int | None) -> dict[str, Any]:
+    return {"bos_token_id": bos, "eos_token_id": eos, **({"pad_token_id": pad} if pad is not None else {})}
+
+
+def llama_style_config(model: dict[str, Any], *, model_type: str, eos_token_id: int | list[int],
+                       bos_token_id: int | None, pad_token_id: int | None, unk_token_id: int | None, name: str,
+                       version: str, tokenizer_kind: str, dtype: str = "float32",
+                       non_family: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json for the llama family (``model_type`` llama, qwen2 or mistral) from a GPTConfig dict.
+
+    What transformers' LlamaConfig / Qwen2Config / MistralConfig read (so Optimum, vLLM and
+    onnxruntime-genai's tooling too), then the keys our runner reads under the names it reads for
+    every artifact (n_layer, n_head, n_kv_head, head_dim, n_embd, n_positions). ``eos_token_id`` is an
+    int or, as a Hugging Face folder may have it, a list (``eos_ids`` reads either).
+    """
+    extra = {"nextoken_architecture": dict(non_family)} if non_family else {}
+    window = {"qwen2": {"use_sliding_window": False, "sliding_window": None, "max_window_layers": model["n_layer"]},
+              "mistral": {"sliding_window": None}}.get(model_type, {"attention_bias": False, "mlp_bias": False})
+    return {
+        "model_type": model_type,
+        "architectures": [LLAMA_CLASSES[model_type]],
+        "name": name,
+        "version": version,
+        "vocab_size": model["vocab_size"],
+        "hidden_size": model["n_embd"],
+        "intermediate_size": model["intermediate_size"],
+        "num_hidden_layers": model["n_layer"],
+        "num_attention_heads": model["n_head"],
+        "num_key_value_heads": model["n_kv_head"],
+        "head_dim": model["head_dim"],
+        "max_position_embeddings": model["block_size"],
+        "rms_norm_eps": model["norm_eps"],
+        "rope_theta": model["rope_base"],
+        "rope_scaling": model.get("rope_scaling"),
+        "tie_word_embeddings": model["tie_embeddings"],
+        "hidden_act": "silu",
+        **window,
+        "attention_dropout": model.get("dropout", 0.0),
+        "initializer_range": 0.02,
+        "use_cache": True,
+        **_token_ids(bos_token_id, eos_token_id, pad_token_id),
+        # ours: the runner's names, the same in every artifact
+        "n_layer": model["n_layer"],
+        "n_head": model["n_head"],
+        "n_kv_head": model["n_kv_head"],
+        "n_embd": model["n_embd"],
+        "n_positions": model["block_size"],
+        "unk_token_id": unk_token_id,
+        "tokenizer_kind": tokenizer_kind,
+        "torch_dtype": dtype,
+        **extra,
+    }
+
+
+def artifact_config(model: dict[str, Any], *, model_type: str, eos_token_id: int | list[int], bos_token_id: int | None,
+                    pad_token_id: int | None, unk_token_id: int | None, name: str, version: str,
+                    tokenizer_kind: str, dtype: str = "float32", non_family: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """config.json for a GPTConfig dict: ``gpt2_style_config`` or ``llama_style_config`` by ``model_type``."""
+    if model_type == "gpt2":
+        eos = eos_ids({"eos_token_id": eos_token_id})[0]
+        return gpt2_style_config(model, eos_token_id=eos, unk_token_id=unk_token_id, name=name, version=version,
+                                 tokenizer_kind=tokenizer_kind, dtype=dtype, non_gpt2=non_family)
+    return llama_style_config(model, model_type=model_type, eos_token_id=eos_token_id, bos_token_id=bos_token_id,
+                              pad_token_id=pad_token_id, unk_token_id=unk_token_id, name=name, version=version,
+                              tokenizer_kind=tokenizer_kind, dtype=dtype, non_family=non_family)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -146,9 +216,11 @@ class Artifact:
         return eos_ids(self.config, self.generation_config)
 
 
-def eos_ids(config: dict[str, Any], generation_config: dict[str, Any]) -> list[int]:
-    """Every token that ends generation: config.json's end-of-text first, then generation_config.json's
-    (an id or a list: Llama-3 instruct models end a turn with <|eot_id|> as well as <|end_of_text|>)."""
+def eos_ids(config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> list[int]:
+    """Every token that ends generation: config.json's ``eos_token_id`` (an int or, as a Hugging Face folder may
+    have it, a list) first, then generation_config.json's (Llama-3 instruct models end a turn with <|eot_id|>
+    as well as <|end_of_text|>)."""
+    generation_config = generation_config or {}
     out: list[int] = []
     for v in (config.get("eos_token_id"), generation_config.get("eos_token_id")):
         for i in (v if isinstance(v, list) else [v]):

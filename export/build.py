@@ -1,4 +1,5 @@
-"""Build an artifact folder from a training run: export, optional quantisation, parity check, manifest.
+"""Build an artifact folder from a training run or a Hugging Face model folder: export, optional
+quantisation, parity check, manifest.
 
 Everything is written into a hidden temporary folder beside ``--out`` (``fileio.staged_folder``)
 and renamed into place only when complete, so a failed or interrupted export leaves the previous artifact (or
@@ -9,7 +10,6 @@ non-empty folder there is refused.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +22,12 @@ import torch
 
 from nextoken.errors import UserError
 from nextoken.export import ecosystem
-from nextoken.export.artifact import FORMAT, gpt2_style_config, write_json, write_manifest
+from nextoken.export.artifact import FORMAT, write_json, write_manifest
 from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, quantize_int8
 from nextoken.export.serving import export_serving_onnx, verify_serving
 from nextoken.export.source import load_source, name_and_version
 from nextoken.export.verify import verify_onnx
 from nextoken.fileio import staged_folder
-from nextoken.train.config import GPTConfig
 
 QUANTIZE = ("none", "int8")
 
@@ -51,15 +50,10 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} exists and is not an artifact folder; refusing to replace it", flag="--out")
 
 
-def generation_config(model: GPTConfig, eos_token_id: int) -> dict[str, Any]:
-    """Default sampling, the same as ``nextoken generate``'s flags."""
-    return ecosystem.generation_config(block_size=model.block_size, eos_token_id=eos_token_id)
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best", name: str | None = None,
                version: str | None = None, opset: int = DEFAULT_OPSET, dtype: str = "fp32", quantize: str = "none",
                verify: bool = True, log: Callable[[str], None] | None = _stderr) -> Path:
-    """Export ``run_dir``'s checkpoint to the artifact folder ``out_dir`` and return its path.
+    """Export ``run_dir``'s checkpoint (or a Hugging Face folder's weights) to ``out_dir`` and return its path.
 
     Raises ``UserError`` (naming the flag) for bad input and when an fp32 export fails the
     parity check (max |delta logit| > 1e-4 or differing greedy tokens); nothing is written then.
@@ -77,11 +71,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
     _check_out(out)
 
     src = load_source(run_dir, checkpoint)
-    model, gpt_cfg, ckpt, meta, eos = src.model, src.config, src.checkpoint, src.meta, src.eos_token_id
+    model, eos = src.model, src.eos_token_id
     name, version = name_and_version(run_dir, name, version)
 
     with staged_folder(out) as tmp:
-        say(f"exporting {run_dir} step {ckpt.step} (opset {opset}, {dtype}) ...")
+        say(f"exporting {src.describe()} (opset {opset}, {dtype}) ...")
         onnx_path = tmp / "model.onnx"
         graph = export_onnx(model, onnx_path if quantize == "none" else tmp / "fp32.onnx",
                             opset=opset, dtype=dtype)
@@ -97,10 +91,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
             quantize_int8(tmp / "fp32-serving.onnx", serving_path)
             for f in [*tmp.glob("fp32.onnx*"), *tmp.glob("fp32-serving.onnx*")]:
                 f.unlink()
-        config = gpt2_style_config(
-            gpt_cfg.to_dict(), eos_token_id=eos, unk_token_id=src.unk_token_id, name=name, version=version,
-            tokenizer_kind=src.tokenizer_kind, dtype="float16" if dtype == "fp16" else "float32",
-            non_gpt2={k: getattr(gpt_cfg, k) for k in gpt_cfg.non_gpt2_options()})
+        config = src.config_json(name, version, dtype="float16" if dtype == "fp16" else "float32")
         verification: dict[str, Any] = {"skipped": True}
         if verify:
             say("verifying against PyTorch ...")
@@ -124,16 +115,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
                                 f"{sv['max_abs_diff']:.2e} (tolerance {sv['tolerance']}), greedy tokens identical for "
                                 f"{sv['greedy_identical_tokens']}/{sv['greedy_tokens']}; nothing was written "
                                 f"(--no-verify skips the check)", flag="--verify")
-        shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        ecosystem.write_tokenizer_json(run_dir, src.tokenizer, tmp)
         write_json(tmp / "config.json", config)
-        write_json(tmp / "generation_config.json", generation_config(gpt_cfg, eos))
+        write_json(tmp / "generation_config.json", src.generation_config())
         # tokenizer_config.json, special_tokens_map.json, genai_config.json: Optimum, AutoTokenizer and
         # onnxruntime-genai open the folder unchanged (hashed in the manifest like every file)
-        ecosystem.write_artifact_extras(tmp, config)
-        source = {"run": str(run_dir.resolve()), "checkpoint": ckpt.path.name, "step": ckpt.step,
-                  "val_loss": meta.get("val_loss"), "weights_sha256": meta.get("files", {}).get("model.safetensors")}
+        ecosystem.write_artifact_extras(tmp, config, src.files.tokenizer_config if src.files else None)
         options = dict(graph, quantize=quantize, torch=torch.__version__, onnx=onnx.__version__,
                        onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
-        write_manifest(tmp, name=name, version=version, source=source, export=options, verification=verification)
+        write_manifest(tmp, name=name, version=version, source=src.record(), export=options,
+                       verification=verification)
     say(f"wrote {out}")
     return out

@@ -1,5 +1,8 @@
 """`nextoken export RUN --out PATH [--format onnx|hf|gguf]`: a run's checkpoint -> a verified artifact.
 
+``RUN`` may also be a Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM,
+MistralForCausalLM): its weights, tokenizer and tokenizer files go into the same formats.
+
 * ``onnx`` (default): the artifact folder our server reads, which Optimum, onnxruntime-genai
   and lm-eval's ``onnxruntime`` backend also open unchanged;
 * ``hf``: a Hugging Face ``GPT2LMHeadModel`` folder (transformers, vLLM, TGI, lm-eval ``hf``);
@@ -16,11 +19,13 @@ FORMATS = ("onnx", "hf", "gguf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run folder written by `nextoken train`")
+    parser.add_argument("run", metavar="RUN", help="run folder written by `nextoken train`, or a Hugging Face model "
+                        "folder (gpt2, llama, qwen2, mistral: safetensors, tokenizer.json)")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="artifact folder (onnx, hf; an earlier export there is replaced) or .gguf file (gguf)")
     parser.add_argument("--format", default="onnx", choices=FORMATS,
-                        help="onnx: the serving artifact (default); hf: Hugging Face GPT-2 folder; gguf: llama.cpp")
+                        help="onnx: the serving artifact (default); hf: Hugging Face folder (GPT-2 or Llama/Qwen2); "
+                             "gguf: llama.cpp")
     parser.add_argument("--checkpoint", default="best", help="best, latest, a step, or a checkpoint folder")
     parser.add_argument("--name", default=None,
                         help="model name, served as NAME:VERSION (default: the run folder's name)")

@@ -1,7 +1,9 @@
 """GGUF for llama.cpp, written directly with the ``gguf`` package (no Hugging Face detour).
 
 The file is what llama.cpp's ``convert_hf_to_gguf.py`` would write for the Hugging Face export
-(``hf.py``), made from the checkpoint in one step:
+(``hf.py``), made from the checkpoint in one step. The llama family (``arch="llama"``: Llama,
+Qwen2, Mistral, from a run or a Hugging Face folder) is written as llama.cpp's ``llama``
+architecture with the tokenizer metadata of its style (``gguf_llama.py``); GPT-2-family models as:
 
 * architecture ``gpt2``: ``token_embd``, ``position_embd``, per block ``attn_norm``, ``attn_qkv``,
   ``attn_output``, ``ffn_norm``, ``ffn_up``, ``ffn_down`` (weights and biases), ``output_norm``;
@@ -18,6 +20,9 @@ The file is what llama.cpp's ``convert_hf_to_gguf.py`` would write for the Huggi
 Character and word tokenizers are refused: llama.cpp's tokenizer models have no whole-word or
 character vocabulary with an ``<unk>`` fallback (its ``whitespace`` model drops whitespace;
 its BPE drops unknown bytes), so text would be split differently from training.
+
+Both write the special tokens, ``add_bos_token`` and the chat template the export carries (a
+Hugging Face folder's own, or ours).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import numpy as np
 import torch
 
 from nextoken.errors import UserError
+from nextoken.export.artifact import DEFAULT_CHAT_TEMPLATE
+from nextoken.export.gguf_llama import add_llama_hparams, llama_gguf_tensors, vocab_metadata
 from nextoken.export.source import RunSource, load_source
 from nextoken.fileio import follow_umask
 
@@ -63,15 +70,16 @@ def _gguf_version() -> str:
         return "(unknown version)"
 
 
-def gguf_tensors(state: dict[str, torch.Tensor], vocab_size: int, n_layer: int, n_embd: int
-                 ) -> dict[str, np.ndarray]:
-    """Our GPT's state dict -> GGUF tensor name -> fp32 array (numpy shape = reversed ggml ne)."""
+def gguf_tensors(state: dict[str, torch.Tensor], vocab_size: int, n_layer: int, n_embd: int,
+                 inner: int | None = None) -> dict[str, np.ndarray]:
+    """Our GPT-2's state dict -> GGUF tensor name -> fp32 array (numpy shape = reversed ggml ne)."""
+    inner = inner or 4 * n_embd
     names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
              "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
     per_block = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
                  "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
     bias_size = {"attn_norm": n_embd, "attn_qkv": 3 * n_embd, "attn_output": n_embd, "ffn_norm": n_embd,
-                 "ffn_up": 4 * n_embd, "ffn_down": n_embd}
+                 "ffn_up": inner, "ffn_down": n_embd}
     for i in range(n_layer):
         for ours, theirs in per_block.items():
             for kind in ("weight", "bias"):
@@ -122,17 +130,41 @@ def vocabulary(tok_json: dict[str, Any], vocab_size: int) -> tuple[list[str], li
 
 
 def _check_bpe(src: RunSource) -> dict[str, Any]:
+    """The tokenizer's GGUF fields (``gguf_llama.vocab_metadata``), or a UserError naming what llama.cpp lacks."""
     if src.tokenizer_kind != "bpe":
-        raise UserError(f"this run has a {src.tokenizer_kind} tokenizer; GGUF needs byte-level BPE "
+        raise UserError(f"this model has a {src.tokenizer_kind} tokenizer; GGUF needs byte-level BPE "
                         f"(--tokenizer bpe when training): llama.cpp's tokenizer models have no word or character "
                         f"vocabulary with an <unk> fallback, so it would split text differently. Use --format onnx "
                         f"or --format hf for this model", flag="--format")
     tok_json = json.loads(src.tokenizer.to_str())
-    pre = tok_json.get("pre_tokenizer") or {}
-    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
-        raise UserError(f"the tokenizer's pre-tokenizer {pre} is not GPT-2's byte-level regex, which llama.cpp's "
-                        f"'{PRE_TOKENIZER}' pre-tokenizer implements", flag="--format")
-    return tok_json
+    meta = vocab_metadata(tok_json, src.config.vocab_size)
+    if src.config.arch == "gpt2" and meta["model"] != "gpt2":
+        raise UserError("a GPT-2-family model's GGUF needs a byte-level BPE tokenizer", flag="--format")
+    return meta
+
+
+def _special_tokens(src: RunSource) -> dict[str, Any]:
+    """bos / eos / unk / pad ids, add_bos_token and the chat template: the folder's, or ours (eos = bos = pad)."""
+    tc = src.files.tokenizer_config if src.files is not None else {}
+    ids = {"eos": src.eos_token_id}
+    if src.files is None:
+        ids.update(bos=src.eos_token_id, pad=src.eos_token_id)
+    for kind in ("bos", "unk", "pad"):
+        token = tc.get(f"{kind}_token")
+        if isinstance(token, str) and src.tokenizer.token_to_id(token) is not None:
+            ids[kind] = src.tokenizer.token_to_id(token)
+    if src.unk_token_id is not None:
+        ids.setdefault("unk", src.unk_token_id)
+    return {"ids": ids, "add_bos": bool(tc.get("add_bos_token", False)),
+            "chat_template": tc.get("chat_template") if src.files is not None else DEFAULT_CHAT_TEMPLATE}
+
+
+def expected_tensors(src: RunSource) -> dict[str, np.ndarray]:
+    """What the file holds, by GGUF name, in fp32."""
+    c = src.config
+    if c.arch == "llama":
+        return llama_gguf_tensors(src.model.state_dict(), c)
+    return gguf_tensors(src.model.state_dict(), c.vocab_size, c.n_layer, c.n_embd, c.intermediate_size)
 
 
 def _check_out(out: Path) -> None:
@@ -149,31 +181,39 @@ def _check_out(out: Path) -> None:
 def write_gguf(src: RunSource, path: Path, *, dtype: str, name: str) -> dict[str, Any]:
     """Write the GGUF file and return what went in: tensor types, fallbacks, counts."""
     c = src.config
-    tok_json = _check_bpe(src)
-    tokens, types, merges = vocabulary(tok_json, c.vocab_size)
-    w = gguf.GGUFWriter(str(path), ARCH)
+    vocab = _check_bpe(src)
+    w = gguf.GGUFWriter(str(path), arch_of(src))
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
-    w.add_context_length(c.block_size)
-    w.add_embedding_length(c.n_embd)
-    w.add_feed_forward_length(4 * c.n_embd)
-    w.add_block_count(c.n_layer)
-    w.add_head_count(c.n_head)
-    w.add_layer_norm_eps(1e-5)
+    if c.arch == "llama":
+        add_llama_hparams(w, c)
+    else:
+        w.add_context_length(c.block_size)
+        w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_block_count(c.n_layer)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.norm_eps)
     w.add_file_type(_FILE_TYPE[dtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(PRE_TOKENIZER)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(src.eos_token_id)
-    w.add_eos_token_id(src.eos_token_id)
-    w.add_pad_token_id(src.eos_token_id)
-    w.add_add_bos_token(False)
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if "merges" in vocab:
+        w.add_token_merges(vocab["merges"])
+    if "scores" in vocab:
+        w.add_token_scores(vocab["scores"])
+        w.add_add_space_prefix(vocab["add_space_prefix"])
+    special = _special_tokens(src)
+    for kind, token_id in special["ids"].items():
+        getattr(w, f"add_{kind}_token_id")(token_id)
+    w.add_add_bos_token(special["add_bos"])
     w.add_add_eos_token(False)
+    if special["chat_template"]:
+        w.add_chat_template(special["chat_template"])
     qtypes, fallbacks = {}, []
-    for tname, array in gguf_tensors(src.model.state_dict(), c.vocab_size, c.n_layer, c.n_embd).items():
+    for tname, array in expected_tensors(src).items():
         qtype = tensor_qtype(tname, array, dtype)
         try:
             data = gguf.quants.quantize(array, qtype)
@@ -187,7 +227,16 @@ def write_gguf(src: RunSource, path: Path, *, dtype: str, name: str) -> dict[str
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"tensors": qtypes, "f16_fallback": fallbacks, "tokens": len(tokens), "merges": len(merges)}
+    return {"tensors": qtypes, "f16_fallback": fallbacks, "tokens": len(vocab["tokens"]),
+            "merges": len(vocab.get("merges", []))}
+
+
+_KEY_NAMES = {"pad": "padding", "unk": "unknown"}  # GGUF's names for the writer's add_{pad,unk}_token_id
+
+
+def arch_of(src: RunSource) -> str:
+    """llama.cpp's architecture name for the model: ``llama`` for the llama family, else ``gpt2``."""
+    return "llama" if src.config.arch == "llama" else ARCH
 
 
 def read_back(path: Path, src: RunSource) -> dict[str, Any]:
@@ -198,7 +247,7 @@ def read_back(path: Path, src: RunSource) -> dict[str, Any]:
     """
     c = src.config
     reader = gguf.GGUFReader(str(path))
-    expected = gguf_tensors(src.model.state_dict(), c.vocab_size, c.n_layer, c.n_embd)
+    expected = expected_tensors(src)
     problems: list[str] = []
     worst = 0.0
     seen = set()
@@ -224,15 +273,27 @@ def read_back(path: Path, src: RunSource) -> dict[str, Any]:
         f = reader.get_field(key)
         return None if f is None else f.contents()
 
-    tok_json = json.loads(src.tokenizer.to_str())
-    tokens, types, merges = vocabulary(tok_json, c.vocab_size)
-    checks = {"general.architecture": ARCH, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": PRE_TOKENIZER,
-              "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-              "tokenizer.ggml.eos_token_id": src.eos_token_id, "tokenizer.ggml.bos_token_id": src.eos_token_id,
-              f"{ARCH}.context_length": c.block_size, f"{ARCH}.block_count": c.n_layer,
-              f"{ARCH}.embedding_length": c.n_embd, f"{ARCH}.attention.head_count": c.n_head}
+    vocab = _check_bpe(src)
+    special = _special_tokens(src)
+    arch = arch_of(src)
+    checks = {"general.architecture": arch, "tokenizer.ggml.model": vocab["model"], "tokenizer.ggml.pre": vocab["pre"],
+              "tokenizer.ggml.tokens": vocab["tokens"], "tokenizer.ggml.token_type": vocab["types"],
+              **{f"tokenizer.ggml.{_KEY_NAMES.get(k, k)}_token_id": v for k, v in special["ids"].items()},
+              "tokenizer.ggml.add_bos_token": special["add_bos"],
+              f"{arch}.context_length": c.block_size, f"{arch}.block_count": c.n_layer,
+              f"{arch}.embedding_length": c.n_embd, f"{arch}.attention.head_count": c.n_head}
+    if "merges" in vocab:
+        checks["tokenizer.ggml.merges"] = vocab["merges"]
+    if "scores" in vocab:
+        checks["tokenizer.ggml.scores"] = vocab["scores"]
+    if arch == "llama":
+        checks.update({"llama.attention.head_count_kv": c.n_kv_head, "llama.rope.freq_base": c.rope_base,
+                       "llama.attention.layer_norm_rms_epsilon": c.norm_eps})
     for key, want in checks.items():
-        if field(key) != want:
+        got = field(key)
+        if isinstance(want, float) and isinstance(got, float) and abs(got - want) <= 1e-6 * abs(want):
+            continue  # stored as float32
+        if got != want:
             problems.append(f"{key} reads back as {str(field(key))[:60]}, expected {str(want)[:60]}")
     return {"passed": not problems, "problems": problems, "max_rel_weight_diff": worst,
             "tensors": len(reader.tensors)}
@@ -256,7 +317,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        say(f"writing GGUF ({dtype}) from {run_dir} step {src.checkpoint.step} ...")
+        say(f"writing GGUF ({dtype}, llama.cpp architecture {arch_of(src)}) from {src.describe()} ...")
         info = write_gguf(src, tmp, dtype=dtype, name=name)
         if info["f16_fallback"]:
             say(f"  q8_0 needs rows in multiples of 32; kept f16 for {', '.join(info['f16_fallback'])}")

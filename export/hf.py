@@ -1,6 +1,10 @@
-"""Hugging Face export: a run -> a ``GPT2LMHeadModel`` folder (the way back is ``nextoken.train.hf_import``).
+"""Hugging Face export: a run -> a ``GPT2LMHeadModel`` folder, or for the llama family a ``LlamaForCausalLM`` /
+``Qwen2ForCausalLM`` one (the way back is ``nextoken.train.hf_import``; the layouts are ``train/hf_layout``).
 
-Our checkpoint already uses GPT-2's parameter names; two things differ (field notes, "Interop"):
+The llama family's tensors are cut from ours as ``hf_layout.llama_names`` says (q | k | v and
+gate | up are rows of our packed matrices); its config.json is ``artifact.llama_style_config``.
+For GPT-2, our checkpoint already uses GPT-2's parameter names; two things differ (field notes,
+"Interop"):
 
 * GPT-2's ``Conv1D`` stores ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj``
   weights as (in, out); our ``nn.Linear`` stores (out, in). Those four are transposed.
@@ -13,8 +17,8 @@ The LM head is tied to the embedding on both sides and written once. A model tra
 What the folder holds (``export_hf``)::
 
     HF_DIR/
-      model.safetensors        GPT2LMHeadModel state dict (tied lm_head left out, as transformers saves it)
-      config.json              GPT-2 config (plus our keys, and "nextoken_export": where it came from)
+      model.safetensors        the model's state dict (tied lm_head left out, as transformers saves it)
+      config.json              GPT-2 / Llama / Qwen2 config (plus our keys, and "nextoken_export": where it came from)
       generation_config.json   default sampling
       tokenizer.json, tokenizer_config.json, special_tokens_map.json
       README.md                model card: the run's config, losses and how to load it
@@ -25,7 +29,6 @@ vLLM, TGI, lm-eval's ``hf`` backend and llama.cpp's ``convert_hf_to_gguf.py`` re
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +39,12 @@ from safetensors.torch import save_file
 
 from nextoken import __version__
 from nextoken.errors import UserError
-from nextoken.export.artifact import gpt2_style_config, write_json
-from nextoken.export.ecosystem import EOT, generation_config, write_tokenizer_files
+from nextoken.export.artifact import write_json
+from nextoken.export.ecosystem import EOT, write_tokenizer_files, write_tokenizer_json
 from nextoken.export.source import RunSource, load_source, name_and_version
 from nextoken.fileio import staged_folder
 from nextoken.train.config import GPTConfig
-from nextoken.train.hf_import import CONV1D_SUFFIXES, gpt2_shapes
+from nextoken.train.hf_layout import CONV1D_SUFFIXES, gpt2_shapes, to_llama_tensors
 
 HF_TOLERANCE = 1e-4  # max |delta logit| between transformers and our model, fp32
 EXPORT_MARKER = "nextoken_export"  # config.json key that says a folder is ours to replace
@@ -76,11 +79,17 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[
     return out
 
 
+def hf_state_dict(src: RunSource) -> dict[str, torch.Tensor]:
+    """The model's weights in its family's Hugging Face layout (fp32, contiguous)."""
+    state = src.model.state_dict()
+    if src.config.arch == "gpt2":
+        return to_hf_state_dict(state, src.config)
+    return {name: t.float().contiguous() for name, t in to_llama_tensors(state, src.config)}
+
+
 def hf_config(src: RunSource, name: str, version: str) -> dict[str, Any]:
-    cfg = gpt2_style_config(src.config.to_dict(), eos_token_id=src.eos_token_id, unk_token_id=src.unk_token_id,
-                            name=name, version=version, tokenizer_kind=src.tokenizer_kind)
-    cfg[EXPORT_MARKER] = {"format": "hf", "nextoken": __version__, "run": str(src.run_dir.resolve()),
-                          "checkpoint": src.checkpoint.path.name, "step": src.checkpoint.step}
+    cfg = src.config_json(name, version)
+    cfg[EXPORT_MARKER] = {"format": "hf", "nextoken": __version__, **src.record()}
     return cfg
 
 
@@ -88,29 +97,10 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
 
-def model_card(src: RunSource, name: str, config: dict[str, Any], check: dict[str, Any]) -> str:
-    """README.md: the run's architecture, training settings and losses, and how to load the folder."""
-    m, t = src.config, src.run_config.get("train", {})
-    summary = src.summary
-    history = src.eval_history()
-    params = sum(p.numel() for p in src.model.parameters())
-    lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nextoken, gpt2]", "---", "",
-        f"# {name}", "",
-        f"A GPT-2-architecture model trained from scratch with nextoken "
-        f"(next-token prediction), exported from checkpoint `{src.checkpoint.path.name}` "
-        f"(step {src.checkpoint.step}) of run `{src.run_dir.name}`.", "",
-        "## Model", "",
-        "| field | value |", "|---|---|",
-        f"| parameters | {params:,} (LM head tied to the embedding) |",
-        f"| layers / heads / width | {m.n_layer} / {m.n_head} / {m.n_embd} |",
-        f"| context (n_positions) | {m.block_size} |",
-        f"| vocabulary | {m.vocab_size} ({src.tokenizer_kind} tokenizer, `{EOT}` = id {src.eos_token_id}) |",
-        "| activation | tanh GELU (`gelu_new`), pre-LayerNorm, learned positions |",
-        f"| dropout (training) | {m.dropout} |", "",
-        "## Training", "",
-        "| setting | value |", "|---|---|",
-    ]
+def _training_lines(src: RunSource, t: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """The model card's training settings and losses (a run's export only)."""
+    assert src.checkpoint is not None
+    lines = ["## Training", "", "| setting | value |", "|---|---|"]
     for key in ("data", "tokenizer", "max_iters", "batch_size", "tokens_per_step", "learning_rate", "min_lr",
                 "warmup_iters", "weight_decay", "beta1", "beta2", "grad_clip", "dtype", "seed"):
         if key in t:
@@ -122,15 +112,45 @@ def model_card(src: RunSource, name: str, config: dict[str, Any], check: dict[st
               f"| train loss (this checkpoint) | {_fmt(src.meta.get('train_loss'))} |",
               f"| val loss (this checkpoint) | {_fmt(src.meta.get('val_loss'))} |",
               f"| best val loss | {_fmt(summary.get('best_val_loss'))} at step {_fmt(summary.get('best_val_step'))} |"]
+    return lines
+
+
+def model_card(src: RunSource, name: str, config: dict[str, Any], check: dict[str, Any]) -> str:
+    """README.md: the run's architecture, training settings and losses, and how to load the folder."""
+    m, t = src.config, src.run_config.get("train", {})
+    summary = src.summary if not src.is_hf else {}
+    history = src.eval_history() if not src.is_hf else []
+    params = sum(p.numel() for p in src.model.parameters())
+    where = (f"converted from the Hugging Face folder `{src.run_dir.name}`" if src.checkpoint is None else
+             f"trained with nextoken (next-token prediction), exported from checkpoint "
+             f"`{src.checkpoint.path.name}` (step {src.checkpoint.step}) of run `{src.run_dir.name}`")
+    cls = config["architectures"][0]
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        f"tags: [nextoken, {src.model_type}]", "---", "",
+        f"# {name}", "",
+        f"A {cls} model {where}.", "",
+        "## Model", "",
+        "| field | value |", "|---|---|",
+        f"| parameters | {params:,} (LM head {'tied to the embedding' if m.tie_embeddings else 'of its own'}) |",
+        f"| layers / heads (key/value) / width | {m.n_layer} / {m.n_head} ({m.n_kv_head}) / {m.n_embd} |",
+        f"| context | {m.block_size} |",
+        f"| vocabulary | {m.vocab_size} ({src.tokenizer_kind} tokenizer, end of text = id {src.eos_token_id}) |",
+        "| activation | " + ("tanh GELU (`gelu_new`), pre-LayerNorm, learned positions" if m.arch == "gpt2" else
+                           f"SwiGLU, RMSNorm, rotary positions (theta {m.rope_base:g})") + " |",
+        f"| dropout (training) | {m.dropout} |", "",
+    ]
+    if src.checkpoint is not None:
+        lines += _training_lines(src, t, summary)
     if history:
         lines += ["", "Evaluations (mean cross-entropy in nats per token):", "",
                   "| step | train loss | val loss |", "|--:|--:|--:|"]
         lines += [f"| {r['step']} | {_fmt(r.get('train_loss'))} | {_fmt(r.get('val_loss'))} |" for r in history[-12:]]
     lines += ["", "## Use", "",
               "```python",
-              "from transformers import AutoTokenizer, GPT2LMHeadModel",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(PATH)",
-              "model = GPT2LMHeadModel.from_pretrained(PATH)",
+              "model = AutoModelForCausalLM.from_pretrained(PATH)",
               f"# nextoken's server starts every prompt with {EOT} (documents are separated by it in training)",
               f"ids = tok('{EOT}' + 'Once upon a time', return_tensors='pt').input_ids",
               "print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))",
@@ -148,20 +168,20 @@ def model_card(src: RunSource, name: str, config: dict[str, Any], check: dict[st
 
 @torch.no_grad()
 def check_with_transformers(folder: Path, src: RunSource, seed: int = 0) -> dict[str, Any] | None:
-    """Load ``folder`` with transformers' GPT2LMHeadModel and compare logits with the checkpoint.
+    """Load ``folder`` with transformers' AutoModelForCausalLM and compare logits with the checkpoint.
 
     Returns None when transformers is not installed. Inputs: a full-context window and a
     batch of short prompts, so every position row and every token row that occurs is used.
     """
     try:
         import transformers
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    hf = GPT2LMHeadModel.from_pretrained(folder).float().eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
     c = src.config
-    batches = [torch.randint(0, c.vocab_size, (1, c.block_size), generator=g),
+    batches = [torch.randint(0, c.vocab_size, (1, min(c.block_size, 256)), generator=g),
                torch.randint(0, c.vocab_size, (3, min(c.block_size, 8)), generator=g)]
     diff, tokens = 0.0, 0
     for ids in batches:
@@ -169,8 +189,8 @@ def check_with_transformers(folder: Path, src: RunSource, seed: int = 0) -> dict
         theirs = hf(ids).logits  # (B, T, vocab)
         diff = max(diff, float((ours - theirs).abs().max()))
         tokens += ids.numel()
-    return {"transformers": transformers.__version__, "max_abs_diff": diff, "tokens": tokens,
-            "passed": diff <= HF_TOLERANCE}
+    return {"transformers": transformers.__version__, "class": type(hf).__name__, "max_abs_diff": diff,
+            "tokens": tokens, "passed": diff <= HF_TOLERANCE}
 
 
 def check_out_folder(out: Path) -> None:
@@ -189,10 +209,10 @@ def check_out_folder(out: Path) -> None:
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best", name: str | None = None,
               version: str | None = None, verify: bool = True, log: Callable[[str], None] | None = _stderr) -> Path:
-    """Write ``run_dir``'s checkpoint as a Hugging Face GPT-2 folder at ``out_dir`` and return its path.
+    """Write ``run_dir``'s checkpoint as a Hugging Face folder of its family at ``out_dir`` and return its path.
 
     With ``verify`` and transformers installed, the folder is loaded back with
-    ``GPT2LMHeadModel`` and its logits compared with the checkpoint's; beyond 1e-4 nothing is
+    ``AutoModelForCausalLM`` and its logits compared with the checkpoint's; beyond 1e-4 nothing is
     written. Without transformers the check is reported as skipped.
     """
     say = log or (lambda _msg: None)
@@ -201,15 +221,13 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "be
     src = load_source(run_dir, checkpoint, gpt2_format="hf")
     name, version = name_and_version(run_dir, name, version)
     with staged_folder(out) as tmp:
-        say(f"exporting {run_dir} step {src.checkpoint.step} to Hugging Face GPT-2 layout ...")
-        weights = to_hf_state_dict(src.model.state_dict(), src.config)
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         config = hf_config(src, name, version)
+        say(f"exporting {src.describe()} to Hugging Face {config['architectures'][0]} layout ...")
+        save_file(hf_state_dict(src), tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
-        write_json(tmp / "generation_config.json",
-                   generation_config(block_size=src.config.block_size, eos_token_id=src.eos_token_id))
-        shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
-        write_tokenizer_files(tmp, config)
+        write_json(tmp / "generation_config.json", src.generation_config())
+        write_tokenizer_json(run_dir, src.tokenizer, tmp)
+        write_tokenizer_files(tmp, config, src.files.tokenizer_config if src.files else None)
         check: dict[str, Any] = {}
         if verify:
             result = check_with_transformers(tmp, src)
@@ -218,9 +236,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "be
                     "(pip install 'nextoken[interop]')")
             else:
                 check = result
-                say(f"  transformers GPT2LMHeadModel: max|dlogit| {result['max_abs_diff']:.2e}")
+                say(f"  transformers {result['class']}: max|dlogit| {result['max_abs_diff']:.2e}")
                 if not result["passed"]:
-                    raise UserError(f"transformers' GPT2LMHeadModel disagrees with the checkpoint: max |dlogit| "
+                    raise UserError(f"transformers' {result['class']} disagrees with the checkpoint: max |dlogit| "
                                     f"{result['max_abs_diff']:.2e} > {HF_TOLERANCE:g}; nothing was written "
                                     f"(--no-verify skips the check)", flag="--verify")
         (tmp / "README.md").write_text(model_card(src, name, config, check), encoding="utf-8")

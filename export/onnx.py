@@ -7,17 +7,19 @@ Hugging Face Optimum)::
       input_ids                 int64   (batch, sequence_length)
       attention_mask            int64   (batch, total_sequence_length)   1 = real token, 0 = padding
       position_ids              int64   (batch, sequence_length)
-      past_key_values.{i}.key   float   (batch, n_head, past_sequence_length, head_dim)   i = 0 .. n_layer-1
-      past_key_values.{i}.value float   (batch, n_head, past_sequence_length, head_dim)
+      past_key_values.{i}.key   float   (batch, n_kv_head, past_sequence_length, head_dim)   i = 0 .. n_layer-1
+      past_key_values.{i}.value float   (batch, n_kv_head, past_sequence_length, head_dim)
     outputs
       logits                    float32 (batch, sequence_length, vocab_size)
-      present.{i}.key           float   (batch, n_head, total_sequence_length, head_dim)
-      present.{i}.value         float   (batch, n_head, total_sequence_length, head_dim)
+      present.{i}.key           float   (batch, n_kv_head, total_sequence_length, head_dim)
+      present.{i}.value         float   (batch, n_kv_head, total_sequence_length, head_dim)
 
     total_sequence_length = past_sequence_length + sequence_length
 
 * batch, sequence_length and past_sequence_length are dynamic; past_sequence_length may be 0
-  (prefill: feed (batch, n_head, 0, head_dim) empty caches) and the same graph decodes.
+  (prefill: feed (batch, n_kv_head, 0, head_dim) empty caches) and the same graph decodes.
+* n_kv_head is n_head, but fewer for grouped-query attention (the llama family): config.json's
+  ``n_kv_head`` (``num_key_value_heads``), as Optimum and onnxruntime-genai expect.
 * "float" is float32, or float16 for ``dtype="fp16"`` (a CUDA export); ``logits`` are always
   float32 so samplers never see half precision.
 * Rows are LEFT-padded: a batch of prompts of different lengths is right-aligned, so every
@@ -85,7 +87,7 @@ class MergedDecoder(Traced):
         past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(len(past_key_values) // 2)]
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past, use_cache=True)
-        presents = [t for kv in out.present_key_values for t in kv]  # each (B, nh, past+T, hs)
+        presents = [t for kv in out.present_key_values for t in kv]  # each (B, n_kv_head, past+T, hs)
         return (out.logits.float(), *presents)  # logits (B, T, vocab)
 
 
@@ -96,7 +98,7 @@ def example_inputs(model: GPT, batch: int = 2, seq: int = 3, past: int = 4,
     ids = torch.randint(0, c.vocab_size, (batch, seq), device=device)  # (B, T)
     mask = torch.ones(batch, past + seq, dtype=torch.long, device=device)  # (B, past+T)
     pos = torch.arange(past, past + seq, device=device)[None].expand(batch, seq).contiguous()  # (B, T)
-    kv = [torch.zeros(batch, c.n_head, past, c.head_size, dtype=dtype, device=device) for _ in range(2 * c.n_layer)]
+    kv = [torch.zeros(batch, c.n_kv_head, past, c.head_dim, dtype=dtype, device=device) for _ in range(2 * c.n_layer)]
     return (ids, mask, pos, *kv)
 
 

@@ -4,8 +4,10 @@ The runner knows nothing about requests, tokenizers or sampling: the caller name
 (``0 .. max_slots-1``), each the cache of one sequence for its whole life, and the runner appends
 tokens to them and returns logits.
 
-NOTE on the cache: per layer, one key and one value buffer of shape (max_slots, n_head, max_len,
-head_dim), allocated once. ``serving.onnx`` reads and writes them through IOBinding with the same
+NOTE on the cache: per layer, one key and one value buffer of shape (max_slots, n_kv_head, max_len,
+head_dim), allocated once (n_kv_head = n_head but for grouped-query attention, where fewer key/value
+heads each serve several query heads: config.json's ``n_kv_head``, absent in older artifacts).
+``serving.onnx`` reads and writes them through IOBinding with the same
 buffer bound as ``past`` and ``present``, so ONNX Runtime's GroupQueryAttention writes only the new
 columns and reads each row's own length; nothing is ever copied or rebuilt when sequences join or
 leave. A call covers a contiguous range of slots (``buffer[lo:hi]`` is one contiguous block, so it
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from nextoken.export.artifact import Artifact, cache_names
+from nextoken.export.artifact import Artifact, cache_names, eos_ids
 
 SERVING_FILE = "serving.onnx"  # export/serving.py writes it; the Optimum-style model.onnx is for other runtimes
 
@@ -63,13 +65,13 @@ class CacheSpec:
     max_slots: int
     max_len: int
     n_layer: int
-    n_head: int
+    n_kv_head: int  # the cache's heads (grouped-query attention: fewer than the query heads)
     head_dim: int
     itemsize: int
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.n_layer * self.max_slots * self.n_head * self.max_len * self.head_dim * self.itemsize
+        return 2 * self.n_layer * self.max_slots * self.n_kv_head * self.max_len * self.head_dim * self.itemsize
 
     @property
     def tokens(self) -> int:
@@ -85,10 +87,12 @@ class Runner:
         cfg = artifact.config
         self.n_layer = int(cfg["n_layer"])
         self.n_head = int(cfg["n_head"])
+        self.n_kv_head = int(cfg.get("n_kv_head") or self.n_head)  # the cache's heads
         self.head_dim = int(cfg["head_dim"])
         self.vocab_size = int(cfg["vocab_size"])
         self.context = int(cfg["n_positions"])
-        self.pad_id = int(cfg.get("pad_token_id", cfg["eos_token_id"]))
+        pad = cfg.get("pad_token_id")
+        self.pad_id = int(pad) if pad is not None else eos_ids(cfg)[0]
         max_len = self.context if max_len is None else max_len
         if not 1 <= max_len <= self.context:
             raise ValueError(f"max_len must be in [1, {self.context}] (the model's context), got {max_len}")
@@ -107,13 +111,13 @@ class Runner:
                                f"{self.provider}); check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
         self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
-        self.spec = CacheSpec(max_slots, max_len, self.n_layer, self.n_head, self.head_dim,
+        self.spec = CacheSpec(max_slots, max_len, self.n_layer, self.n_kv_head, self.head_dim,
                               np.dtype(self.kv_dtype).itemsize)
         self.past_names = cache_names("past_key_values", self.n_layer)
         self.present_names = cache_names("present", self.n_layer)
-        shape = (max_slots, self.n_head, max_len, self.head_dim)
-        # each (max_slots, nh, max_len, hs); host arrays on CPU, device OrtValues on CUDA
-        self._row_bytes = self.n_head * max_len * self.head_dim * self.spec.itemsize  # one slot of one buffer
+        shape = (max_slots, self.n_kv_head, max_len, self.head_dim)
+        # each (max_slots, n_kv_head, max_len, hs); host arrays on CPU, device OrtValues on CUDA
+        self._row_bytes = self.n_kv_head * max_len * self.head_dim * self.spec.itemsize  # one slot of one buffer
         if device == "cuda":
             self.device_cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
                                  for _ in self.past_names]
@@ -135,7 +139,7 @@ class Runner:
     # --- binding -------------------------------------------------------------------------------
     def _bind_cache(self, binding: ort.IOBinding, lo: int, hi: int) -> None:
         """Bind cache rows [lo, hi) of every buffer as both past and present: a pointer, no copy."""
-        shape = [hi - lo, self.n_head, self.spec.max_len, self.head_dim]
+        shape = [hi - lo, self.n_kv_head, self.spec.max_len, self.head_dim]
         offset = lo * self._row_bytes
         where = "cuda" if self.device == "cuda" else "cpu"
         for past, present, base in zip(self.past_names, self.present_names, self._cache_ptrs, strict=True):
@@ -204,15 +208,15 @@ class Runner:
     # Prefix caching copies K/V between slots and a host-side store; on CUDA that would be a
     # device-host round trip per block, so the engine refuses a prefix cache there (ServeConfig).
     def read_kv(self, slot: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Slot's K/V at positions [start, stop) as one array (n_layer * 2, nh, stop-start, hs)."""
+        """Slot's K/V at positions [start, stop) as one array (n_layer * 2, n_kv_head, stop-start, hs)."""
         if out is None:
-            out = np.empty((len(self.host_cache), self.n_head, stop - start, self.head_dim), dtype=self.kv_dtype)
+            out = np.empty((len(self.host_cache), self.n_kv_head, stop - start, self.head_dim), dtype=self.kv_dtype)
         for i, buf in enumerate(self.host_cache):
             out[i] = buf[slot, :, start:stop]
         return out
 
     def write_kv(self, slot: int, start: int, kv: np.ndarray) -> None:
-        """Put ``kv`` (n_layer * 2, nh, n, hs), as ``read_kv`` returns it, at positions start.. of slot."""
+        """Put ``kv`` (n_layer * 2, n_kv_head, n, hs), as ``read_kv`` returns it, at positions start.. of slot."""
         n = kv.shape[2]
         for buf, part in zip(self.host_cache, kv, strict=True):
             buf[slot, :, start:start + n] = part

@@ -10,12 +10,12 @@ contract of its own, made for a server that owns a preallocated cache::
       position_ids              int64   (batch, sequence_length)
       seqlens_k                 int32   (batch,)   tokens in each row's cache after this call, minus 1
       total_sequence_length     int32   ()         max over rows of seqlens_k + 1
-      past_key_values.{i}.key   float   (batch, n_head, max_cache_len, head_dim)   i = 0 .. n_layer-1
-      past_key_values.{i}.value float   (batch, n_head, max_cache_len, head_dim)
+      past_key_values.{i}.key   float   (batch, n_kv_head, max_cache_len, head_dim)   i = 0 .. n_layer-1
+      past_key_values.{i}.value float   (batch, n_kv_head, max_cache_len, head_dim)
     outputs
       logits                    float32 (batch, sequence_length, vocab_size)
-      present.{i}.key           float   (batch, n_head, max_cache_len, head_dim)
-      present.{i}.value         float   (batch, n_head, max_cache_len, head_dim)
+      present.{i}.key           float   (batch, n_kv_head, max_cache_len, head_dim)
+      present.{i}.value         float   (batch, n_kv_head, max_cache_len, head_dim)
 
 * Each row owns a cache buffer of fixed length; its tokens sit at slots 0 .. seqlens_k, in
   order (no padding anywhere). A call appends ``sequence_length`` tokens to every row at slots
@@ -27,6 +27,8 @@ contract of its own, made for a server that owns a preallocated cache::
   any lengths; a row the caller does not care about (a free slot) costs one token's compute.
 * ``position_ids`` are each row's token positions (its slot indices, as there is no padding).
 * "float" is float32, or float16 for ``dtype="fp16"``; logits are always float32.
+* n_kv_head < n_head is grouped-query attention (the llama family): the kernel's ``kv_num_heads``;
+  each key/value head serves n_head / n_kv_head query heads.
 
 The graph is traced from the model's own modules (``GPT.embed``, each block's ``ln_1``,
 ``attn.qkv``, ``attn.c_proj``, ``ln_2``, ``mlp``, and ``GPT.head``), so every architecture
@@ -61,29 +63,29 @@ class ServingDecoder(Traced):
                 total_sequence_length: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         B, T = input_ids.shape
-        C, nh = m.config.n_embd, m.config.n_head
+        C, nh, nkv, hs = m.config.n_embd, m.config.n_head, m.config.n_kv_head, m.config.head_dim
         # The residual stream is kept 2-D, (B*T, C): nn.Linear on 2-D input exports as one Gemm (bias
         # included) where 3-D gives MatMul + Add, and only the attention kernel needs (B, T, ...).
         x = m.embed(input_ids, position_ids).reshape(B * T, C)  # (B*T, C)
         presents: list[torch.Tensor] = []
         for i, block in enumerate(m.transformer.h):
-            past_k, past_v = caches[2 * i], caches[2 * i + 1]  # each (B, nh, max_cache_len, hs)
+            past_k, past_v = caches[2 * i], caches[2 * i + 1]  # each (B, nkv, max_cache_len, hs)
             h = block.ln_1(x)  # (B*T, C)
             attn = block.attn
-            if attn.q_norm is None and attn.rope_base is None:
+            if attn.plain:
                 # Nothing happens to q and k between the projection and attention (what attn.qkv would do
-                # is split and reshape): the kernel takes the packed (B, T, 3C) projection as it is.
-                qkv = attn.c_attn(h).reshape(B, T, 3 * C)  # (B, T, 3C): q | k | v, heads in order
+                # is split and reshape): the kernel takes the packed (B, T, (nh + 2 nkv) hs) projection as it is.
+                qkv = attn.c_attn(h).reshape(B, T, m.config.qkv_size)  # (B, T, (nh + 2 nkv) hs): q | k | v
                 inputs = (qkv, None, None)
             else:
-                q, k, v = attn.qkv(h.reshape(B, T, C), position_ids)  # each (B, nh, T, hs)
-                inputs = tuple(t.transpose(1, 2).reshape(B, T, C) for t in (q, k, v))  # each (B, T, C)
+                q, k, v = attn.qkv(h.reshape(B, T, C), position_ids)  # (B, nh, T, hs), (B, nkv, T, hs) x2
+                inputs = tuple(t.transpose(1, 2).reshape(B, T, t.shape[1] * hs) for t in (q, k, v))  # (B, T, n hs)
             # Only ONNX export gives this op meaning: eagerly it returns zeros of these shapes.
             y, pk, pv = torch.onnx.ops.symbolic_multi_out(
                 "com.microsoft::GroupQueryAttention", (*inputs, past_k, past_v, seqlens_k, total_sequence_length),
-                dict(num_heads=nh, kv_num_heads=nh), dtypes=(x.dtype, past_k.dtype, past_v.dtype),
-                shapes=((B, T, C), past_k.shape, past_v.shape), version=1)
-            x = x + attn.c_proj(y.reshape(B * T, C))  # (B*T, C)
+                dict(num_heads=nh, kv_num_heads=nkv), dtypes=(x.dtype, past_k.dtype, past_v.dtype),
+                shapes=((B, T, nh * hs), past_k.shape, past_v.shape), version=1)
+            x = x + attn.c_proj(y.reshape(B * T, nh * hs))  # (B*T, C)
             x = x + block.mlp(block.ln_2(x))
             presents += [pk, pv]
         logits = m.head(x).float()  # (B*T, vocab)
@@ -98,7 +100,7 @@ def _example_inputs(model: GPT, dtype: torch.dtype, device: torch.device) -> tup
     pos = torch.arange(T, device=device)[None].expand(B, T).contiguous()  # (B, T)
     seqlens = torch.full((B,), T - 1, dtype=torch.int32, device=device)  # (B,)
     total = torch.tensor(T, dtype=torch.int32, device=device)  # ()
-    kv = [torch.zeros(B, c.n_head, S, c.head_size, dtype=dtype, device=device) for _ in range(2 * c.n_layer)]
+    kv = [torch.zeros(B, c.n_kv_head, S, c.head_dim, dtype=dtype, device=device) for _ in range(2 * c.n_layer)]
     return (ids, pos, seqlens, total, *kv)
 
 
@@ -160,7 +162,8 @@ def verify_serving(model: GPT, serving_path: str | Path, *, config: dict[str, An
     prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in lengths]
     joins = [0, 0, 1, 3, 4, 6][:requests]  # the step at which each request arrives
     art = Artifact(Path(serving_path).parent, config, {}, {})
-    runner = Runner(art, max_slots=3, max_len=c.block_size, threads=1)
+    # the cache the check needs, not the model's whole context (a 32k-context model would allocate gigabytes)
+    runner = Runner(art, max_slots=3, max_len=min(c.block_size, max(lengths) + max_new + 1), threads=1)
 
     free = [0, 1, 2]
     active: dict[int, dict[str, Any]] = {}  # slot -> request state

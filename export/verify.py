@@ -61,10 +61,10 @@ def default_prompts(vocab_size: int, block_size: int, batch: int = 4, seed: int 
 class OrtDecoder:
     """Prefill then one-token steps over a merged-graph session, the cache grown by the graph."""
 
-    def __init__(self, session: ort.InferenceSession, n_layer: int, n_head: int, head_dim: int,
+    def __init__(self, session: ort.InferenceSession, n_layer: int, n_kv_head: int, head_dim: int,
                  cache_dtype: np.dtype = np.float32) -> None:
         self.session = session
-        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
+        self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
         self.cache_dtype = cache_dtype
         self.past_names = cache_names("past_key_values", n_layer)
         self.mask: np.ndarray | None = None
@@ -73,7 +73,7 @@ class OrtDecoder:
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """ids, mask (B, T) -> logits (B, T, vocab); the cache starts empty (past length 0)."""
         B = ids.shape[0]
-        empty = np.zeros((B, self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
+        empty = np.zeros((B, self.n_kv_head, 0, self.head_dim), dtype=self.cache_dtype)  # (B, nkv, 0, hs)
         self.mask = mask
         self.past = [empty] * (2 * self.n_layer)
         return self._run(ids)
@@ -129,7 +129,7 @@ def verify_onnx(model: GPT, onnx_path: str, *, dtype: str = "fp32", quantized: b
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = make_session(onnx_path, providers=providers)
     cache_dtype = np.float16 if dtype == "fp16" else np.float32
-    dec = OrtDecoder(session, c.n_layer, c.n_head, c.head_size, cache_dtype)
+    dec = OrtDecoder(session, c.n_layer, c.n_kv_head, c.head_dim, cache_dtype)
 
     t_prefill, t_steps = _torch_greedy(model, ids, mask, steps)
     o_prefill = dec.prefill(ids, mask)

@@ -188,7 +188,7 @@ class Scorer:
     description: str
 
 
-def onnx_forward(onnx_path: Path, n_layer: int, n_head: int, head_dim: int, threads: int = 1) -> Forward:
+def onnx_forward(onnx_path: Path, n_layer: int, n_kv_head: int, head_dim: int, threads: int = 1) -> Forward:
     """model.onnx as a plain forward pass: empty past, all-ones mask, positions 0..T-1."""
     import onnxruntime as ort
 
@@ -205,7 +205,7 @@ def onnx_forward(onnx_path: Path, n_layer: int, n_head: int, head_dim: int, thre
         B, T = ids.shape
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones((B, T), dtype=np.int64),
                                         "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()}
-        empty = np.zeros((B, n_head, 0, head_dim), dtype=cache_dtype)  # (B, nh, 0, hs)
+        empty = np.zeros((B, n_kv_head, 0, head_dim), dtype=cache_dtype)  # (B, n_kv_head, 0, hs)
         feeds.update({n: empty for n in names})
         return session.run(wanted, feeds)[0]  # (B, T, vocab)
 
@@ -215,7 +215,7 @@ def onnx_forward(onnx_path: Path, n_layer: int, n_head: int, head_dim: int, thre
 def artifact_scorer(path: Path, threads: int = 1) -> Scorer:
     from tokenizers import Tokenizer
 
-    from nextoken.export.artifact import ArtifactError, load_artifact
+    from nextoken.export.artifact import ArtifactError, eos_ids, load_artifact
 
     try:
         art = load_artifact(path)
@@ -223,8 +223,8 @@ def artifact_scorer(path: Path, threads: int = 1) -> Scorer:
         raise UserError(str(e), flag="RUN_OR_ARTIFACT") from None
     c = art.config
     tok = Tokenizer.from_file(str(art.tokenizer_path))
-    forward = onnx_forward(art.onnx_path, c["n_layer"], c["n_head"], c["head_dim"], threads)
-    return Scorer(forward, lambda s: tok.encode(s, add_special_tokens=False).ids, int(c["eos_token_id"]),
+    forward = onnx_forward(art.onnx_path, c["n_layer"], c.get("n_kv_head") or c["n_head"], c["head_dim"], threads)
+    return Scorer(forward, lambda s: tok.encode(s, add_special_tokens=False).ids, eos_ids(c)[0],
                   int(c["n_positions"]), "artifact", f"artifact {art.model_id} (ONNX Runtime, model.onnx)")
 
 
@@ -244,7 +244,7 @@ def run_scorer(path: Path, checkpoint: str = "best", threads: int = 1) -> Scorer
 
     return Scorer(forward, lambda s: src.tokenizer.encode(s, add_special_tokens=False).ids, src.eos_token_id,
                   src.config.block_size, "run",
-                  f"run {path} checkpoint {src.checkpoint.path.name} (PyTorch)")
+                  f"{src.describe()} (PyTorch)")
 
 
 def make_scorer(path: str | Path, checkpoint: str | None = None, threads: int = 1) -> Scorer:

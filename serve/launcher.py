@@ -46,7 +46,8 @@ def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
     c = artifact_config
     max_len = config.max_model_len or int(c["n_positions"])
     itemsize = 2 if c.get("torch_dtype") == "float16" else 4
-    return 2 * int(c["n_layer"]) * config.max_batch_size * int(c["n_head"]) * max_len * int(c["head_dim"]) * itemsize
+    kv_heads = int(c.get("n_kv_head") or c["n_head"])  # grouped-query attention caches fewer heads
+    return 2 * int(c["n_layer"]) * config.max_batch_size * kv_heads * max_len * int(c["head_dim"]) * itemsize
 
 
 def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The browser and the playground's model, for every folder with pages to test (defined once: session-scoped).
-pytest_plugins = ["tests.browser_fixtures"]
+pytest_plugins = ["tests.browser_fixtures", "tests.hf_folders"]
 
 # A small corpus with repetition, so a tiny model learns something in a few dozen steps.
 TINY_TEXT = (

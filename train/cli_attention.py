@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist", flag="--out")
     loaded = load_run(args.run, args.checkpoint, device=str(resolve_device(args.device)))
-    result = attention_maps(loaded.model, loaded.tokenizer, args.text, args.layers)
+    result = attention_maps(loaded.model, loaded.tokenizer, args.text, args.layers, eot_id=loaded.eot_id)
     plot_attention(result.maps, result.labels, out, grid=args.grid, layers=result.layers)
     n_head = result.maps[0].shape[0]
     print(f"wrote {out}: {len(result.layers)} layer(s) x {n_head} head(s), {len(result.labels)} positions "

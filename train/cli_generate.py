@@ -41,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
 
     from nextoken.errors import UserError
     from nextoken.train.run import load_run, resolve_device
-    from nextoken.train.tokenizer import EOT
-
     check_sampling_flags(args)
     if args.num_samples < 1:
         raise UserError(f"must be >= 1, got {args.num_samples}", flag="--num-samples")
@@ -50,12 +48,12 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(args.run, args.checkpoint, device=str(device))
     tok = loaded.tokenizer
     ids = tok.encode(args.prompt, add_special_tokens=False).ids if args.prompt else []
-    ids = [tok.token_to_id(EOT)] + ids  # every document starts after an end-of-text token
+    ids = [loaded.eot_id] + ids  # every document starts after an end-of-text token
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed if args.seed is not None else torch.seed())
     x = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     out = loaded.model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, eos_token_id=tok.token_to_id(EOT), generator=gen)
+                                top_p=args.top_p, eos_token_id=loaded.eot_id, generator=gen)
     for i, row in enumerate(out.tolist()):
         text = tok.decode(row[1:])
         if args.num_samples > 1:

@@ -31,15 +31,15 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_run(args.run, args.checkpoint, device=str(resolve_device(args.device)))
     if args.text is not None:
-        result = I.text_loss(loaded.model, loaded.tokenizer, args.text)
+        result = I.text_loss(loaded.model, loaded.tokenizer, args.text, eot_id=loaded.eot_id)
         sys.stdout.write(json.dumps(asdict(result), indent=2) + "\n" if args.json else I.format_text_loss(result))
         return 0
-    _, n_unknown = I.encode_document(loaded.tokenizer, args.prompt)
+    _, n_unknown = I.encode_document(loaded.tokenizer, args.prompt, loaded.eot_id)
     if n_unknown:
         print(f"note: {n_unknown} piece(s) of the prompt were never seen in training (<unk>); the model's "
               "predictions after them mean little", file=sys.stderr)
     steps = I.next_token_steps(loaded.model, loaded.tokenizer, args.prompt, top_k=args.top_k, steps=args.steps,
-                               temperature=args.temperature, seed=args.seed)
+                               temperature=args.temperature, seed=args.seed, eot_id=loaded.eot_id)
     if args.json:
         sys.stdout.write(json.dumps([asdict(s) for s in steps], indent=2) + "\n")
     else:

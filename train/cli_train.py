@@ -14,9 +14,17 @@ _HELP = {
     "text_field": "field holding the text in .jsonl inputs",
     "max_corpus_chars": "read at most this many characters of the corpus (0 = all)",
     "tokenizer": "char, word or bpe (byte-level BPE)",
-    "init_from": "a GPT-2-layout Hugging Face folder (`nextoken export --format hf`, or any GPT2LMHeadModel with its "
-                 "tokenizer) to continue training: it fixes the architecture, tokenizer and starting weights "
-                 "(a preset's architecture gives way; such flags are refused); --block-size defaults to its context",
+    "init_from": "a Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, "
+                 "MistralForCausalLM with its tokenizer.json; `nextoken export --format hf` writes one) to continue "
+                 "training: it fixes the architecture, tokenizer and starting weights (a preset's architecture gives "
+                 "way; such flags are refused); --block-size defaults to its context",
+    "arch": "model family: gpt2 (LayerNorm, GELU MLP, biases) or llama (RMSNorm, SwiGLU MLP, rotary positions, "
+            "grouped-query attention, no biases: Llama / Qwen2 / Mistral)",
+    "n_kv_head": "key/value heads for grouped-query attention (--arch llama; 0 = --n-head)",
+    "head_dim": "channels per attention head (--arch llama; 0 = --n-embd / --n-head)",
+    "intermediate_size": "MLP hidden width (0 = 4 x --n-embd for gpt2, 8/3 x --n-embd rounded up to 64 for llama)",
+    "norm_eps": "LayerNorm / RMSNorm epsilon",
+    "qkv_bias": "biases on the q, k and v projections only (Qwen2's; --arch llama)",
     "vocab_size": "vocabulary size for word and bpe tokenizers",
     "tokens_per_step": "tokens per optimizer step; gradient accumulation makes up the difference",
     "max_time": "stop after this many seconds of training (0 = no limit)",

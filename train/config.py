@@ -25,13 +25,45 @@ GPT2_ARCHITECTURE: dict[str, Any] = {
     "tie_embeddings": True,
     "logit_softcap": 0.0,
 }
+# The same for the Llama family's loaders (Llama, Qwen2, Mistral): an untied head, grouped-query
+# attention, any head_dim, rope_theta and llama3 / linear rope scaling are theirs too.
+LLAMA_ARCHITECTURE: dict[str, Any] = {"qk_norm": False, "logit_softcap": 0.0}
+# What each family fixes of the GPT-2 family's options: the llama family is always rotary, SwiGLU
+# and bias-free (Qwen2's q/k/v bias is qkv_bias).
+FAMILY_FIXED: dict[str, dict[str, Any]] = {"gpt2": {}, "llama": {"pos_emb": "rope", "mlp_act": "swiglu", "bias": False}}
+ARCHS = tuple(FAMILY_FIXED)
 POS_EMBS = ("learned", "rope")
-MLP_ACTS = ("gelu", "relu2")
+MLP_ACTS = ("gelu", "relu2", "swiglu")
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 OPTIMIZERS = ("adamw", "muon")
+
+
+def swiglu_width(n_embd: int) -> int:
+    """The llama family's default MLP width: 8/3 of the model's, rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
+    """A rope_scaling dict we compute exactly (linear or llama3, with every parameter), or ValueError."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling type must be one of {', '.join(ROPE_SCALINGS)}, got {kind!r}")
+    missing = [k for k in ROPE_SCALINGS[kind] if not isinstance(scaling.get(k), int | float)]
+    if missing:
+        raise ValueError(f"rope_scaling of type {kind} needs {', '.join(missing)}")
+    if not scaling["factor"] > 0:
+        raise ValueError(f"rope_scaling factor must be > 0, got {scaling['factor']}")
 
 
 @dataclass
 class GPTConfig:
+    # The family: gpt2 (LayerNorm, tanh-GELU MLP, biases; the recipe options below) or llama (Llama,
+    # Qwen2, Mistral: RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases but
+    # an optional q/k/v bias). Both keep GPT-2's module names (train/model.py maps them).
+    arch: str = "gpt2"
     vocab_size: int = 256
     block_size: int = 256  # the longest context the position table covers
     n_layer: int = 4
@@ -44,27 +76,61 @@ class GPTConfig:
     # Recipe options (defaults: GPT-2). Each lives inside GPT.embed / attn.qkv / mlp / GPT.head,
     # the pieces both ONNX graphs are built from.
     pos_emb: str = "learned"  # learned: GPT-2's wpe table; rope: rotary q/k rotation at position_ids, no table
-    rope_base: float = 10000.0  # rotary frequencies base ** (-2i / head_size); only read with pos_emb="rope"
+    rope_base: float = 10000.0  # rope_theta: frequencies base ** (-2i / head_dim); read with pos_emb="rope"
     qk_norm: bool = False  # RMS-normalise each head's q and k (learned gain per channel) before rotary
     mlp_act: str = "gelu"  # gelu: tanh-approximate GELU (GPT-2's gelu_new); relu2: relu(x) ** 2
     tie_embeddings: bool = True  # False: the LM head is a matrix of its own, not the token embedding
     zero_init: bool = False  # attn.c_proj, mlp.c_proj (and an untied lm_head) start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 = off
+    # Shape and numerics fields (0 = derived here, once; the saved config holds the value).
+    n_kv_head: int = 0  # key/value heads: < n_head is grouped-query attention (llama only); 0 = n_head
+    head_dim: int = 0  # channels per head; 0 = n_embd // n_head (a llama model may set another)
+    intermediate_size: int = 0  # the MLP's hidden width; 0 = 4 * n_embd (gpt2) or swiglu_width(n_embd) (llama)
+    norm_eps: float = 1e-5  # LayerNorm (gpt2) or RMSNorm (llama) epsilon
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2); llama only
+    # rotary frequency scaling: None, {"rope_type": "linear", "factor"} or {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's keys)
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name, want in FAMILY_FIXED[self.arch].items():  # the family's own values, GPT-2's defaults give way
+            if getattr(self, name) == GPTConfig.__dataclass_fields__[name].default:
+                setattr(self, name, want)
+            elif getattr(self, name) != want:
+                raise ValueError(f"arch={self.arch} has {name}={want!r}, got {getattr(self, name)!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.intermediate_size = self.intermediate_size or (
+            swiglu_width(self.n_embd) if self.arch == "llama" else 4 * self.n_embd)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.arch == "gpt2":
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            for name, value, want in (("n_kv_head", self.n_kv_head, self.n_head),
+                                      ("head_dim", self.head_dim, self.n_embd // self.n_head),
+                                      ("qkv_bias", self.qkv_bias, False)):
+                if value != want:
+                    raise ValueError(f"{name} applies to arch=llama (gpt2 has {name}={want}), got {value!r}")
+            if self.mlp_act == "swiglu":
+                raise ValueError("mlp_act='swiglu' is the llama family's MLP (arch='llama')")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None and self.pos_emb != "rope":
+            raise ValueError("rope_scaling applies to rotary positions (pos_emb='rope')")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos_emb not in POS_EMBS:
             raise ValueError(f"pos_emb must be one of {', '.join(POS_EMBS)}, got {self.pos_emb!r}")
-        if self.pos_emb == "rope" and self.head_size % 2:
-            raise ValueError(f"pos_emb='rope' rotates channel pairs: head size n_embd / n_head must be even, "
-                             f"got {self.head_size}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"pos_emb='rope' rotates channel pairs: head_dim must be even, got {self.head_dim}")
         if not self.rope_base > 1.0:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
         if self.mlp_act not in MLP_ACTS:
@@ -76,26 +142,31 @@ class GPTConfig:
             self.padded_vocab_size = self.vocab_size if self.vocab_size < 512 else math.ceil(self.vocab_size / 64) * 64
 
     @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
+    def qkv_size(self) -> int:
+        """Rows of the packed q | k | v projection: (n_head + 2 * n_kv_head) * head_dim."""
+        return (self.n_head + 2 * self.n_kv_head) * self.head_dim
 
     def non_gpt2_options(self) -> list[str]:
-        """Options set away from GPT-2's architecture, by field name (empty = a plain GPT-2).
+        """Options set away from what the family's loaders compute, by field name (empty = expressible).
 
-        Exporters to other ecosystems' GPT-2 loaders (Hugging Face, GGUF) refuse a model that
-        has any, naming them, instead of writing weights a GPT-2 loader would misread.
+        For gpt2: anything away from GPT-2's architecture; for llama: the recipe options Llama's
+        loaders lack. Exporters to other ecosystems' loaders (Hugging Face, GGUF) refuse a model that
+        has any, naming them, instead of writing weights a loader would misread.
         """
-        return [name for name, gpt2_value in GPT2_ARCHITECTURE.items() if getattr(self, name) != gpt2_value]
+        reference = GPT2_ARCHITECTURE if self.arch == "gpt2" else LLAMA_ARCHITECTURE
+        return [name for name, value in reference.items() if getattr(self, name) != value]
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count computed from the shape; ``non_embedding`` leaves the position table out."""
-        d, L = self.n_embd, self.n_layer
-        per_block = 4 * d if self.bias else 2 * d  # two LayerNorms
-        per_block += 3 * d * d + (3 * d if self.bias else 0) + d * d + (d if self.bias else 0)
-        per_block += 8 * d * d + (5 * d if self.bias else 0)
+        d, L, inner, q = self.n_embd, self.n_layer, self.intermediate_size, self.n_head * self.head_dim
+        norm = 2 * d if self.bias else d  # a LayerNorm (with its bias) or an RMSNorm
+        per_block = 2 * norm + d * self.qkv_size + q * d
+        per_block += (self.qkv_size + d) if self.bias else (self.qkv_size if self.qkv_bias else 0)
+        up = 2 * inner if self.mlp_act == "swiglu" else inner  # SwiGLU: gate | up
+        per_block += d * up + inner * d + ((inner + d) if self.bias else 0)
         if self.qk_norm:
-            per_block += 2 * self.head_size  # the q and k gains
-        n = L * per_block + (2 * d if self.bias else d) + self.padded_vocab_size * d
+            per_block += 2 * self.head_dim  # the q and k gains
+        n = L * per_block + norm + self.padded_vocab_size * d
         if not self.tie_embeddings:
             n += self.padded_vocab_size * d
         if self.pos_emb == "learned" and not non_embedding:
@@ -108,7 +179,7 @@ class GPTConfig:
         matmul_params = self.num_params()
         if not self.tie_embeddings:  # the input embedding is a lookup; the head (counted) is the matmul
             matmul_params -= self.padded_vocab_size * self.n_embd
-        return 6 * matmul_params + 12 * self.n_layer * self.n_embd * T
+        return 6 * matmul_params + 12 * self.n_layer * self.n_head * self.head_dim * T
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,9 +200,11 @@ class TrainConfig:
     tokenizer: str = "bpe"  # char | word | bpe
     vocab_size: int = 4096  # target size for word and bpe
     val_fraction: float = 0.1
-    # a GPT-2-layout Hugging Face folder to start from: it fixes the architecture and the tokenizer
+    # a Hugging Face model folder to start from (GPT-2, Llama, Qwen2, Mistral): it fixes the architecture and
+    # the tokenizer
     init_from: str = ""
     # model
+    arch: str = "gpt2"  # gpt2 | llama (GPTConfig.arch: the family)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -147,6 +220,12 @@ class TrainConfig:
     zero_init: bool = False
     logit_softcap: float = 0.0
     doc_mask: bool = False  # attention and positions restart at every <|endoftext|> inside a window
+    # llama-family shape (GPTConfig's fields of the same names; 0 = derived from n_embd / n_head)
+    n_kv_head: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
     # optimisation
     optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
     muon_lr: float = 0.02  # Muon's peak learning rate (the same warmup and decay shape as --learning-rate)
@@ -188,6 +267,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.arch == "llama":  # the family's own values; GPT-2's defaults give way (as in GPTConfig)
+            for name, want in FAMILY_FIXED["llama"].items():
+                if getattr(self, name) == TrainConfig.__dataclass_fields__[name].default:
+                    setattr(self, name, want)
         self.validate()
 
     def validate(self) -> None:
@@ -211,8 +294,29 @@ class TrainConfig:
                         ("--max-iters", self.max_iters), ("--eval-iters", self.eval_iters),
                         ("--eval-interval", self.eval_interval), ("--log-interval", self.log_interval)):
             need(isinstance(v, int) and v >= 1, flag, f"must be a positive integer, got {v!r}")
-        need(self.n_embd % self.n_head == 0, "--n-embd",
-             f"must be divisible by --n-head ({self.n_head}), got {self.n_embd}")
+        need(self.arch in ARCHS, "--arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for flag, v in (("--n-kv-head", self.n_kv_head), ("--head-dim", self.head_dim),
+                        ("--intermediate-size", self.intermediate_size)):
+            need(isinstance(v, int) and v >= 0, flag, f"must be a positive integer (0 = derived), got {v!r}")
+        need(self.norm_eps > 0, "--norm-eps", f"must be > 0, got {self.norm_eps}")
+        if self.arch == "gpt2":
+            need(self.n_embd % self.n_head == 0, "--n-embd",
+                 f"must be divisible by --n-head ({self.n_head}), got {self.n_embd}")
+            for name in ("n_kv_head", "head_dim", "qkv_bias"):
+                default = TrainConfig.__dataclass_fields__[name].default
+                need(getattr(self, name) == default, "--" + name.replace("_", "-"),
+                     "applies to --arch llama (GPT-2 has one key/value head per query head, head size "
+                     "--n-embd / --n-head and a bias on every projection or none)")
+            need(self.mlp_act != "swiglu", "--mlp-act", "swiglu is --arch llama's MLP")
+        else:
+            for name, want in FAMILY_FIXED["llama"].items():
+                need(getattr(self, name) == want, "--" + name.replace("_", "-"),
+                     f"--arch llama has {name}={want!r} (rotary positions, a SwiGLU MLP, no biases but --qkv-bias), "
+                     f"got {getattr(self, name)!r}")
+            need(self.head_dim > 0 or self.n_embd % self.n_head == 0, "--n-embd",
+                 f"must be divisible by --n-head ({self.n_head}) unless --head-dim is set, got {self.n_embd}")
+            need(self.n_head % (self.n_kv_head or self.n_head) == 0, "--n-kv-head",
+                 f"must divide --n-head ({self.n_head}), got {self.n_kv_head}")
         need(0.0 <= self.dropout < 1.0, "--dropout", f"must be in [0, 1), got {self.dropout}")
         need(self.learning_rate > 0, "--learning-rate", f"must be positive, got {self.learning_rate}")
         need(0 <= self.min_lr <= self.learning_rate, "--min-lr",
@@ -243,9 +347,9 @@ class TrainConfig:
                      f"only applies with --optimizer muon (got --optimizer {self.optimizer})")
         need(self.pos_emb in POS_EMBS, "--pos-emb", f"must be one of {', '.join(POS_EMBS)}, got {self.pos_emb!r}")
         if self.pos_emb == "rope":
-            need((self.n_embd // self.n_head) % 2 == 0, "--pos-emb",
-                 f"rope rotates channel pairs: the head size --n-embd / --n-head must be even, "
-                 f"got {self.n_embd // self.n_head}")
+            need((self.head_dim or self.n_embd // self.n_head) % 2 == 0, "--pos-emb",
+                 f"rope rotates channel pairs: the head size (--head-dim, or --n-embd / --n-head) must be even, "
+                 f"got {self.head_dim or self.n_embd // self.n_head}")
         else:
             need(self.rope_base == 10000.0, "--rope-base", "only applies with --pos-emb rope")
         need(self.rope_base > 1.0, "--rope-base", f"must be > 1, got {self.rope_base}")
@@ -254,11 +358,12 @@ class TrainConfig:
         need(self.max_time >= 0, "--max-time", f"must be >= 0, got {self.max_time}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+        return GPTConfig(arch=self.arch, vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
                          pos_emb=self.pos_emb, rope_base=self.rope_base, qk_norm=self.qk_norm, mlp_act=self.mlp_act,
                          tie_embeddings=self.tie_embeddings, zero_init=self.zero_init,
-                         logit_softcap=self.logit_softcap)
+                         logit_softcap=self.logit_softcap, n_kv_head=self.n_kv_head, head_dim=self.head_dim,
+                         intermediate_size=self.intermediate_size, norm_eps=self.norm_eps, qkv_bias=self.qkv_bias)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

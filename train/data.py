@@ -117,10 +117,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def tokenize_corpus(files: list[Path], tokenizer: Tokenizer, out_dir: Path, *, text_field: str = "text",
-                    max_chars: int = 0, val_fraction: float = 0.1, progress: bool = True) -> DataManifest:
-    """Encode the corpus into ``out_dir/tokens.bin`` + ``manifest.json`` (reused when they match)."""
+                    max_chars: int = 0, val_fraction: float = 0.1, progress: bool = True,
+                    eot_id: int | None = None) -> DataManifest:
+    """Encode the corpus into ``out_dir/tokens.bin`` + ``manifest.json`` (reused when they match).
+
+    Documents are separated by ``eot_id`` (default: ``<|endoftext|>``; an --init-from folder's eos).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    eot = tokenizer.token_to_id(EOT)
+    eot = tokenizer.token_to_id(EOT) if eot_id is None else eot_id
     dtype = token_dtype(tokenizer.get_vocab_size())
     wanted = DataManifest(MANIFEST_VERSION, tokenizer_hash(tokenizer), [str(f) for f in files], text_field,
                           max_chars, 0, 0, 0, dtype.name, val_fraction, 0)

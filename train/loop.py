@@ -51,7 +51,7 @@ from nextoken.train.startup import (
     record_resumed_settings,
     settle_model,
 )
-from nextoken.train.tokenizer import EOT
+from nextoken.train.tokenizer import document_token_id
 from nextoken.train.validation import evaluate, overfit_start, sample_texts
 
 
@@ -87,9 +87,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
     run_dir = Path(cfg.out_dir)
     start = find_start(cfg, run_dir, say)
     tok, data = prepare_tokenizer_and_data(cfg, run_dir, info, start, say, quiet=quiet)
-    eot_id = tok.token_to_id(EOT)
+    eot_id = document_token_id(tok, run_dir)
     if cfg.doc_mask and eot_id is None:
-        raise UserError(f"the tokenizer has no {EOT} token to find document boundaries by", flag="--doc-mask")
+        raise UserError("the tokenizer has no <|endoftext|> token to find document boundaries by", flag="--doc-mask")
     mcfg, run_config = settle_model(cfg, run_dir, tok, start, info)
     rig = _build(cfg, mcfg, device, dtype, info, start)
     accum, tokens_per_step = _accumulation(cfg, info, say)
@@ -99,7 +99,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo, quiet: bool
         say(f"resuming from {start.resume_path} at step {progress.step}")
     if info.is_main and start.saved_config is not None:
         record_resumed_settings(run_dir, start.saved_config, run_config)
-    say(f"model: {rig.raw.num_params() / 1e6:.2f}M parameters ({mcfg.n_layer} layers, {mcfg.n_head} heads, "
+    gqa = f" ({mcfg.n_kv_head} key/value)" if mcfg.n_kv_head != mcfg.n_head else ""
+    say(f"model: {mcfg.arch}, {rig.raw.num_params() / 1e6:.2f}M parameters ({mcfg.n_layer} layers, {mcfg.n_head} "
+        f"heads{gqa}, "
         f"{mcfg.n_embd} wide, context {mcfg.block_size}); {tokens_per_step:,} tokens/step ({accum} micro-step(s) x "
         f"{info.world_size} rank(s)); device {device}, {str(dtype).removeprefix('torch.')}")
 
@@ -260,7 +262,7 @@ class Loop:
         self.overfitting_since = overfit_start(p.val_history, cfg.overfit_patience)
         samples = []
         if cfg.sample_tokens and (info.is_main or cfg.strategy == "fsdp"):
-            samples = sample_texts(D.unwrap(self.rig.model), self.tok, cfg, self.device, p.step)
+            samples = sample_texts(D.unwrap(self.rig.model), self.tok, cfg, self.device, p.step, eot_id=self.eot_id)
         if info.is_main:
             bar = self.bar
             bar.write(f"step {p.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "

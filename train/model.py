@@ -14,10 +14,17 @@ Attention *weights* are never materialised here; ``attention_weights`` recompute
 separate path for plots, so training and serving keep the fused SDPA kernel.
 
 Recipe options (``GPTConfig``; the defaults are GPT-2) each live inside one of the pieces the
-serving graph composes (``embed``, ``attn.qkv``, ``attn.c_proj``, ``mlp``, ``head``): rotary
-position embeddings and QK-norm in ``qkv``, ReLU^2 in ``mlp``, soft-capping and an untied head
-in ``head``. Attention itself stays plain causal SDPA with scale 1/sqrt(head_size) in every
-variant, so the serving graph can hand exactly that to ONNX Runtime's kernel.
+serving graph composes (``embed``, ``ln_1``, ``attn.qkv``, ``attn.c_proj``, ``ln_2``, ``mlp``,
+``head``): rotary position embeddings and QK-norm in ``qkv``, ReLU^2 in ``mlp``, soft-capping and
+an untied head in ``head``. Attention itself stays plain causal SDPA with scale 1/sqrt(head_dim) in
+every variant, so the serving graph can hand exactly that to ONNX Runtime's kernel.
+
+The llama family (``arch="llama"``: Llama, Qwen2, Mistral) is the same tree of modules under the
+same names: RMSNorm where GPT-2 has LayerNorm (``ln_1``, ``ln_2``, ``ln_f``), a SwiGLU ``mlp``
+(``c_fc`` holds gate | up, ``c_proj`` is down), grouped-query attention (``attention.py``),
+rotary positions and no biases (but Qwen2's q/k/v bias). So the optimizer's groups, FSDP's
+blocks, checkpoints, probes and both ONNX graphs need nothing of their own for it;
+``hf_import`` maps Hugging Face's names onto these.
 """
 
 from __future__ import annotations
@@ -30,133 +37,24 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nextoken.train.attention import (  # noqa: F401  (re-exported: the model's public helpers)
+    CausalSelfAttention,
+    LayerKV,
+    apply_rotary,
+    build_attention_mask,
+    build_document_mask,
+    position_ids_from_mask,
+    rope_frequencies,
+)
 from nextoken.train.config import GPTConfig
 
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # one layer's (key, value), each (B, nh, S, hs)
-KVCache = list[LayerKV]  # per layer
+KVCache = list[LayerKV]  # per layer, each (B, n_kv_head, S, hs)
 
 
 class GPTOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab_size)
     loss: torch.Tensor | None  # scalar mean cross-entropy when targets were given
-    present_key_values: KVCache | None  # per layer (B, nh, past+T, hs) when use_cache
-
-
-def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor:
-    """Boolean attention mask in cache-slot space.
-
-    attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = past_len + q_len.
-    Returns (B, 1, q_len, S): query i (in slot past_len + i) may see key slot j when
-    j <= its own slot and slot j holds a real token. Every query may also see its own slot,
-    so a padded query row is never fully masked (a fully masked softmax row is NaN in
-    ONNX Runtime); its output is garbage that nobody reads.
-    """
-    S = attention_mask.shape[1]
-    k_slots = torch.arange(S, device=attention_mask.device)  # (S,)
-    # arange + offset rather than k_slots[S - q_len:]: torch.export cannot size that slice
-    q_slots = torch.arange(q_len, device=attention_mask.device) + past_len  # (T,)
-    causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
-    own = k_slots[None, :] == q_slots[:, None]  # (T, S)
-    real = attention_mask[:, None, :].bool()  # (B, 1, S)
-    return ((causal[None] & real) | own[None])[:, None]  # (B, 1, T, S)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-row positions for a left-padded batch: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
-
-
-def build_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Causal attention inside each document of a packed window.
-
-    document_ids: (B, T), equal for the tokens of one document. Returns a boolean (B, 1, T, T):
-    query i may see key j when j <= i and both belong to the same document (so the diagonal
-    is always visible and no row is fully masked).
-    """
-    T = document_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    return (same & causal)[:, None]  # (B, 1, T, T)
-
-
-def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate channel pairs (i, i + hs/2) of x (B, T, ..., hs) by position * base ** (-2i / hs).
-
-    position_ids: (B, T) or (1, T); any axes between T and hs (heads, q/k) share the rotation.
-    The angles are computed here from the positions (in float32, whatever x's dtype), not read
-    from a table, so per-row positions (left padding) and any context length work, and the
-    exported graph holds no position-sized constant.
-    """
-    hs = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float32, device=x.device) / hs)  # (hs/2,)
-    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, T, hs/2)
-    angles = angles.reshape(angles.shape[:2] + (1,) * (x.dim() - 3) + angles.shape[2:])  # (B, T, 1.., hs/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., : hs // 2], x[..., hs // 2:]  # each (B, T, ..., hs/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, T, ..., hs)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.rope_base = config.rope_base if config.pos_emb == "rope" else None
-        if config.qk_norm:
-            # A learned gain per channel, shared by the heads: with unit-RMS q and k and a fixed
-            # 1/sqrt(hs) scale, the gains are what lets attention sharpen.
-            self.q_norm = nn.RMSNorm(config.head_size, eps=1e-6)
-            self.k_norm = nn.RMSNorm(config.head_size, eps=1e-6)
-        else:
-            self.q_norm = self.k_norm = None
-
-    def qkv(self, x: torch.Tensor, position_ids: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values for x (B, T, C), each (B, nh, T, hs), ready for attention.
-
-        Anything applied to q and k before attention (normalisation, rotary embeddings at
-        ``position_ids`` (B, T) or (1, T)) belongs here: the serving graph (export/serving.py)
-        calls this and hands the result to ONNX Runtime's attention kernel.
-        """
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        if self.q_norm is None and self.rope_base is None:  # GPT-2: exactly the historical ops
-            q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
-            q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-            k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-            v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-            return q, k, v
-        qkv = self.c_attn(x).view(B, T, 3, nh, hs)  # (B, T, 3, nh, hs)
-        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # (B, T, 2, nh, hs), (B, T, nh, hs)
-        # q and k go through the norm and the rotation together: half the ops of doing each alone
-        if self.q_norm is not None:
-            gains = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, :]  # (2, 1, hs)
-            qk = F.rms_norm(qk, (hs,), eps=self.q_norm.eps) * gains  # unit RMS per head, times the gains
-        if self.rope_base is not None:
-            if position_ids is None:
-                raise ValueError("rotary position embeddings need position_ids")
-            qk = apply_rotary(qk, position_ids, self.rope_base)  # (B, T, 2, nh, hs)
-        q, k = qk.unbind(2)  # each (B, T, nh, hs)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, nh, T, hs)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, past: LayerKV | None = None,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerKV]:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x, position_ids)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, past+T, hs)
-            v = torch.cat([past[1], v], dim=2)  # (B, nh, past+T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+    present_key_values: KVCache | None  # per layer (B, n_kv_head, past+T, hs) when use_cache
 
 
 class ReLUSquared(nn.Module):
@@ -167,25 +65,40 @@ class ReLUSquared(nn.Module):
 
 
 class MLP(nn.Module):
+    """x (..., C) -> (..., C): c_proj(act(c_fc(x))), or SwiGLU's c_proj(silu(gate) * up) with c_fc = gate | up."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh") if config.mlp_act == "gelu" else ReLUSquared()  # the activation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        inner = config.intermediate_size
+        self.swiglu = config.mlp_act == "swiglu"
+        self.c_fc = nn.Linear(config.n_embd, 2 * inner if self.swiglu else inner, bias=config.bias)
+        self.gelu = (nn.SiLU() if self.swiglu else nn.GELU(approximate="tanh") if config.mlp_act == "gelu"
+                     else ReLUSquared())  # the activation
+        self.c_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)  # each (..., inner)
+            return self.dropout(self.c_proj(self.gelu(gate) * up))
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+def norm(config: GPTConfig) -> nn.Module:
+    """The family's normalisation over the model's width: GPT-2's LayerNorm or the llama family's RMSNorm."""
+    if config.arch == "llama":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, past: LayerKV | None = None,
@@ -207,7 +120,7 @@ class GPT(nn.Module):
                 **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos_emb == "learned" else {}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=norm(config),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -225,6 +138,16 @@ class GPT(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not config.tie_embeddings):
                     nn.init.zeros_(p)
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+        """A model whose parameters ARE ``state``'s tensors (no random init, no copy): for loading big folders."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight  # assign replaced the shared parameter twice
+        return model
 
     @property
     def tied(self) -> bool:
@@ -282,7 +205,7 @@ class GPT(nn.Module):
 
         input_ids: (B, T) token ids; targets: (B, T) next-token ids (-100 is ignored).
         attention_mask: (B, past+T) 1 = real token, 0 = padding. position_ids: (B, T).
-        past_key_values: per layer (key, value), each (B, nh, past, hs).
+        past_key_values: per layer (key, value), each (B, n_kv_head, past, hs).
         document_ids: (B, T), training path only: a token attends only to earlier tokens of its
         own document (pass each token's position inside its document as position_ids).
         """
@@ -330,15 +253,12 @@ class GPT(nn.Module):
 
         A separate path on purpose: the hot paths use fused SDPA, which never forms them.
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)[None]
         x = self.embed(input_ids, pos)
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
         maps = []
         for block in self.transformer.h:
-            q, k, _ = block.attn.qkv(block.ln_1(x), pos)
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, T)
-            maps.append(att.masked_fill(~causal, float("-inf")).softmax(-1))
+            maps.append(block.attn.weights(block.ln_1(x), pos))  # (B, nh, T, T)
             x, _ = block(x, position_ids=pos)
         return maps
 

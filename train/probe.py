@@ -88,12 +88,15 @@ def axis_label(text: str) -> str:
     return repr(text)[1:-1].replace(" ", "\u2423") or "''"
 
 
-def encode_document(tok: Tokenizer, text: str) -> tuple[list[int], int]:
-    """``[<|endoftext|>] + ids(text)`` and how many ids are ``<unk>``."""
+def encode_document(tok: Tokenizer, text: str, eot_id: int | None = None) -> tuple[list[int], int]:
+    """``[<|endoftext|>] + ids(text)`` and how many ids are ``<unk>``.
+
+    ``eot_id`` is the run's document separator when it is not ``<|endoftext|>`` (``LoadedRun.eot_id``).
+    """
     ids = tok.encode(text, add_special_tokens=False).ids if text else []
     unk = tok.token_to_id(UNK)
     n_unknown = sum(1 for i in ids if unk is not None and i == unk)
-    return [tok.token_to_id(EOT)] + ids, n_unknown
+    return [tok.token_to_id(EOT) if eot_id is None else eot_id] + ids, n_unknown
 
 
 def _table(logits: torch.Tensor, tok: Tokenizer, top_k: int) -> tuple[list[Candidate], torch.Tensor]:
@@ -109,7 +112,8 @@ def _table(logits: torch.Tensor, tok: Tokenizer, top_k: int) -> tuple[list[Candi
 
 @torch.no_grad()
 def next_token_steps(model: GPT, tok: Tokenizer, prompt: str, *, top_k: int = 10, steps: int = 1,
-                     temperature: float = 0.0, seed: int | None = None) -> list[NextTokenStep]:
+                     temperature: float = 0.0, seed: int | None = None, eot_id: int | None = None
+                     ) -> list[NextTokenStep]:
     """The next-token table after ``prompt``, then after each token of a continuation.
 
     The tables show the model's own distribution (temperature 1, no filtering), whatever
@@ -128,7 +132,7 @@ def next_token_steps(model: GPT, tok: Tokenizer, prompt: str, *, top_k: int = 10
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
-    ids, _ = encode_document(tok, prompt)
+    ids, _ = encode_document(tok, prompt, eot_id)
     out: list[NextTokenStep] = []
     window = model.config.block_size
     for step in range(steps):
@@ -146,11 +150,11 @@ def next_token_steps(model: GPT, tok: Tokenizer, prompt: str, *, top_k: int = 10
 
 
 @torch.no_grad()
-def text_loss(model: GPT, tok: Tokenizer, text: str) -> TextLoss:
+def text_loss(model: GPT, tok: Tokenizer, text: str, eot_id: int | None = None) -> TextLoss:
     """Per-token cross-entropy of ``text``: how surprised the model is by each token in turn."""
     if not text:
         raise UserError("is empty; give some text to score", flag="--text")
-    ids, n_unknown = encode_document(tok, text)
+    ids, n_unknown = encode_document(tok, text, eot_id)
     if len(ids) - 1 > model.config.block_size:
         raise UserError(f"is {len(ids) - 1} tokens after the <|endoftext|> separator; the model's context is "
                         f"{model.config.block_size} tokens", flag="--text")
@@ -168,11 +172,12 @@ def text_loss(model: GPT, tok: Tokenizer, text: str) -> TextLoss:
 
 
 @torch.no_grad()
-def attention_maps(model: GPT, tok: Tokenizer, text: str, layers: list[int] | None = None) -> AttentionMaps:
+def attention_maps(model: GPT, tok: Tokenizer, text: str, layers: list[int] | None = None,
+                   eot_id: int | None = None) -> AttentionMaps:
     """Softmax attention weights of ``text`` (after the separator) for the chosen layers."""
     if not text:
         raise UserError("is empty; give the text whose attention to plot", flag="--text")
-    ids, _ = encode_document(tok, text)
+    ids, _ = encode_document(tok, text, eot_id)
     if len(ids) > model.config.block_size:
         raise UserError(f"is {len(ids)} tokens with the <|endoftext|> separator; the model's context is "
                         f"{model.config.block_size} tokens", flag="--text")

@@ -27,7 +27,7 @@ from nextoken.errors import UserError
 from nextoken.train.checkpoint import CheckpointInfo, best_checkpoint, list_checkpoints, load_weights
 from nextoken.train.config import GPTConfig
 from nextoken.train.model import GPT
-from nextoken.train.tokenizer import load_tokenizer
+from nextoken.train.tokenizer import document_token_id, load_tokenizer
 
 
 @dataclass
@@ -37,6 +37,11 @@ class LoadedRun:
     tokenizer: Tokenizer
     config: dict[str, Any]
     checkpoint: CheckpointInfo
+
+    @property
+    def eot_id(self) -> int | None:
+        """The run's document separator: <|endoftext|>, or its --init-from folder's end-of-sequence token."""
+        return document_token_id(self.tokenizer, self.path)
 
 
 def read_run_config(run_dir: Path, flag: str = "RUN") -> dict[str, Any]:

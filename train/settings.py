@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nextoken.errors import UserError
-from nextoken.train.config import GPT2_ARCHITECTURE, TrainConfig
+from nextoken.train.config import FAMILY_FIXED, GPT2_ARCHITECTURE, TrainConfig
 from nextoken.train.presets import PRESETS
 
 
@@ -67,6 +67,11 @@ def resolve_train_config(preset: str | None, config_file: str | None, overrides:
     merged.update(from_file)
     explicit = {k: v for k, v in overrides.items() if v is not None}
     merged.update(explicit)
+    if merged.get("arch") == "llama" and preset:
+        # The preset's GPT-2-family options (its recipe's ReLU^2, say) give way to the llama family's own.
+        for name in FAMILY_FIXED["llama"]:
+            if name in PRESETS[preset] and name not in from_file and name not in explicit:
+                del merged[name]
     saved = saved_run_settings(merged)
     if saved is not None:
         return TrainConfig(**resumed_settings(saved, merged, preset=preset, explicit=set(from_file) | set(explicit)))
@@ -141,12 +146,12 @@ def resumed_settings(saved: dict[str, Any], requested: dict[str, Any], *, preset
 
 # What an --init-from folder fixes: the architecture (GPTConfig's fields), the tokenizer, and the
 # starting weights (so zero_init, an initialisation choice, has nothing to act on).
-INIT_FROM_FIXED = ("tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "rope_base", "zero_init",
-                   *GPT2_ARCHITECTURE)
+INIT_FROM_FIXED = ("tokenizer", "vocab_size", "arch", "n_layer", "n_head", "n_embd", "bias", "rope_base", "zero_init",
+                   "n_kv_head", "head_dim", "intermediate_size", "norm_eps", "qkv_bias", *GPT2_ARCHITECTURE)
 
 
 def init_from_settings(folder: str, explicit: dict[str, Any]) -> dict[str, Any]:
-    """The TrainConfig fields a GPT-2-layout folder sets, so the run's config.json says what it trains.
+    """The TrainConfig fields a Hugging Face folder sets, so the run's config.json says what it trains.
 
     Setting one of them too (a flag or the config file) is refused by name: the weights cannot
     take another shape. A preset's architecture gives way to the folder's. The training window
@@ -161,6 +166,8 @@ def init_from_settings(folder: str, explicit: dict[str, Any]) -> dict[str, Any]:
     g = read_hf_config(folder)
     fixed = {name: getattr(g, name) for name in INIT_FROM_FIXED if name != "tokenizer"}
     fixed["tokenizer"] = "bpe"
+    if g.arch == "gpt2":  # GPT-2's derived shape: TrainConfig takes it as "derived" (0)
+        fixed.update(n_kv_head=0, head_dim=0)
     if "block_size" not in explicit:
         fixed["block_size"] = g.block_size
     elif explicit["block_size"] > g.block_size:

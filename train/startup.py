@@ -25,7 +25,13 @@ from nextoken.train.config import GPTConfig, TrainConfig
 from nextoken.train.data import TokenData, iter_documents, tokenize_corpus
 from nextoken.train.settings import resumes_own_run
 from nextoken.train.sources import resolve_sources
-from nextoken.train.tokenizer import load_tokenizer, special_token_ids, tokenizer_kind, train_tokenizer
+from nextoken.train.tokenizer import (
+    document_token_id,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_kind,
+    train_tokenizer,
+)
 
 if TYPE_CHECKING:
     from nextoken.train.hf_import import HFModel
@@ -60,8 +66,8 @@ def find_start(cfg: TrainConfig, run_dir: Path, say: Callable[[str], None]) -> S
         from nextoken.train.hf_import import init_from_hf  # PyTorch and safetensors: only for --init-from
 
         init = init_from_hf(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
-        say(f"starting from {cfg.init_from}: {init.config.n_layer} layers, {init.config.n_embd} wide, "
-            f"context {init.config.block_size}")
+        say(f"starting from {cfg.init_from} ({init.model_type}): {init.config.n_layer} layers, "
+            f"{init.config.n_embd} wide, context {init.config.block_size}")
     return Start(resume_path, saved_config, init)
 
 
@@ -86,6 +92,8 @@ def prepare_tokenizer_and_data(cfg: TrainConfig, run_dir: Path, info: D.DistInfo
         elif start.init is not None:
             tok = start.init.tokenizer
             atomic_write_text(tok_path, tok.to_str(pretty=True))
+            # its chat template, special tokens and generation defaults go with it (and into every export)
+            start.init.files.save(run_dir)
         else:
             source = "the built-in corpus (Python standard library)" if not cfg.data else f"{len(files)} file(s)"
             say(f"training a {cfg.tokenizer} tokenizer on {source}")
@@ -94,7 +102,7 @@ def prepare_tokenizer_and_data(cfg: TrainConfig, run_dir: Path, info: D.DistInfo
             atomic_write_text(tok_path, tok.to_str(pretty=True))
         manifest = tokenize_corpus(files, tok, run_dir / "data", text_field=cfg.text_field,
                                    max_chars=cfg.max_corpus_chars, val_fraction=cfg.val_fraction,
-                                   progress=cfg.progress and not quiet)
+                                   progress=cfg.progress and not quiet, eot_id=document_token_id(tok, run_dir))
         say(f"corpus: {manifest.num_documents} documents, {manifest.num_chars:,} characters, "
             f"{manifest.num_tokens:,} tokens (vocab {tok.get_vocab_size()}); "
             f"{manifest.split:,} train / {manifest.num_tokens - manifest.split:,} val")
@@ -115,7 +123,7 @@ def settle_model(cfg: TrainConfig, run_dir: Path, tok: Any, start: Start,
         mcfg = start.init.config if start.init else cfg.model_config(tok.get_vocab_size())
     run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(),
                   "tokenizer": {"kind": tokenizer_kind(tok), "vocab_size": tok.get_vocab_size(),
-                                **special_token_ids(tok)}}
+                                **special_token_ids(tok, run_dir)}}
     if info.is_main and start.saved_config is None:
         atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2))
     return mcfg, run_config

@@ -41,9 +41,10 @@ def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, device: 
     return out
 
 
-def sample_texts(model: GPT, tok: Any, cfg: TrainConfig, device: torch.device, step: int, n: int = 2) -> list[str]:
+def sample_texts(model: GPT, tok: Any, cfg: TrainConfig, device: torch.device, step: int, n: int = 2,
+                 eot_id: int | None = None) -> list[str]:
     """``n`` samples from the start of a document, seeded by the step: the same texts on a resume."""
-    eot = tok.token_to_id(EOT)
+    eot = tok.token_to_id(EOT) if eot_id is None else eot_id
     gen = torch.Generator(device=device).manual_seed(cfg.seed + step)  # never touches the training RNG
     start = torch.full((n, 1), eot, dtype=torch.long, device=device)
     out = model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen)

@@ -121,8 +121,8 @@ def run_details(rid: str, run: Path) -> dict[str, Any]:
                   "learning_rate", "min_lr", "warmup_iters", "eval_interval", "dtype", "device")
     return {
         "id": rid, "name": run.name, "path": str(run),
-        "model": {k: model.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
-                  if k in model},
+        "model": {k: model.get(k) for k in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size",
+                                            "vocab_size", "dropout") if k in model},
         "train": {k: train.get(k) for k in keep_train if k in train},
         "tokenizer": config.get("tokenizer"),
         "vocab_size": vocab,
@@ -168,11 +168,11 @@ class AttentionService:
                 self._loaded = None  # free the previous model before loading the next
                 self._loaded = (key, load_run(run, str(ckpt.path)))
             loaded = self._loaded[1]
-        ids, _ = encode_document(loaded.tokenizer, text)
+        ids, _ = encode_document(loaded.tokenizer, text, loaded.eot_id)
         if len(ids) > MAX_ATTENTION_TOKENS:
             raise UserError(f"is {len(ids)} tokens with the <|endoftext|> separator; the page draws at most "
                             f"{MAX_ATTENTION_TOKENS}", flag="--text")
-        maps = attention_maps(loaded.model, loaded.tokenizer, text)
+        maps = attention_maps(loaded.model, loaded.tokenizer, text, eot_id=loaded.eot_id)
         return {"checkpoint": {"name": ckpt.path.name, "step": ckpt.step,
                                "val_loss": _finite(ckpt.meta.get("val_loss")) if ckpt.meta else None},
                 "labels": maps.labels, "layers": maps.layers, "n_head": int(maps.maps[0].shape[0]),

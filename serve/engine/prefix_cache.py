@@ -44,12 +44,12 @@ class PrefixCache:
         self.runner = runner
         self.block_size = block_size
         self.buffers = 2 * runner.n_layer
-        block_bytes = self.buffers * runner.n_head * block_size * runner.head_dim * runner.spec.itemsize
+        block_bytes = self.buffers * runner.n_kv_head * block_size * runner.head_dim * runner.spec.itemsize
         self.num_blocks = max_bytes // block_bytes
         if self.num_blocks < 1:
             raise ValueError(f"a prefix cache of {max_bytes} bytes holds no block of {block_bytes} bytes")
         # (num_blocks, n_layer * 2, nh, block_size, hs); np.empty commits memory only as blocks are written
-        self.pool = np.empty((self.num_blocks, self.buffers, runner.n_head, block_size, runner.head_dim),
+        self.pool = np.empty((self.num_blocks, self.buffers, runner.n_kv_head, block_size, runner.head_dim),
                              dtype=runner.kv_dtype)
         self.nbytes = self.pool.nbytes
         self._index: OrderedDict[int, int] = OrderedDict()  # key -> pool block, least recently used first

@@ -74,7 +74,7 @@ def test_parity_left_padded_batch_64_greedy_steps(long_artifact: Path, long_run:
 
     sess = make_session(str(long_artifact / "model.onnx"))
     c = loaded.model.config
-    dec = OrtDecoder(sess, c.n_layer, c.n_head, c.head_size)
+    dec = OrtDecoder(sess, c.n_layer, c.n_kv_head, c.head_dim)
     ids, mask = left_pad(prompts, 0)
     last = dec.prefill(ids, mask)[:, -1]
     tokens = []

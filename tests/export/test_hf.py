@@ -89,7 +89,8 @@ def test_cli_hf_export_files_card_and_replace(tiny_bpe_run: Path, tmp_path: Path
     assert cfg["nextoken_export"]["format"] == "hf"
     card = (out / "README.md").read_text()
     summary = json.loads((tiny_bpe_run / "summary.json").read_text())
-    assert f"{summary['best_val_loss']:.4f}" in card and "| layers / heads / width | 2 / 2 / 32 |" in card
+    assert f"{summary['best_val_loss']:.4f}" in card
+    assert "| layers / heads (key/value) / width | 2 / 2 (2) / 32 |" in card
     if "transformers" in card:  # the load check ran (transformers installed)
         assert "max |delta logit|" in card
     assert main(["export", str(tiny_bpe_run), "--format", "hf", "--out", str(out), "--checkpoint", "latest"]) == 0
@@ -159,8 +160,8 @@ def test_load_hf_gpt2_is_the_checkpoint(tiny_bpe_run: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("field, value", [
-    ("activation_function", "relu"), ("n_inner", 7), ("scale_attn_by_inverse_layer_idx", True),
-    ("tie_word_embeddings", False), ("model_type", "llama"),
+    ("activation_function", "relu"), ("add_cross_attention", True), ("scale_attn_by_inverse_layer_idx", True),
+    ("tie_word_embeddings", False), ("model_type", "mixtral"),
 ])
 def test_load_hf_gpt2_refuses_what_our_gpt_cannot_be(tiny_bpe_run: Path, tmp_path: Path, field: str,
                                                      value: object) -> None:

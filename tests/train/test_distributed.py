@@ -177,3 +177,17 @@ def test_ranks_stop_together_on_max_time(tmp_path: Path, tiny_corpus: Path) -> N
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped_by"] == "max_time" and 0 < summary["steps"] < 100000
     assert list_checkpoints(run / "checkpoints")[-1].step == summary["steps"]  # the final, collective save
+
+
+def test_fsdp_llama_family_run_resumes_in_one_process(tmp_path: Path, tiny_corpus: Path) -> None:
+    """--arch llama (grouped-query attention, SwiGLU, RMSNorm) with Muon under FSDP: whole checkpoints that one
+    process continues."""
+    run = tmp_path / "run"
+    torchrun("-m", "nextoken", "train", "--data", str(tiny_corpus), "--out-dir", str(run), "--strategy", "fsdp",
+             *TINY_FLAGS, "--arch", "llama", "--n-kv-head", "1", "--optimizer", "muon")
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    weights = load_file(ckpt.path / "model.safetensors")
+    assert weights["transformer.h.0.attn.c_attn.weight"].shape == ((2 + 2) * 16, 32)  # q | one k head | one v head
+    summary = train_tiny(run, tiny_corpus, resume="auto", max_iters=9, eval_interval=3, eval_iters=2, log_interval=3,
+                         warmup_iters=2, arch="llama", n_kv_head=1, optimizer="muon")
+    assert summary["steps"] == 9 and summary["world_size"] == 1
