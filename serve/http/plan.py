@@ -76,9 +76,18 @@ def choice_seed(seed: int | None, j: int) -> int | None:
     return (z ^ (z >> 31)) >> 1  # 63 bits: any integer seed field takes it
 
 
+def truncated_length(truncate: int | None, context: int, max_tokens: int | None) -> int | None:
+    """The prompt tokens ``truncate_prompt_tokens`` keeps: k, or with -1 as many as fit beside max_tokens."""
+    if truncate is None or truncate > 0:
+        return truncate
+    return max(1, context - (max_tokens or 1))
+
+
 def prompts_of(req: CompletionRequest | ChatCompletionRequest) -> list[Prompt]:
     if isinstance(req, ChatCompletionRequest):
-        return [Prompt(text=chat_prompt(req.messages))]
+        cont = bool(req.continue_final_message)
+        return [Prompt(text=chat_prompt(req.messages, add_generation_prompt=req.add_generation_prompt is not False
+                                        and not cont, continue_final_message=cont))]
     p = req.prompt
     if isinstance(p, str):
         return [Prompt(text=p)]
@@ -103,6 +112,10 @@ def plan_choices(req: CompletionRequest | ChatCompletionRequest, tok: TokenizerV
             own = tok.encode(p.text)
             fed = [tok.eos_id, *own] if add_eos else own
             text = p.text
+        keep = truncated_length(req.truncate_prompt_tokens, tok.context, max_tokens)
+        if keep is not None and len(fed) > keep:  # vLLM's truncate_prompt_tokens: the last tokens are fed
+            fed = own = fed[-keep:]
+            text = None  # fed as ids from here on (another version must not tokenize the whole text again)
         echo_text = "" if not echo else (p.text if p.text is not None else tok.decode(own))
         scored_only = echo and max_tokens == 0 and logprobs is None  # the echo is the whole answer
         params = req.to_sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=req.seed,
