@@ -48,7 +48,7 @@ TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 100
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 
 # The documented label values; precreate() writes each at 0.
-ENDPOINTS = ("completions", "chat")
+ENDPOINTS = ("completions", "chat", "responses")
 OUTCOMES = ("stop", "length", "cancelled", "error")
 ERROR_KINDS = ("validation", "overloaded", "unauthorised", "unavailable", "internal")
 RELOAD_FAILURE_REASONS = ("invalid artifact", "failed warm-up")  # serve/engine/versions.py: the error's text before ':'
@@ -160,6 +160,10 @@ class ServerMetrics:
         self.errors = counter("nextoken_errors", "Rejected or failed requests by kind.", ("model", "kind"))
         self.prompt_tokens_total = counter("nextoken_prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens_total = counter("nextoken_generation_tokens", "Tokens generated.")
+        # vLLM's prefix_cache_queries / prefix_cache_hits, in tokens: hits / queries is the hit rate, and the
+        # hits are what usage.prompt_tokens_details.cached_tokens reports per request
+        self.prefix_queries = counter("nextoken_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("nextoken_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.reloads = counter("nextoken_model_reloads", "Model versions loaded after start-up.")
         # model = the refused version, so an operator sees which one failed
         self.reload_failures = counter("nextoken_model_reload_failures", "Model versions refused on reload.",
@@ -211,7 +215,8 @@ class ServerMetrics:
             self.errors.labels(model, kind)
         for reason in RELOAD_FAILURE_REASONS:
             self.reload_failures.labels(model, reason)
-        for c in (self.prompt_tokens_total, self.generation_tokens_total, self.reloads):
+        for c in (self.prompt_tokens_total, self.generation_tokens_total, self.reloads, self.prefix_queries,
+                  self.prefix_hits):
             c.labels(model)
         for h in (self.ttft, self.itl, self.tpot, self.e2e, self.queue_time, self.prefill_time, self.decode_time,
                   self.prompt_tokens, self.generation_tokens, self.step_time, self.batch_size):
@@ -255,13 +260,19 @@ class ServerMetrics:
 
     # --- engine steps --------------------------------------------------------------------------
     def observe_step(self, model: str, *, batch_size: int, running: int, waiting: int, kv_cache_usage: float,
-                     prefill_s: float | None = None, decode_s: float | None = None) -> None:
+                     prefill_s: float | None = None, decode_s: float | None = None, prefix_queried: int = 0,
+                     prefix_hits: int = 0) -> None:
         """Called by the engine's process once per step.
 
         ``prefill_s`` / ``decode_s``: seconds spent in each phase this step (None when the phase did
         not run); the step's duration is their sum. ``kv_cache_usage``: tokens held in the KV cache
-        over the tokens it can hold, in [0, 1].
+        over the tokens it can hold, in [0, 1]. ``prefix_queried`` / ``prefix_hits``: prompt tokens
+        looked up in the prefix cache this step, and of those, served from it.
         """
+        if prefix_queried:
+            self.prefix_queries.labels(model).inc(prefix_queried)
+        if prefix_hits:
+            self.prefix_hits.labels(model).inc(prefix_hits)
         if not 0.0 <= kv_cache_usage <= 1.0:
             raise ValueError(f"kv_cache_usage must be in [0, 1], got {kv_cache_usage}")
         phases = {"prefill": prefill_s, "decode": decode_s}

@@ -69,6 +69,7 @@ class StructuredSpec:
     choices: tuple[str, ...] = ()  # CHOICE
     grammar: str | None = None  # GRAMMAR
     whitespace: str | None = None  # JSON kinds: the whitespace allowed between tokens (None: the engine's)
+    whitespace_param: str = "guided_whitespace_pattern"  # the request field ``whitespace`` came from
 
 
 class ParamError(ValueError):
@@ -98,6 +99,9 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)  # stop strings: the HTTP side's text stream handles them
+    include_stop: list[str] = field(default_factory=list)  # (HTTP side) stop strings kept in the output text
+    skip_special_tokens: bool = True  # (HTTP side) special tokens add no text
+    spaces_between_special_tokens: bool = True  # (HTTP side) shown special tokens are set apart by spaces
     stop_token_ids: list[int] = field(default_factory=list)  # token ids that end the sequence (besides EOS)
     seed: int | None = None
     logprobs: int | None = None  # None = none; N = the chosen token's plus the top N alternatives
@@ -196,6 +200,7 @@ class Started:
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     queue_time: float  # seconds from arrival to getting a cache slot
     model: str  # the version running it
+    written_tokens: int = 0  # prompt tokens whose KV it wrote into the prefix cache (blocks not held before)
     # prompt logprobs, when asked: per prompt position 1..T-1, the logprob of that prompt token, and
     # the top N alternatives (ids (T-1, N), logprobs (T-1, N)); position 0 has none
     prompt_logprobs: np.ndarray | None = None  # (T-1,) float32

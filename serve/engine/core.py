@@ -238,7 +238,7 @@ class EngineCore:
                 self._prompt_logprobs(r, chunk.start, logits)
             if chunk.completes_prompt:
                 if self.prefix_cache is not None:
-                    self.prefix_cache.store(seq.prompt_ids, seq.num_prompt, seq.slot)
+                    seq.num_written = self.prefix_cache.store(seq.prompt_ids, seq.num_prompt, seq.slot)
                 if seq.max_tokens == 0:
                     scored.append(r)
                 else:
@@ -318,7 +318,8 @@ class EngineCore:
 
     def _start(self, r: _Req, out: StepOutput) -> None:
         seq = r.seq
-        st = Started(seq.num_prompt, seq.num_cached, (seq.admitted or out.time) - seq.arrival, self.model_id)
+        st = Started(seq.num_prompt, seq.num_cached, (seq.admitted or out.time) - seq.arrival, self.model_id,
+                     written_tokens=seq.num_written)
         if r.prompt_lp is not None:
             st.prompt_logprobs = np.concatenate(r.prompt_lp)[: seq.num_prompt - 1]
             st.prompt_top_ids = np.concatenate(r.prompt_top_ids)[: seq.num_prompt - 1]

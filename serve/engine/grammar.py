@@ -6,9 +6,10 @@ dependency weight (benchmarks/bench_grammar.py has the comparison). Kinds of str
 
 - ``json_object``: any JSON object (OpenAI ``response_format: {"type": "json_object"}``),
 - ``json_schema``: OpenAI ``response_format: {"type": "json_schema", "json_schema": {name, schema, strict}}``,
-- ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``: vLLM's extensions (a JSON
-  schema, a regular expression the whole output must match, a list of allowed outputs, a Lark or
-  GBNF grammar); ``guided_whitespace_pattern`` replaces the whitespace allowed between JSON tokens.
+- vLLM's ``structured_outputs`` ``json`` / ``regex`` / ``choice`` / ``grammar`` (and their old names
+  ``guided_json`` / ...): a JSON schema, a regular expression the whole output must match, a list of
+  allowed outputs, a Lark or GBNF grammar; ``whitespace_pattern`` (``guided_whitespace_pattern``)
+  replaces the whitespace allowed between JSON tokens, and the empty pattern allows none.
 
 Surface, for the engine process (one ``GrammarCompiler`` per model version)::
 
@@ -100,8 +101,8 @@ def _grammar_text(spec: StructuredSpec, config: GrammarConfig) -> str:
             is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
                 llg.LLMatcher.grammar_from_regex(spec.whitespace))
             if is_error:
-                raise GrammarError(f"invalid guided_whitespace_pattern: {_one_line(messages[0] if messages else '')}",
-                                   "guided_whitespace_pattern")
+                raise GrammarError(f"invalid {spec.whitespace_param}: {_one_line(messages[0] if messages else '')}",
+                                   spec.whitespace_param)
         # Unsupported schema keywords are refused (lenient=False), never silently unenforced.
         options = {"whitespace_pattern": spec.whitespace if spec.whitespace is not None else config.whitespace,
                    "lenient": False}

@@ -127,12 +127,16 @@ class EngineLoop:
     def _make_core(self, artifact: Artifact) -> EngineCore:
         model_id = artifact.model_id
 
+        seen = [0, 0]  # the prefix cache's cumulative (queried, hit) tokens at the last step: counters take deltas
+
         def on_step(s: StepStats) -> None:
+            queried, hits = s.prefix_queried_tokens - seen[0], s.prefix_hit_tokens - seen[1]
+            seen[:] = [s.prefix_queried_tokens, s.prefix_hit_tokens]
             if self.metrics is not None:
                 self.metrics.observe_step(model_id, batch_size=s.batch_size, running=s.running, waiting=s.waiting,
                                           prefill_s=s.prefill_s if s.prefill_tokens else None,
                                           decode_s=s.decode_s if s.decode_tokens else None,
-                                          kv_cache_usage=s.kv_cache_usage)
+                                          kv_cache_usage=s.kv_cache_usage, prefix_queried=queried, prefix_hits=hits)
 
         return EngineCore(artifact, engine_options(self.config), on_step)
 

@@ -85,21 +85,27 @@ class PrefixCache:
         for i, key in enumerate(keys):
             self.runner.write_kv(slot, i * self.block_size, self.pool[self._index[key]])
 
-    def store(self, ids: list[int], num_tokens: int, slot: int) -> None:
-        """Keep the full blocks among the first ``num_tokens`` of ``ids``, whose KV is in ``slot``."""
+    def store(self, ids: list[int], num_tokens: int, slot: int) -> int:
+        """Keep the full blocks among the first ``num_tokens`` of ``ids``, whose KV is in ``slot``.
+
+        Returns the tokens newly written (blocks already held are only marked as recently used).
+        """
         chain = self._chain(ids, num_tokens // self.block_size)
         keep = {key for key, _ in chain}
+        written = 0
         for i, (key, tokens) in enumerate(chain):
             if key in self._index:
                 self._index.move_to_end(key)
                 continue
             block = self._allocate(keep)
             if block is None:  # the pool is smaller than this prompt: keep what fits
-                return
+                break
             start = i * self.block_size
             self.runner.read_kv(slot, start, start + self.block_size, out=self.pool[block])
             self._index[key] = block
             self._tokens[key] = tokens
+            written += self.block_size
+        return written
 
     def _allocate(self, protected: set[int]) -> int | None:
         if self._free:

@@ -34,6 +34,7 @@ class Sequence:
     slot: int = -1  # its cache slot while it holds one
     num_computed: int = 0  # prompt tokens whose KV is in the slot (cached or prefilled)
     num_cached: int = 0  # prompt tokens that came from the prefix cache
+    num_written: int = 0  # prompt tokens whose KV it wrote into the prefix cache
     admitted: float | None = None  # wall-clock time it got a slot
     prefix_keys: list[int] = field(default_factory=list)  # prefix-cache blocks copied into the slot
     use_prefix_cache: bool = True  # False when every prompt position's logits are wanted (prompt logprobs)

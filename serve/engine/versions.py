@@ -39,13 +39,22 @@ def signature(path: str | Path) -> tuple[str, str]:
 
 
 def warm_up(core: EngineCore) -> None:
-    """A short generation through the whole path; raises if the model cannot generate."""
-    core.add(AddRequest("__warmup__", [core.eos_id], SamplingParams(temperature=0, max_tokens=2), 0.0, core.model_id))
-    finished = {}
-    for _ in range(100):
-        if not core.has_work():
-            break
-        finished.update(core.step().finished)
+    """A short generation through the whole path; raises if the model cannot generate.
+
+    It is not traffic, so it does not look up the prefix cache: nextoken_prefix_cache_queries_total and
+    hits_total count clients' prompts only, as their usage reports them.
+    """
+    cache, core.scheduler.prefix_cache = core.scheduler.prefix_cache, None
+    try:
+        core.add(AddRequest("__warmup__", [core.eos_id], SamplingParams(temperature=0, max_tokens=2), 0.0,
+                            core.model_id))
+        finished = {}
+        for _ in range(100):
+            if not core.has_work():
+                break
+            finished.update(core.step().finished)
+    finally:
+        core.scheduler.prefix_cache = cache
     if "__warmup__" not in finished:
         raise RuntimeError("warm-up generation did not finish")
 

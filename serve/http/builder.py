@@ -59,9 +59,22 @@ class ChoiceState:
     started: bool = False  # streaming: the first chunk (role, echo) is out
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> R.Usage:
-    return R.Usage.model_construct(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                   total_tokens=prompt_tokens + completion_tokens)
+@dataclass(frozen=True)
+class PromptTokens:
+    """A request's prompt tokens (each prompt once), and of those, what the prefix cache served and took in."""
+
+    count: int
+    cached: int = 0  # served from the prefix cache
+    written: int = 0  # newly written into the prefix cache
+
+
+def usage(prompt: PromptTokens, completion_tokens: int) -> R.Usage:
+    """OpenAI's usage; ``prompt_tokens_details`` is always sent (vLLM's --enable-prompt-tokens-details, which
+    costs nothing here)."""
+    return R.Usage.model_construct(prompt_tokens=prompt.count, completion_tokens=completion_tokens,
+                                   total_tokens=prompt.count + completion_tokens,
+                                   prompt_tokens_details=R.PromptTokensDetails.model_construct(
+                                       cached_tokens=prompt.cached, cache_write_tokens=prompt.written))
 
 
 def completion_logprobs(items: list[LogprobEntry | None], offset: int,
@@ -112,10 +125,12 @@ class ResponseBuilder:
     """Chunks and final bodies for one response over all its choices; every chunk shares one id."""
 
     def __init__(self, endpoint: str, model: str, *, echo: bool = False, logprobs: bool = False,
-                 service_tier: str | None = None, token_text: Callable[[int], str] | None = None) -> None:
+                 service_tier: str | None = None, token_text: Callable[[int], str] | None = None,
+                 request_id: str | None = None, include_usage: bool = False) -> None:
         self.endpoint = endpoint
         self.model = model
-        self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + (request_id or uuid.uuid4().hex)
+        self.include_usage = include_usage  # streaming: a last chunk with the whole request's usage
         self.created = int(time.time())
         self.echo = echo
         self.want_logprobs = logprobs
@@ -146,12 +161,32 @@ class ResponseBuilder:
         gen = completion_logprobs(items, st.text_offset + (len(st.choice.echo_text) if echoed else 0))
         return _joined(self._echo_logprobs(st), gen) if echoed else gen
 
+    # --- streaming: the SSE frames, from the first to [DONE] -----------------------------------
+    def stream_start(self) -> bytes:
+        return b""  # OpenAI's chunks need no opening event
+
+    def stream_event(self, st: ChoiceState, text: str, token_ids: list[int], logprobs: list[LogprobEntry] | None,
+                     finish_reason: str | None, usage: R.Usage | None = None) -> bytes:
+        """One choice's event as a chunk, when it has something to say; ``usage``: continuous_usage_stats."""
+        if not (token_ids or finish_reason or not st.started or text):
+            return b""
+        return sse(self.chunk(st, text, token_ids, logprobs, finish_reason, usage))
+
+    def stream_end(self, states: list[ChoiceState], prompt: PromptTokens) -> bytes:
+        completion = sum(st.completion_tokens for st in states)
+        tail = sse(self.usage_chunk(prompt, completion)) if self.include_usage else b""
+        return tail + SSE_DONE
+
+    def stream_error(self, body: dict) -> bytes:
+        return sse(body)  # the error body as the last event, without [DONE]
+
     def chunk(self, st: ChoiceState, text: str, token_ids: list[int], logprobs: list[LogprobEntry] | None,
-              finish_reason: str | None) -> R.CompletionChunk | R.ChatCompletionChunk:
+              finish_reason: str | None, usage: R.Usage | None = None) -> R.CompletionChunk | R.ChatCompletionChunk:
         """One streamed event of one choice; call with every event in order (it tracks offsets)."""
         first = not st.started
         st.started = True
         c = st.choice
+        extra_usage = {"usage": usage} if usage is not None else {}
         if self.endpoint == "chat":
             delta = (R.ChatDelta.model_construct(role="assistant", content=text) if first else
                      R.ChatDelta.model_construct(content=text) if text or finish_reason is None else
@@ -160,7 +195,7 @@ class ResponseBuilder:
                                                        if logprobs else None, finish_reason=finish_reason,
                                                        token_ids=token_ids)
             return R.ChatCompletionChunk.model_construct(**self._head(), object="chat.completion.chunk",
-                                                         choices=[choice])
+                                                         choices=[choice], **extra_usage)
         lp = self._completion_logprobs(st, logprobs or [], first) if (logprobs or (first and self.echo)) else None
         if lp is not None and not lp.tokens:
             lp = None
@@ -169,17 +204,18 @@ class ResponseBuilder:
         extra = {"prompt_token_ids": c.echo_ids} if first and self.echo else {}
         choice = R.CompletionChoice.model_construct(index=c.index, text=shown, logprobs=lp,
                                                     finish_reason=finish_reason, token_ids=token_ids, **extra)
-        return R.CompletionChunk.model_construct(**self._head(), object="text_completion", choices=[choice])
+        return R.CompletionChunk.model_construct(**self._head(), object="text_completion", choices=[choice],
+                                                 **extra_usage)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> R.CompletionChunk | R.ChatCompletionChunk:
+    def usage_chunk(self, prompt: PromptTokens, completion_tokens: int) -> R.CompletionChunk | R.ChatCompletionChunk:
         chunk = R.ChatCompletionChunk if self.endpoint == "chat" else R.CompletionChunk
         obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
         return chunk.model_construct(**self._head(), object=obj, choices=[],
-                                     usage=usage(prompt_tokens, completion_tokens))
+                                     usage=usage(prompt, completion_tokens))
 
-    def final(self, states: list[ChoiceState], prompt_tokens: int) -> R.CompletionResponse | R.ChatCompletionResponse:
+    def final(self, states: list[ChoiceState], prompt: PromptTokens) -> R.CompletionResponse | R.ChatCompletionResponse:
         """The whole answer: every choice in index order, usage over all of them."""
-        used = usage(prompt_tokens, sum(st.completion_tokens for st in states))
+        used = usage(prompt, sum(st.completion_tokens for st in states))
         ordered = sorted(states, key=lambda s: s.choice.index)
         if self.endpoint == "chat":
             choices = [R.ChatChoice.model_construct(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from nextoken.serve.http.builder import ChoiceState, LogprobEntry
+from nextoken.serve.http.builder import ChoiceState, LogprobEntry, PromptTokens
 from nextoken.serve.http.engine_client import RequestStream, Update
 from nextoken.serve.http.errors import RequestError
 from nextoken.serve.http.served_model import ServedModel
@@ -50,21 +50,34 @@ class ChoiceRun:
         self.arrival = arrival
         params = state.choice.params
         self.min_tokens = params.min_tokens if params is not None else 0
-        self.text = TextStream(model.tokenizer, params.stop if params is not None else [], state.choice.prompt_ids)
+        self.text = self._text_stream(model, state.choice.prompt_ids)
         self.want_logprobs = params is not None and params.logprobs is not None
         self.times: list[float] = []
         self.queue_time: float | None = None
         self.prompt_tokens = len(state.choice.prompt_ids)
+        self.cached_tokens = 0  # of prompt_tokens, served from the prefix cache (the engine's Started says)
+        self.written_tokens = 0  # of prompt_tokens, written into the prefix cache
         self.stopped = False  # a stop string ended it here (the engine was told to cancel)
         self.done = stream is None
+
+    def _text_stream(self, model: ServedModel, context: list[int] | None) -> TextStream:
+        """Decodes after ``context`` (the prompt's ids, when this model tokenized them)."""
+        p = self.state.choice.params
+        if p is None:
+            return TextStream(model.tokenizer, [], context)
+        return TextStream(model.tokenizer, p.stop, context, include=p.include_stop,
+                          special=None if p.skip_special_tokens else model.special_texts,
+                          spaces=p.spaces_between_special_tokens)
 
     def _start(self, u: Update) -> None:
         st = u.started
         self.queue_time = max(0.0, st.queue_time)
         self.prompt_tokens = st.prompt_tokens
+        self.cached_tokens = st.cached_tokens
+        self.written_tokens = st.written_tokens
         if st.model != self.model.id:  # another version ran it (hot reload): its tokenizer decodes
             self.model = self.frontend.model_for(st.model)
-            self.text = TextStream(self.model.tokenizer, self.text.stop)  # its prompt ids were not ours
+            self.text = self._text_stream(self.model, None)  # its prompt ids were not ours
         if st.prompt_logprobs is not None:
             ids = self.state.choice.prompt_ids
             entries: list[LogprobEntry | None] = [None]  # the first prompt token has nothing before it
@@ -179,6 +192,13 @@ class Fanout:
         """Each prompt's tokens once (not once per choice), as the engine last reported them."""
         per_prompt = {r.state.choice.prompt_index: r.prompt_tokens for r in self.runs}
         return sum(per_prompt.values())
+
+    def prompt(self) -> PromptTokens:
+        """``prompt_tokens()`` with what the prefix cache served and took in: per prompt, the same choice's."""
+        per_prompt = {r.state.choice.prompt_index: r for r in self.runs}
+        return PromptTokens(sum(r.prompt_tokens for r in per_prompt.values()),
+                            sum(r.cached_tokens for r in per_prompt.values()),
+                            sum(r.written_tokens for r in per_prompt.values()))
 
     def completion_tokens(self) -> int:
         return sum(r.state.completion_tokens for r in self.runs)

@@ -60,6 +60,7 @@ def loads_json(data: bytes | bytearray) -> Any:
 
 
 # Known fields the server cannot honour, and why (a request setting one gets "<field>: <why>, got <value>").
+# A name another route honours is qualified by the refusing route's endpoint ("responses.prompt").
 REFUSED = {
     "audio": "audio output is not supported",
     "modalities": 'only the "text" modality is supported',
@@ -68,7 +69,7 @@ REFUSED = {
     "verbosity": "verbosity is not supported",
     "web_search_options": "web search is not supported",
     "moderation": "moderation is not supported",
-    "store": "completions are not stored (store must be false)",
+    "store": "nothing is stored here (store must be false)",
     "service_tier": 'one service tier is served: "auto" or "default"',
     "prompt_cache_retention": "prompt cache retention is not supported",
     "prompt_cache_options": "prompt cache options are not supported",
@@ -77,14 +78,44 @@ REFUSED = {
     "include_obfuscation": "stream obfuscation is not supported",
     "use_beam_search": "beam search is not supported",
     "length_penalty": "length_penalty applies to beam search, which is not supported",
-    "include_stop_str_in_output": "stop strings are never included in the output",
-    "truncate_prompt_tokens": "prompts are not truncated (a prompt that does not fit is refused)",
     "allowed_token_ids": "allowed_token_ids is not supported; use logit_bias",
     "bad_words": "bad_words is not supported; use logit_bias",
     "prompt_logprobs": "prompt_logprobs is not supported in vLLM's shape; use echo with logprobs",
     "echo": "echo is only supported on /v1/completions",
     "suffix": "suffix (insertion) is not supported",
     "chat_template": "a request cannot bring its own chat template (a template is code the server runs)",
+    # vLLM's other extensions
+    "prompt_embeds": "prompt embeddings are not supported",
+    "priority": "priority scheduling is not supported",
+    "logits_processors": "custom logits processors are not supported",
+    "return_tokens_as_token_ids": "logprobs name tokens by their text (chat adds their bytes), never as token ids",
+    "return_token_ids": "token_ids are always returned; the prompt's come with echo",
+    "cache_salt": "prefix-cache salting is not supported",
+    "kv_transfer_params": "KV transfer (disaggregated serving) is not supported",
+    "vllm_xargs": "extension arguments are not supported",
+    "max_repetition_pattern_size": "repetition detection is not supported",
+    "min_repetition_pattern_size": "repetition detection is not supported",
+    "repetition_min_count": "repetition detection is not supported",
+    "include_reasoning": "this is not a reasoning model",
+    "documents": "documents are not supported by the chat template",
+    "mm_processor_kwargs": "only text input is supported",
+    "disable_additional_properties": "disable_additional_properties is not supported; set additionalProperties: "
+                                     "false in the schema",
+    "structural_tag": "structural tags are not supported",
+    # the Responses API's
+    "previous_response_id": "responses are not stored, so there is none to continue; send the conversation in input",
+    "conversation": "responses are not stored, so there is no conversation to add to; send it in input",
+    "background": "background responses are not supported (they need stored responses)",
+    "background_options": "background responses are not supported",
+    "reasoning": "this is not a reasoning model",
+    "include": "there is nothing to include: no tools, reasoning or logprobs",
+    "max_tool_calls": "tools are not supported",
+    "responses.top_logprobs": "logprobs are not supported on /v1/responses",
+    "truncation": "the input is never truncated (an input that does not fit is refused)",
+    "responses.prompt": "stored prompt templates are not supported",
+    "context_management": "context management (compaction) is not supported",
+    "image": "only text input is supported",
+    "access_programs": "access programs are not supported",
 }
 
 
@@ -171,6 +202,16 @@ def _bounds(model: type[BaseModel], loc: tuple[Any, ...]) -> dict[str, Any]:
     return found
 
 
+def _refusal(model: type[BaseModel], *names: str) -> str | None:
+    """Why the first of ``names`` that ``model`` refuses is refused (REFUSED, its endpoint's own entry first)."""
+    endpoint = getattr(model, "endpoint", "")
+    for n in names:
+        for key in (f"{endpoint}.{n}", n):
+            if key in REFUSED:
+                return REFUSED[key]
+    return None
+
+
 def _describe(err: dict[str, Any], name: str, model: type[BaseModel]) -> tuple[str, str]:
     """One pydantic error as (message, code), in the server's words."""
     t, v, ctx = err["type"], err.get("input"), err.get("ctx") or {}
@@ -178,8 +219,8 @@ def _describe(err: dict[str, Any], name: str, model: type[BaseModel]) -> tuple[s
     top = str(err["loc"][0]) if err["loc"] else name
     if t == "missing":
         return f"{name} is required", "missing_required_parameter"
-    if t in _REFUSALS and (field_name in REFUSED or top in REFUSED):
-        why = REFUSED.get(field_name) or REFUSED[top]
+    why = _refusal(model, field_name, top) if t in _REFUSALS else None
+    if why is not None:
         return f"{name}: {why}, got {_show(v)}", "unsupported_parameter"
     kinds = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean", "string_type": "a string",
              "list_type": "a list", "dict_type": "an object", "model_type": "an object",

@@ -57,6 +57,7 @@ def _only(value: bool) -> Any:
 
 
 OnlyFalse = _only(False)
+OnlyTrue = _only(True)
 
 # pydantic-core refuses a lone surrogate ("\ud800", valid JSON but no tokenizer takes it): string_unicode.
 Text = StrictStr
@@ -156,7 +157,12 @@ class _Closed(BaseModel):
 class StreamOptions(_Closed):
     include_usage: StrictBool | None = Field(
         default=None, description="Send one more chunk before `[DONE]` with the usage of the whole request "
-                                  "(all choices) and an empty `choices` list.")
+                                  "(all choices) and an empty `choices` list. Default false, or true when "
+                                  "continuous_usage_stats is true (vLLM's default).")
+    continuous_usage_stats: StrictBool | None = Field(
+        default=None, description="vLLM extension: every chunk also carries `usage` so far, of its own choice "
+                                  "(its prompt, the tokens it has generated), as vLLM sends it. Needs "
+                                  "include_usage not false.")
     include_obfuscation: OnlyFalse | None = Field(
         default=None, description=refused("include_obfuscation", "false or null"))
 
@@ -170,6 +176,28 @@ class JsonSchemaSpec(_Closed):
     strict: StrictBool | None = Field(
         default=None, description="Accepted either way: the output always matches the schema exactly "
                                   "(the grammar is enforced on every token).")
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+class StructuredOutputs(_Closed):
+    """vLLM's ``structured_outputs`` (``StructuredOutputsParams``): exactly one constraint, and its options."""
+
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json", description="A JSON Schema (object "
+                                                "or JSON text) the output matches.")
+    regex: NonEmptyText | None = Field(default=None, description="The output matches this regular expression.")
+    choice: Annotated[list[NonEmptyText], Field(min_length=1, max_length=256)] | None = Field(
+        default=None, description="The output is exactly one of these strings.")
+    grammar: NonEmptyText | None = Field(default=None, description="A Lark or GBNF grammar the output matches.")
+    json_object: OnlyTrue | None = Field(default=None, description="true: the output is one JSON object.")
+    whitespace_pattern: NonEmptyText | None = Field(
+        default=None, description="With json or json_object: the whitespace allowed between JSON tokens (a regex). "
+                                  "Default: 1-16 JSON whitespace characters.")
+    disable_any_whitespace: StrictBool | None = Field(
+        default=None, description="With json or json_object: true allows no whitespace between JSON tokens.")
+    disable_additional_properties: OnlyFalse | None = Field(
+        default=None, description=refused("disable_additional_properties", "false"))
+    structural_tag: None = Field(default=None, description=refused("structural_tag"))
 
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 

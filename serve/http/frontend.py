@@ -1,18 +1,19 @@
 """The HTTP side: OpenAI routes over the engine client, probes, metrics, admission, and the pages.
 
-Convert: HTTP request --> ``protocol.parse_request`` (validate once) --> ``plan_choices`` (tokenize
-once; one engine request per choice) --> ``EngineClient.submit`` --> per choice, ``Update``s -->
-``ChoiceRun`` (detokenize, stop strings, logprob entries) --> ``ResponseBuilder`` (SSE chunks or one
-body). The engine sends token ids only; text, stop strings and logprob strings are made here, in
-the HTTP process, so the engine's step never waits for them. A choice whose text reaches a stop
-string is cancelled in the engine at once (its later tokens are dropped here).
+Convert: HTTP request --> ``parse_request`` (validate once; a Responses API request becomes its chat
+request) --> ``plan_choices`` (tokenize once; one engine request per choice) -->
+``EngineClient.submit`` --> per choice, ``Update``s --> ``ChoiceRun`` (detokenize, stop strings,
+logprob entries) --> ``ResponseBuilder`` / ``ResponsesBuilder`` (SSE events or one body). The engine
+sends token ids only; text, stop strings and logprob strings are made here, in the HTTP process, so
+the engine's step never waits for them. A choice whose text reaches a stop string is cancelled in
+the engine at once (its later tokens are dropped here).
 
-Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``; vLLM's ``/tokenize``,
-``/detokenize``, ``/tokenizer_info``; probes ``/health`` (liveness: the server process answers and
-its engine is alive) and ``/ready`` (readiness: a model is loaded and the server is not draining);
-``/metrics``; ``POST /admin/reload``; ``/openapi.json``; the pages (the playground at ``/``, the API
-at ``/docs``). Admission is decided before the body is read when the server is full (a 429 in
-microseconds), and again once the number of choices is known.
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses``, ``/v1/models``; vLLM's
+``/tokenize``, ``/detokenize``, ``/tokenizer_info``; probes ``/health`` (liveness: the server process
+answers and its engine is alive) and ``/ready`` (readiness: a model is loaded and the server is not
+draining); ``/metrics``; ``POST /admin/reload``; ``/openapi.json``; the pages (the playground at
+``/``, the API at ``/docs``). Admission is decided before the body is read when the server is full
+(a 429 in microseconds), and again once the number of choices is known.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,20 +34,23 @@ from nextoken.export.artifact import Artifact
 from nextoken.serve.config import ServeConfig
 from nextoken.serve.http import responses as R
 from nextoken.serve.http.bodies import parse_json, read_body
-from nextoken.serve.http.builder import SSE_DONE, ChoiceState, ResponseBuilder, answer, sse
+from nextoken.serve.http.builder import ChoiceState, PromptTokens, ResponseBuilder, answer, usage
 from nextoken.serve.http.chat import load_chat_template
 from nextoken.serve.http.choices import ChoiceRun, Event, Fanout, disconnected, or_disconnect
 from nextoken.serve.http.engine_client import EngineClient, EngineDead, SharedState
 from nextoken.serve.http.errors import INTERNAL_ERROR, RequestError, validate
 from nextoken.serve.http.plan import plan_choices
-from nextoken.serve.http.request_log import RequestLog, install_request_log
+from nextoken.serve.http.request_log import RequestLog
 from nextoken.serve.http.requests import ChatCompletionRequest, CompletionRequest
+from nextoken.serve.http.responses_api import ResponsesRequest, responses_param
+from nextoken.serve.http.responses_builder import ResponsesBuilder
 from nextoken.serve.http.served_model import ServedModel
 from nextoken.serve.http.tokenize_routes import check_model
 from nextoken.serve.wire import AddRequest, FinishReason, ModelEvent, ModelStatus, Pipes
 
 logger = logging.getLogger("nextoken.serve")
 GenerationRequest = CompletionRequest | ChatCompletionRequest
+Builder = ResponseBuilder | ResponsesBuilder
 ENGINE_DIED = "the engine process died"
 PROBES = ("/health", "/ready")
 _rids = itertools.count()
@@ -121,10 +124,16 @@ class Frontend:
     # --- app -----------------------------------------------------------------------------------
     def routes(self) -> list[tuple[str, Callable[..., Any], list[str]]]:
         return [("/v1/completions", self.completions, ["POST"]),
-                ("/v1/chat/completions", self.chat_completions, ["POST"])]
+                ("/v1/chat/completions", self.chat_completions, ["POST"]),
+                ("/v1/responses", self.responses, ["POST"])]
 
     def install(self, app: FastAPI) -> None:
-        from nextoken.serve.http.middleware import ApiKeyMiddleware, LeaveSigintToMain, install_openai_errors
+        from nextoken.serve.http.middleware import (
+            ApiKeyMiddleware,
+            LeaveSigintToMain,
+            StartEngineClient,
+            install_openai_errors,
+        )
         from nextoken.serve.http.openapi import Limits, install_openapi
         from nextoken.serve.http.playground import mount_playground
         from nextoken.serve.http.tokenize_routes import mount_tokenizer_routes
@@ -186,7 +195,9 @@ class Frontend:
         mount_playground(app, self.model, api_key_required=self.api_key is not None)  # last: outside the key
 
     # --- generation routes ---------------------------------------------------------------------
-    def error(self, e: RequestError) -> JSONResponse:
+    def error(self, e: RequestError, endpoint: str = "") -> JSONResponse:
+        if endpoint == "responses":  # planned as a chat request: name the Responses API's own field
+            e.param = responses_param(e.param)
         kind = {401: "unauthorised", 429: "overloaded", 503: "unavailable"}.get(e.status, "validation")
         if e.status >= 500 and e.status != 503:
             kind = "internal"
@@ -204,6 +215,9 @@ class Frontend:
 
     async def chat_completions(self, request: Request) -> Response:
         return await self.handle(request, "chat")
+
+    async def responses(self, request: Request) -> Response:
+        return await self.handle(request, "responses")
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         try:
@@ -228,7 +242,7 @@ class Frontend:
                                    code="unavailable", headers={"Retry-After": "1"})
             if self.state.inflight.value >= self.state.max_inflight:
                 raise self._overloaded()  # full: refused before the body is parsed or the prompt tokenized
-            req = validate(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, parse_json(raw))
+            req, make_builder = parse_request(endpoint, parse_json(raw))
             model = self.model()
             check_model(req.model, model)
             choices = plan_choices(req, model)
@@ -240,10 +254,9 @@ class Frontend:
                 raise self._overloaded()
             admitted = len(running)
         except RequestError as e:
-            return self.error(e)
+            return self.error(e, endpoint)
 
-        builder = ResponseBuilder(endpoint, model.id, echo=req.echo_prompt, logprobs=req.logprobs_count is not None,
-                                  service_tier=getattr(req, "service_tier", None), token_text=model.token_text)
+        builder = make_builder(model)
         self.client.start()
         runs: list[ChoiceRun] = []
         stamp = next(_rids)
@@ -271,7 +284,7 @@ class Frontend:
                 except RequestError as e:
                     fan.close("error")
                     log.write("error", fan.prompt_tokens())
-                    return self.error(e)
+                    return self.error(e, endpoint)
                 except BaseException:
                     fan.close("error")
                     raise
@@ -284,41 +297,38 @@ class Frontend:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._complete(req, builder, fan, request, log)
 
-    async def _stream(self, req: GenerationRequest, builder: ResponseBuilder, fan: Fanout,
+    async def _stream(self, req: GenerationRequest, builder: Builder, fan: Fanout,
                       first: list[tuple[ChoiceRun, Event]], log: RequestLog) -> AsyncIterator[bytes]:
         outcome = "cancelled"
         try:
+            yield builder.stream_start()
             for run in fan.runs:  # echo-only choices are complete already
                 if run.stream is None:
-                    yield sse(builder.chunk(run.state, "", [], None, run.state.finish_reason))
+                    yield builder.stream_event(run.state, "", [], None, run.state.finish_reason)
             batch = first
             while True:
-                out = []
-                for run, ev in batch:
-                    if ev.token_ids or ev.finish_reason or not run.state.started or ev.text:
-                        out.append(sse(builder.chunk(run.state, ev.text, ev.token_ids, ev.logprobs,
-                                                     ev.finish_reason)))
+                out = b"".join(builder.stream_event(run.state, ev.text, ev.token_ids, ev.logprobs, ev.finish_reason,
+                                                    run_usage(run) if req.continuous_usage else None)
+                               for run, ev in batch)
                 if out:
-                    yield b"".join(out)
+                    yield out
                 if not fan.open:
                     break
                 batch = await fan.next()
             outcome = fan.finish_reason()
-            if req.include_usage:
-                yield sse(builder.usage_chunk(fan.prompt_tokens(), fan.completion_tokens()))
-            yield SSE_DONE
+            yield builder.stream_end([r.state for r in fan.runs], fan.prompt())
         except RequestError as e:  # refused by the engine after the stream began (a version switch)
             outcome = "error"
-            yield sse(e.body())
+            yield builder.stream_error(e.body())
         except (EngineDead, RuntimeError) as e:
             outcome = "error"
             logger.error("%s: %s", builder.id, e)
-            yield sse(INTERNAL_ERROR)
+            yield builder.stream_error(INTERNAL_ERROR)
         finally:
             fan.close("error" if outcome == "error" else "cancelled")  # choices still open: none once finished
             log.write(outcome, fan.prompt_tokens(), fan.completion_tokens())
 
-    async def _complete(self, req: GenerationRequest, builder: ResponseBuilder, fan: Fanout, request: Request,
+    async def _complete(self, req: GenerationRequest, builder: Builder, fan: Fanout, request: Request,
                         log: RequestLog) -> Response:
         outcome = "cancelled"
         watcher = asyncio.ensure_future(disconnected(request))  # one for the request's whole life
@@ -332,10 +342,10 @@ class Frontend:
                 work.result()
             builder.model = fan.runs[0].model.id
             outcome = fan.finish_reason()
-            return answer(builder.final([r.state for r in fan.runs], fan.prompt_tokens()))
+            return answer(builder.final([r.state for r in fan.runs], fan.prompt()))
         except RequestError as e:
             outcome = "error"
-            return self.error(e)
+            return self.error(e, builder.endpoint)
         except (EngineDead, RuntimeError) as e:
             outcome = "error"
             logger.error("%s: %s", builder.id, e)
@@ -348,31 +358,23 @@ class Frontend:
             log.write(outcome, fan.prompt_tokens(), fan.completion_tokens())
 
 
-class StartEngineClient:
-    """Starts the engine client's pipe threads in the HTTP process, when uvicorn's lifespan starts.
+def parse_request(endpoint: str, body: Any) -> tuple[GenerationRequest, Callable[[ServedModel], Builder]]:
+    """The body validated for ``endpoint``, as the plan takes it, and how to make its answer's builder.
 
-    The Frontend is built in the main process and forked into the HTTP process; threads do not
-    survive a fork, so they start here, on the event loop that will serve requests. It also counts
-    the POST requests still being answered, which a drain waits for.
+    A Responses API request is planned as the chat request it amounts to (``ResponsesRequest.to_chat``):
+    one path renders messages, whichever route they came in by.
     """
+    if endpoint == "responses":
+        rreq = validate(ResponsesRequest, body)
+        return rreq.to_chat(), lambda model: ResponsesBuilder(rreq, model.id)
+    req = validate(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, body)
+    return req, lambda model: ResponseBuilder(
+        endpoint, model.id, echo=req.echo_prompt, logprobs=req.logprobs_count is not None,
+        service_tier=getattr(req, "service_tier", None), token_text=model.token_text, request_id=req.request_id,
+        include_usage=req.include_usage)
 
-    def __init__(self, app: Any, frontend: Frontend) -> None:
-        self.app = app
-        self.frontend = frontend
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan" and mp.parent_process() is not None:
-            self.frontend.client.start(asyncio.get_running_loop())
-            install_request_log(self.frontend.config.log_level)
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        counter = self.frontend.state.open_posts  # until the last byte of the answer is handed to the socket
-        with counter.get_lock():
-            counter.value += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            with counter.get_lock():
-                counter.value -= 1
-
+def run_usage(run: ChoiceRun) -> R.Usage:
+    """One choice's usage so far (vLLM's continuous_usage_stats: its prompt, its tokens)."""
+    return usage(PromptTokens(run.prompt_tokens, run.cached_tokens, run.written_tokens),
+                 run.state.completion_tokens)

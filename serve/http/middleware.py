@@ -1,22 +1,24 @@
-"""HTTP plumbing shared by every route: the API key check and OpenAI-style error bodies.
+"""HTTP plumbing shared by every route: the API key check, OpenAI-style error bodies, the engine client's start.
 
 LitServe's FastAPI app answers unknown paths, wrong methods and framework-level errors with
 ``{"detail": ...}``; OpenAI clients expect ``{"error": {message, type, param, code}}``, so the
 handlers here re-shape them. The key check is one ASGI middleware in front of every route
 (ours, LitServe's ``/litserve/*`` and the OpenAPI pages alike) except the probes ``/health`` and
-``/ready``, which Kubernetes and load balancers call without credentials. This module knows
-nothing about models or generation.
+``/ready``, which Kubernetes and load balancers call without credentials. ``StartEngineClient``
+starts the forked HTTP process's pipe threads and counts the POSTs a drain waits for. This module
+knows nothing about models or generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import multiprocessing as mp
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +26,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nextoken.serve.http.errors import error_body
+from nextoken.serve.http.request_log import install_request_log
+
+if TYPE_CHECKING:
+    from nextoken.serve.http.frontend import Frontend
 
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: Kubernetes and load balancers send no key
 
@@ -91,3 +97,33 @@ def install_openai_errors(app: FastAPI) -> None:
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+
+
+class StartEngineClient:
+    """Starts the engine client's pipe threads in the HTTP process, when uvicorn's lifespan starts.
+
+    The Frontend is built in the main process and forked into the HTTP process; threads do not
+    survive a fork, so they start here, on the event loop that will serve requests. It also counts
+    the POST requests still being answered, which a drain waits for.
+    """
+
+    def __init__(self, app: Any, frontend: Frontend) -> None:
+        self.app = app
+        self.frontend = frontend
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" and mp.parent_process() is not None:
+            self.frontend.client.start(asyncio.get_running_loop())
+            install_request_log(self.frontend.config.log_level)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        counter = self.frontend.state.open_posts  # until the last byte of the answer is handed to the socket
+        with counter.get_lock():
+            counter.value += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            with counter.get_lock():
+                counter.value -= 1
+

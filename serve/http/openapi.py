@@ -31,6 +31,7 @@ from pydantic.json_schema import models_json_schema
 from nextoken import __version__
 from nextoken.serve.http import requests as Q
 from nextoken.serve.http import responses as R
+from nextoken.serve.http import responses_api as A
 
 LITSERVE_INTERNAL = frozenset({"/", "/litserve/health", "/litserve/info"})
 _REF = "#/components/schemas/{model}"
@@ -54,6 +55,7 @@ class Operation:
     request: list[type[BaseModel]] | None  # one model, or several a body may be (anyOf)
     responses: dict[str, tuple[str, type[BaseModel] | None, str]]  # status -> (description, model, media type)
     stream_of: type[BaseModel] | None = None  # 200 may also be text/event-stream of these chunks
+    typed_events: bool = False  # the stream's events are named by their type and end without [DONE]
 
 
 _ERR = R.ErrorResponse
@@ -84,6 +86,10 @@ OPERATIONS = [
               [Q.ChatCompletionRequest],
               {"200": ("The completion, or with `stream: true` server-sent events.", R.ChatCompletionResponse,
                        _JSON), **_GENERATION}, stream_of=R.ChatCompletionChunk),
+    Operation("/v1/responses", "post", "Respond to text input (OpenAI's Responses API, text only; nothing is stored)",
+              [A.ResponsesRequest],
+              {"200": ("The response, or with `stream: true` its typed server-sent events.", R.ResponseObject, _JSON),
+               **_GENERATION}, stream_of=R.ResponseStreamEvent, typed_events=True),
     Operation("/v1/models", "get", "The model served", None,
               {"200": ("The model version taking new requests.", R.ModelList, _JSON),
                "401": _COMMON_ERRORS["401"]}),
@@ -159,7 +165,7 @@ def _apply_limits(defs: dict[str, Any], limits: Limits) -> None:
     most = limits.context - 1  # a fed prompt has at least one token
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = defs[name]["properties"]
-        for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "min_tokens", "truncate_prompt_tokens"):
             if field in props:
                 _bound(props[field], "maximum", most)
         _bound(props["n"], "maximum", limits.capacity)
@@ -172,6 +178,9 @@ def _apply_limits(defs: dict[str, Any], limits: Limits) -> None:
         if member.get("type") == "array" and member.get("items", {}).get("type") != "integer":
             member["maxItems"] = min(member.get("maxItems", limits.capacity), limits.capacity)
     _token_items(defs["DetokenizeRequest"]["properties"]["tokens"], limits.vocab_size)
+    out = defs["ResponsesRequest"]["properties"]["max_output_tokens"]
+    _bound(out, "maximum", most)
+    out["description"] += f" Context here: {limits.context} tokens."
 
 
 def _stream_schema(chunk: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +194,27 @@ def _stream_schema(chunk: dict[str, Any], error: dict[str, Any]) -> dict[str, An
                        "required": ["event", "data"], "additionalProperties": False,
                        "description": "A `data:` line: one chunk per step and choice (each names its choice index), "
                                       "then `data: [DONE]`."}}
+
+
+def _typed_stream_schema(event: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The Responses API's stream: each event is named by its type (``event: response.created``) and ``data`` is
+    the event as JSON; the last is response.completed, response.incomplete or error (no ``[DONE]``)."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": event}
+    return {"schema": {"type": "object", "properties": {"event": {"enum": names}, "data": data},
+                       "required": ["event", "data"], "additionalProperties": False,
+                       "description": "One typed event per `event:` / `data:` pair, in the order the event model "
+                                      "lists."}}
+
+
+def _event_names(model: type[BaseModel]) -> list[str]:
+    """Every ``type`` a stream-event union's members may have."""
+    names: list[str] = []
+    for member in model.model_json_schema(mode="serialization").get("$defs", {}).values():
+        if "sequence_number" not in member.get("properties", {}):
+            continue  # a part of an event (the message, its text), not an event
+        t = member.get("properties", {}).get("type", {})
+        names += t.get("enum", []) or ([t["const"]] if "const" in t else [])
+    return sorted(set(names))
 
 
 def openapi_document(app: FastAPI, limits: Limits) -> dict[str, Any]:
@@ -210,7 +240,10 @@ def openapi_document(app: FastAPI, limits: Limits) -> dict[str, Any]:
         for status, (desc, model, media) in op.responses.items():
             content: dict[str, Any] = {media: {"schema": refs[(model, "serialization")]} if model is not None
                                        else {"schema": {"type": "string"}}}
-            if status == "200" and op.stream_of is not None:
+            if status == "200" and op.stream_of is not None and op.typed_events:
+                content["text/event-stream"] = _typed_stream_schema(refs[(op.stream_of, "serialization")],
+                                                                    _event_names(op.stream_of))
+            elif status == "200" and op.stream_of is not None:
                 content["text/event-stream"] = _stream_schema(refs[(op.stream_of, "serialization")],
                                                               refs[(_ERR, "serialization")])
             if status == "413":

@@ -84,6 +84,13 @@ def choice_seed(seed: int | None, j: int) -> int | None:
     return (z ^ (z >> 31)) >> 1  # 63 bits: any integer seed field takes it
 
 
+def truncated_length(truncate: int | None, context: int, max_tokens: int | None) -> int | None:
+    """The prompt tokens ``truncate_prompt_tokens`` keeps: k, or with -1 as many as fit beside max_tokens."""
+    if truncate is None or truncate > 0:
+        return truncate
+    return max(1, context - (max_tokens or 1))
+
+
 def render_chat(chat: ChatTemplate, req: ChatCompletionRequest | Conversation) -> str:
     """The conversation as the model's template writes it; a template that refuses it is a 400 on messages."""
     try:
@@ -135,6 +142,10 @@ def plan_choices(req: CompletionRequest | ChatCompletionRequest, tok: TokenizerV
             fed = tok.encode_prompt(p.text, special)
             own = own_tokens(fed, tok.encode(p.text)) if special else fed
             text = p.text
+        keep = truncated_length(req.truncate_prompt_tokens, tok.context, max_tokens)
+        if keep is not None and len(fed) > keep:  # vLLM's truncate_prompt_tokens: the last tokens are fed
+            fed = own = fed[-keep:]
+            text = None  # fed as ids from here on (another version must not tokenize the whole text again)
         echo_text = "" if not echo else (p.text if p.text is not None else tok.decode(own))
         scored_only = echo and max_tokens == 0 and logprobs is None  # the echo is the whole answer
         params = req.to_sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=req.seed,

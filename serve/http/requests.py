@@ -14,7 +14,6 @@ This module knows nothing about tokenizers, models or the engine's internals.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -32,12 +31,8 @@ from nextoken.serve.http.fields import (
     SEED_MIN,
     FunctionCall,
     LogitBias,
-    NonEmptyText,
     OnlyFalse,
     PromptField,
-    ResponseFormat,
-    ResponseFormatJsonObject,
-    ResponseFormatJsonSchema,
     StopField,
     StreamOptions,
     Text,
@@ -47,15 +42,16 @@ from nextoken.serve.http.fields import (
     _number,
     _Open,
 )
-from nextoken.serve.wire import SamplingParams, StructuredKind, StructuredSpec
+from nextoken.serve.http.refused_fields import VllmChatRefused, VllmCompletionRefused
+from nextoken.serve.http.structured import StructuredFields
+from nextoken.serve.wire import SamplingParams
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): x / 1e-300 overflows
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's completions default
 RECORDED = ("user", "metadata", "safety_identifier", "prompt_cache_key")  # accepted, written to the request log
-GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
-class _Generation(_Open):
+class _Generation(StructuredFields):
     """The fields both generation routes share, and the rules between them."""
 
     endpoint: ClassVar[str]
@@ -76,7 +72,8 @@ class _Generation(_Open):
         default=None, description="vLLM extension: end-of-text and `stop_token_ids` cannot end the output before "
                                   "this many tokens (at most max_tokens). Default 0.")
     stop: StopField = Field(default=None, description=f"Up to {MAX_STOP} strings; the output ends before the first "
-                                                      "one and never contains it.")
+                                                      "one and never contains it (unless "
+                                                      "include_stop_str_in_output).")
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
         default=None, description="vLLM extension: token ids that end the output (the stop token is generated and "
                                   "returned, text included, as vLLM does). Each must be below the vocabulary size.")
@@ -100,58 +97,43 @@ class _Generation(_Open):
         default=None, description="vLLM extension: a text prompt gets the special tokens its tokenizer adds (a "
                                   "BOS), or, for a model nextoken trained, starts after <|endoftext|> (the document "
                                   "separator it was trained with); false feeds the text alone. Default true.")
-    response_format: ResponseFormat = Field(
-        default=None, description="json_object: the output is one JSON object; json_schema: it matches the "
-                                  "schema; enforced on every token by the grammar engine.")
-    guided_json: dict[str, Any] | Text | None = Field(
-        default=None, description="vLLM extension: a JSON Schema (object or JSON text) the output matches.")
-    guided_regex: NonEmptyText | None = Field(default=None, description="vLLM extension: the output matches this "
-                                                                         "regular expression.")
-    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1, max_length=256)] | None = Field(
-        default=None, description="vLLM extension: the output is exactly one of these strings.")
+    skip_special_tokens: StrictBool | None = Field(
+        default=None, description="vLLM extension: special tokens (<|endoftext|> with ignore_eos) add no text to "
+                                  "the output. Default true.")
+    spaces_between_special_tokens: StrictBool | None = Field(
+        default=None, description="vLLM extension: with skip_special_tokens false, a special token's text is set "
+                                  "apart from the text around it by spaces. Default true.")
+    include_stop_str_in_output: StrictBool | None = Field(
+        default=None, description="vLLM extension: the output ends with the stop string that ended it (still "
+                                  "cut right after it). Default false.")
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = Field(
+        default=None, description="vLLM extension: feed only the prompt's last k tokens (the special tokens a text "
+                                  "prompt starts with count); -1 = as many as fit beside max_tokens. Not with "
+                                  "echo.")
     user: Annotated[Text, Field(max_length=256)] | None = Field(
         default=None, description="Accepted and recorded: written to the request log (logger "
                                   "nextoken.serve.requests, at --log-level info).")
-    # Known vLLM extensions this server cannot honour: only their default values are accepted.
-    use_beam_search: OnlyFalse | None = Field(default=None, description=refused("use_beam_search", "false"))
-    length_penalty: Annotated[StrictFloat, Field(ge=1, le=1)] | None = Field(
-        default=None, description=refused("length_penalty", "1"))
-    include_stop_str_in_output: OnlyFalse | None = Field(default=None,
-                                                         description=refused("include_stop_str_in_output", "false"))
-    truncate_prompt_tokens: None = Field(default=None, description=refused("truncate_prompt_tokens"))
-    allowed_token_ids: None = Field(default=None, description=refused("allowed_token_ids"))
-    bad_words: None = Field(default=None, description=refused("bad_words"))
-    prompt_logprobs: None = Field(default=None, description=refused("prompt_logprobs"))
-    guided_grammar: NonEmptyText | None = Field(
-        default=None, description="vLLM extension: a Lark or GBNF grammar the output matches.")
-    guided_whitespace_pattern: NonEmptyText | None = Field(
-        default=None, description="vLLM extension: the whitespace allowed between JSON tokens (a regex), with a "
-                                  "JSON structure only. Default: 1-16 JSON whitespace characters.")
+    request_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = Field(
+        default=None, description="vLLM extension: the response's id becomes cmpl-<request_id> (chatcmpl- on "
+                                  "chat), so a client can find its request in logs.")
 
     @model_validator(mode="after")
     def _shared_rules(self) -> _Generation:
-        if self.stream_options is not None and not self.stream:
+        so = self.stream_options
+        if so is not None and not self.stream:
             raise broken_rule("stream_options is only allowed with stream: true", "stream_options")
-        given = [name for name in GUIDED if getattr(self, name) is not None]
-        if self.response_format is not None and self.response_format.type != "text":
-            given.insert(0, "response_format")
-        if len(given) > 1:
-            raise broken_rule(f"at most one structured-output field per request, got {', '.join(given)}", given[1])
-        json_kinds = ("response_format", "guided_json")
-        if self.guided_whitespace_pattern is not None and not (given and given[0] in json_kinds):
-            raise broken_rule("guided_whitespace_pattern applies to JSON output only (response_format json_object "
-                              "or json_schema, or guided_json)", "guided_whitespace_pattern")
-        if isinstance(self.guided_json, str):  # vLLM takes the schema as an object or as its JSON text
-            try:
-                self.guided_json = json.loads(self.guided_json)
-            except json.JSONDecodeError as e:
-                raise broken_rule(f"guided_json is not valid JSON: {e}", "guided_json") from None
-            if not isinstance(self.guided_json, dict):
-                raise broken_rule(f"guided_json must be a JSON schema object, got {type(self.guided_json).__name__}",
-                                  "guided_json")
-        if given and self.ignore_eos:  # a finished structure allows only end-of-text
+        if so is not None and so.continuous_usage_stats and so.include_usage is False:
+            raise broken_rule("stream_options.continuous_usage_stats needs include_usage (true, or left out)",
+                              "stream_options.continuous_usage_stats")
+        if self.structured_fields() and self.ignore_eos:  # a finished structure allows only end-of-text
             raise broken_rule("ignore_eos cannot be combined with structured output: once the structure is "
                               "complete only end-of-text may follow", "ignore_eos")
+        if self.truncate_prompt_tokens == 0:
+            raise broken_rule("truncate_prompt_tokens must be >= 1, or -1 for as many as fit, got 0",
+                              "truncate_prompt_tokens")
+        if self.truncate_prompt_tokens is not None and self.echo_prompt:
+            raise broken_rule("truncate_prompt_tokens cannot be combined with echo (which prompt would it echo?)",
+                              "truncate_prompt_tokens")
         return self
 
     # --- what the request asks for, as the plan and the engine need it -------------------------
@@ -161,32 +143,19 @@ class _Generation(_Open):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        """A last chunk with the whole request's usage (vLLM's default with continuous_usage_stats)."""
+        so = self.stream_options
+        return so is not None and bool(so.include_usage or (so.include_usage is None and so.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every chunk carries its choice's usage so far."""
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     @property
     def recorded(self) -> dict[str, Any]:
         """Accepted metadata, written to the request log and nowhere else."""
         return {k: getattr(self, k) for k in RECORDED if getattr(self, k, None) is not None}
-
-    @property
-    def structured(self) -> StructuredSpec | None:
-        """The structure asked for, as the engine's grammar takes it (None: plain text)."""
-        ws = self.guided_whitespace_pattern
-        rf = self.response_format
-        if isinstance(rf, ResponseFormatJsonObject):
-            return StructuredSpec(StructuredKind.JSON_OBJECT, "response_format", whitespace=ws)
-        if isinstance(rf, ResponseFormatJsonSchema):
-            return StructuredSpec(StructuredKind.JSON_SCHEMA, "response_format", schema=rf.json_schema.schema_,
-                                  whitespace=ws)
-        if self.guided_json is not None:
-            return StructuredSpec(StructuredKind.JSON_SCHEMA, "guided_json", schema=self.guided_json, whitespace=ws)
-        if self.guided_regex is not None:
-            return StructuredSpec(StructuredKind.REGEX, "guided_regex", regex=self.guided_regex)
-        if self.guided_choice is not None:
-            return StructuredSpec(StructuredKind.CHOICE, "guided_choice", choices=tuple(self.guided_choice))
-        if self.guided_grammar is not None:
-            return StructuredSpec(StructuredKind.GRAMMAR, "guided_grammar", grammar=self.guided_grammar)
-        return None
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -215,13 +184,17 @@ class _Generation(_Open):
             repetition_penalty=float(value("repetition_penalty", 1.0)),
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             max_tokens=max_tokens, min_tokens=self.min_tokens or 0, stop=[*self.stop_strings(), *extra_stop],
+            # the client's own stop strings, not the chat template's
+            include_stop=self.stop_strings() if self.include_stop_str_in_output else [],
+            skip_special_tokens=self.skip_special_tokens is not False,
+            spaces_between_special_tokens=self.spaces_between_special_tokens is not False,
             stop_token_ids=list(self.stop_token_ids or []), seed=seed, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
             ignore_eos=bool(self.ignore_eos), structured=self.structured)
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(_Generation, VllmCompletionRefused):
     """POST /v1/completions."""
 
     endpoint: ClassVar[str] = "completions"
@@ -269,7 +242,7 @@ class CompletionRequest(_Generation):
         return bool(self.echo)
 
 
-class ChatCompletionRequest(_Generation, Conversation):
+class ChatCompletionRequest(_Generation, Conversation, VllmChatRefused):
     """POST /v1/chat/completions."""
 
     endpoint: ClassVar[str] = "chat"

@@ -10,9 +10,9 @@ This module knows nothing about requests, tokenizers or the engine.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from nextoken.serve.http.fields import _Closed
 
@@ -30,10 +30,18 @@ class ErrorResponse(_Closed):
     error: ErrorBody
 
 
+class PromptTokensDetails(_Closed):
+    cached_tokens: int = Field(description="Of prompt_tokens, those whose KV came from the prefix cache "
+                                           "(nextoken_prefix_cache_hits_total counts the same tokens).")
+    cache_write_tokens: int = Field(description="Of prompt_tokens, those whose KV this request wrote into the "
+                                                "prefix cache (whole blocks it did not hold yet).")
+
+
 class Usage(_Closed):
     prompt_tokens: int = Field(description="Each prompt's tokens, counted once per prompt (not per choice).")
     completion_tokens: int = Field(description="Generated tokens, all choices together.")
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 FinishReason = Literal["stop", "length"]
@@ -195,3 +203,132 @@ class ReloadResponse(_Closed):
     status: Literal["reload requested"]
     serving: str | None
     last_error: str | None
+
+
+# --- the Responses API (POST /v1/responses) ------------------------------------------------------
+class InputTokensDetails(_Closed):
+    cached_tokens: int = Field(description="Of input_tokens, those the prefix cache served.")
+    cache_write_tokens: int = Field(description="Of input_tokens, those written into the prefix cache.")
+
+
+class OutputTokensDetails(_Closed):
+    reasoning_tokens: int = Field(description="Always 0: this is not a reasoning model.")
+
+
+class ResponsesUsage(_Closed):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class OutputTextPart(_Closed):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[dict] = Field(description="Always empty (no citations).")
+    logprobs: list[dict] = Field(description="Always empty (logprobs are not supported here).")
+
+
+class OutputMessage(_Closed):
+    type: Literal["message"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[OutputTextPart]
+
+
+class IncompleteDetails(_Closed):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseObject(_Closed):
+    """A response: its one output message, the settings it ran with, usage once it is done."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"] = Field(
+        description="incomplete: the output reached max_output_tokens (or the context's end).")
+    error: None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputMessage]
+    parallel_tool_calls: bool
+    previous_response_id: None
+    reasoning: None
+    store: bool
+    temperature: float | None
+    text: dict = Field(description='The text format it answered in, as asked ({"format": {"type": "text"}}).')
+    tool_choice: Literal["none", "auto"]
+    tools: list[dict]
+    top_p: float | None
+    truncation: Literal["disabled"]
+    usage: ResponsesUsage | None
+    metadata: dict[str, str] | None
+    service_tier: Literal["default"] | None = None
+    user: str | None = None
+
+
+class ResponseStateEvent(_Closed):
+    type: Literal["response.created", "response.in_progress", "response.completed", "response.incomplete"]
+    sequence_number: int
+    response: ResponseObject
+
+
+class OutputItemEvent(_Closed):
+    type: Literal["response.output_item.added", "response.output_item.done"]
+    sequence_number: int
+    output_index: int
+    item: OutputMessage
+
+
+class ContentPartEvent(_Closed):
+    type: Literal["response.content_part.added", "response.content_part.done"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputTextPart
+
+
+class TextDeltaEvent(_Closed):
+    type: Literal["response.output_text.delta"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    logprobs: list[dict]
+
+
+class TextDoneEvent(_Closed):
+    type: Literal["response.output_text.done"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    logprobs: list[dict]
+
+
+class ErrorEvent(_Closed):
+    """Generation failed after the stream began: the last event."""
+
+    type: Literal["error"]
+    sequence_number: int
+    code: str | None
+    message: str
+    param: str | None
+
+
+class ResponseStreamEvent(RootModel):
+    """One server-sent event of a streamed response (``event: <type>``, ``data: {...}``), in this order:
+    response.created, response.in_progress, response.output_item.added, response.content_part.added,
+    response.output_text.delta (each piece of text), response.output_text.done, response.content_part.done,
+    response.output_item.done, then response.completed or response.incomplete (or error)."""
+
+    root: Annotated[ResponseStateEvent | OutputItemEvent | ContentPartEvent | TextDeltaEvent | TextDoneEvent
+                    | ErrorEvent, Field(discriminator="type")]

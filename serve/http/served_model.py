@@ -70,6 +70,8 @@ class ServedModel:
         self.eos_id = self.tokens.eos_id
         self.created = int((folder / "config.json").stat().st_mtime)
         self._vocab_size = self.tokenizer.get_vocab_size()
+        # id -> text of each special token (<|endoftext|>...), shown only with skip_special_tokens: false
+        self.special_texts = {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
         self.token_bytes = TokenBytes(self.tokenizer)
         self._token_text: dict[int, str] = {}
         self._pieces: dict[int, tuple[str, list[int]]] = {}  # id -> (text, bytes), for logprob entries

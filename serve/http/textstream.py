@@ -4,7 +4,13 @@ Byte-level BPE tokens can end in the middle of a UTF-8 character, so text is dec
 short window of recent ids and only released once it no longer ends in the replacement
 character (the prefix/read-offset scheme vLLM and TGI use). Released text then passes a stop
 filter that holds back any tail which could still become a stop string, so a stop string is
-cut out whole even when its pieces arrive in different steps.
+cut out whole even when its pieces arrive in different steps (or kept, with vLLM's
+``include_stop_str_in_output``, and the text still ends right after it).
+
+Special tokens (``<|endoftext|>`` generated with ``ignore_eos``) add no text unless the request
+shows them (vLLM's ``skip_special_tokens: false``); shown, each is set apart from the text around it
+by a space (``spaces_between_special_tokens``, as vLLM's detokenizer joins its pieces), and the
+decode window restarts after it.
 """
 
 from __future__ import annotations
@@ -27,13 +33,21 @@ class TextStream:
     """``context``: the prompt's last tokens. A Metaspace tokenizer (Llama-2, Mistral) drops a word's leading
     space when the word starts the decoded text, so the first new token is decoded after them."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], context: list[int] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], context: list[int] | None = None, *,
+                 include: list[str] | None = None, special: dict[int, str] | None = None,
+                 spaces: bool = True) -> None:
+        """``include``: stop strings kept in the text; ``special``: id -> text of the special tokens to show."""
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
+        self.include = set(include or ())
+        self.special = special or {}
+        self.spaces = spaces
+        # every token but the shown special ones, after the prompt's last few
         self.ids: list[int] = list(context[-CONTEXT_TOKENS:]) if context else []
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.pending = ""  # decoded text not yet released (a possible stop-string prefix)
+        self.last: str | None = None  # the kind of the last piece of text: "text" or "special"
 
     def _decode_new(self) -> str:
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
@@ -41,13 +55,32 @@ class TextStream:
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            return full[len(prefix):]
+            return self._piece(full[len(prefix):], "text")
         return ""
+
+    def _piece(self, text: str, kind: str) -> str:
+        """``text`` with the space that sets a shown special token apart from its neighbours."""
+        apart = self.spaces and self.last is not None and "special" in (kind, self.last)
+        self.last = kind
+        return " " + text if apart else text
+
+    def _show_special(self, token_id: int) -> str:
+        """A shown special token's text, after whatever the window still held (even a broken character)."""
+        held = ""
+        if self.read_offset < len(self.ids):
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+            held = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)[len(prefix):]
+        out = self._piece(held, "text") if held else ""
+        self.prefix_offset = self.read_offset = len(self.ids)  # the next text decodes on its own
+        return out + self._piece(self.special[token_id], "special")
 
     def push(self, token_id: int, check_stops: bool = True) -> TextDelta:
         """Add a token; ``check_stops=False`` releases its text unscanned (before ``min_tokens``)."""
-        self.ids.append(token_id)
-        self.pending += self._decode_new()
+        if token_id in self.special:
+            self.pending += self._show_special(token_id)
+        else:
+            self.ids.append(token_id)
+            self.pending += self._decode_new()
         if not check_stops:
             out, self.pending = self.pending, ""
             return TextDelta(out, False)
@@ -61,7 +94,7 @@ class TextStream:
         if self.stop:
             hit = min(((self.pending.find(s), s) for s in self.stop if s in self.pending), default=None)
             if hit is not None:
-                out = self.pending[: hit[0]]
+                out = self.pending[: hit[0] + (len(hit[1]) if hit[1] in self.include else 0)]
                 self.pending = ""
                 return TextDelta(out, True)
         keep = 0 if final else self._held_back()

@@ -48,7 +48,8 @@ def test_completion_non_streaming(server: ServerProcess) -> None:
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     choice = body["choices"][0]
     assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 7
-    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 7, "total_tokens": 15}
+    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 7, "total_tokens": 15,
+                             "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}}
 
 
 def test_streaming_matches_non_streaming_and_shares_one_id(server: ServerProcess) -> None:

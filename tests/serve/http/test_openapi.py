@@ -4,8 +4,10 @@ Every operation in the document is called with cases generated from it: schema-v
 (positive) and schema-violating ones (negative, which the server must refuse with a 4xx). Every
 answer must be a declared status with a declared media type, headers and a body matching the
 declared model (a stream: every event a documented chunk, each choice finished once, ``[DONE]``
-last), never a 5xx and never slow. The two generation routes get at least ``GENERATION_CASES``
-cases between them, and those cases must have carried every field of their request models.
+last; a Responses API stream: every event a documented typed event, in order, ending with
+response.completed / response.incomplete / error), never a 5xx and never slow. The generation routes
+get at least ``GENERATION_CASES`` cases between them, and those cases must have carried every field
+of their request models.
 
 The server runs the tiny 32-token-context model, so the document's own max_tokens bound (the
 context) keeps every generation short; nothing is narrowed for the fuzzer.
@@ -33,10 +35,14 @@ from jsonschema import Draft202012Validator  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
 SEED = 20261202
-GENERATION_EXAMPLES = 260  # per generation route and mode: 2 routes x 2 modes x 260 >= GENERATION_CASES
+GENERATION_EXAMPLES = 300  # per route and mode: more fields than before (vLLM's), each must be sent once
+RESPONSES_EXAMPLES = 120  # per mode: fewer fields, most of them refusals
 OTHER_EXAMPLES = 40  # per other operation and mode
 GENERATION_CASES = 1000
-GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+REQUEST_MODELS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest",
+                  "/v1/responses": "ResponsesRequest"}
+RESPONSES_LAST = ("response.completed", "response.incomplete", "error")
 SLOW_S = 10.0  # generous: one case is at most 31 tokens x 16 choices on a tiny model
 
 
@@ -63,11 +69,13 @@ def streams_conform(ctx: object, response: schemathesis.Response, case: schemath
     if response.status_code != 200 or not str(ctype[0]).startswith("text/event-stream"):
         return None
     doc = case.operation.schema.raw_schema
+    assert not getattr(response, "stream_cut_short", False), "schemathesis stopped reading the stream"
+    if case.path == "/v1/responses":
+        return responses_stream_conforms(response.content.decode(), doc)
     name = {"/v1/completions": "CompletionChunk", "/v1/chat/completions": "ChatCompletionChunk"}[case.path]
     validator = Draft202012Validator({"anyOf": [{"$ref": f"#/components/schemas/{name}"},
                                                 {"$ref": "#/components/schemas/ErrorResponse"}],
                                       "components": doc["components"]})
-    assert not getattr(response, "stream_cut_short", False), "schemathesis stopped reading the stream"
     events = [line[len("data: "):] for line in response.content.decode().splitlines() if line.startswith("data: ")]
     finished: Counter = Counter()
     for i, data in enumerate(events):
@@ -83,6 +91,24 @@ def streams_conform(ctx: object, response: schemathesis.Response, case: schemath
     assert events and events[-1] == "[DONE]", "the stream did not end with [DONE]"
     assert all(n == 1 for n in finished.values()), f"a choice finished more than once: {dict(finished)}"
     return None
+
+
+def responses_stream_conforms(text: str, doc: dict) -> None:
+    """Each ``event:`` names the type of its ``data:`` event, which matches the documented event model; sequence
+    numbers count from 0; the first is response.created and the last is terminal."""
+    validator = Draft202012Validator({"$ref": "#/components/schemas/ResponseStreamEvent",
+                                      "components": doc["components"]})
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    events = []
+    for i, block in enumerate(blocks):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        obj = json.loads(fields["data"])
+        errors = sorted(validator.iter_errors(obj), key=str)
+        assert not errors, f"event {i} does not match ResponseStreamEvent: {errors[0].message}"
+        assert fields["event"] == obj["type"] and obj["sequence_number"] == i, (i, fields["event"], obj)
+        events.append(obj["type"])
+    assert events[0] == "response.created" or events == ["error"], events
+    assert events[-1] in RESPONSES_LAST and not any(e in RESPONSES_LAST for e in events[:-1]), events
 
 
 def fuzz(url: str, generation_examples: int,
@@ -132,7 +158,9 @@ def fuzz(url: str, generation_examples: int,
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             if mode == GenerationMode.NEGATIVE and "requestBody" not in raw and not raw.get("parameters"):
                 continue  # nothing to negate: no parameters, no body
-            runner(op, mode, generation_examples if op.path in GENERATION_ROUTES else other_examples)
+            examples = {"/v1/responses": min(generation_examples, RESPONSES_EXAMPLES)}.get(
+                op.path, generation_examples if op.path in GENERATION_ROUTES else other_examples)
+            runner(op, mode, examples)
     return cases, fields, failures
 
 
@@ -142,7 +170,7 @@ def test_every_operation_answers_as_documented(fuzz_server: ServerProcess) -> No
     sent = sum(n for (path, _), n in cases.items() if path in GENERATION_ROUTES)
     assert sent >= GENERATION_CASES, dict(cases)
     doc = httpx.get(fuzz_server.url + "/openapi.json", timeout=10).json()
-    for path, model in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+    for path, model in REQUEST_MODELS.items():
         declared = set(doc["components"]["schemas"][model]["properties"])
         assert declared <= fields[path], f"{path}: never sent {sorted(declared - fields[path])}"
     assert not failures, f"{len(failures)} distinct failures:\n\n" + "\n\n".join(

@@ -76,3 +76,26 @@ def test_a_stop_string_across_byte_fallback_pieces() -> None:
         if d.stopped:
             break
     assert d.stopped and "".join(pieces) == " price 5"
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_ends_there(bpe) -> None:
+    s = TextStream(bpe, ["the end"], include=["the end"])
+    out, stopped = "", False
+    for t in bpe.encode("hello world, the end. more").ids:
+        d = s.push(t)
+        out += d.text
+        if d.stopped:
+            stopped = True
+            break
+    assert stopped and out == "hello world, the end"
+
+
+@pytest.mark.parametrize(("spaces", "want"), [(True, "hello <|endoftext|> <|endoftext|> world"),
+                                              (False, "hello<|endoftext|><|endoftext|>world")])
+def test_shown_special_tokens_are_set_apart_by_spaces(bpe, spaces: bool, want: str) -> None:
+    eos = bpe.token_to_id("<|endoftext|>")
+    ids = bpe.encode("hello").ids + [eos, eos] + bpe.encode("world").ids
+    skipped = TextStream(bpe, [])
+    assert "".join(skipped.push(t).text for t in ids) + skipped.finish() == "helloworld"  # the default: no text
+    shown = TextStream(bpe, [], special={eos: "<|endoftext|>"}, spaces=spaces)
+    assert "".join(shown.push(t).text for t in ids) + shown.finish() == want
