@@ -164,20 +164,3 @@ def graph_facts(path: Path) -> dict[str, Any]:
     return {"nodes": len(graph.node), "op_types": sorted({n.op_type for n in graph.node}),
             "external_data": path.with_name(path.name + ".data").exists()}
 
-
-def quantize_int8(src: str | Path, dst: str | Path) -> None:
-    """Dynamic int8 quantisation of the MatMul weights (activations stay float, scaled per batch)."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # It logs a "consider pre-processing" hint on the root logger; shape inference is not needed
-    # for MatMul weights, and the hint would reach every CLI user as noise.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         use_external_data_format=Path(f"{src}.data").exists())
-    finally:
-        root.setLevel(level)
