@@ -100,3 +100,23 @@ def test_gemm_to_matmul_computes_the_same(tmp_path: Path) -> None:
     assert head_node(model.graph).name == "head"
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_large_weights_are_written_as_external_data_and_quantise_from_there(qrun: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """From onnx.EXTERNAL_DATA_BYTES of weights the graphs keep them in ``.data`` files (written tensor by tensor:
+    the export holds no serialised copy); the folder loads, hashes, serves and quantises the same way."""
+    from nextoken.export import onnx as onnx_export
+    from nextoken.export.runtime import Runner
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    fp32 = load_artifact(export_run(qrun, tmp_path / "ext", name="ext", log=None))
+    assert (fp32.path / "model.onnx.data").is_file() and (fp32.path / "serving.onnx.data").is_file()
+    assert {"model.onnx.data", "serving.onnx.data"} <= set(fp32.manifest["files"])  # hashed like the rest
+    assert fp32.manifest["verification"]["passed"] and fp32.manifest["verification"]["serving"]["passed"]
+    assert (fp32.path / "serving.onnx").stat().st_size < 100_000  # the graph alone
+    r = Runner(fp32, max_slots=1, threads=1)
+    assert r.prefill(0, [1, 2, 3], 0).shape == (3, int(fp32.config["vocab_size"]))
+    q = load_artifact(export_run(qrun, tmp_path / "ext4", quantize="int4", log=None))
+    assert (q.path / "serving.onnx.data").is_file() and q.manifest["verification"]["quantization"]["passed"]
+    assert set(_weight_ops(q.path / "serving.onnx")) == {"MatMulNBits"}
