@@ -29,7 +29,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from nextoken.export.onnx import export_onnx, quantize_int8
+from nextoken.export.onnx import export_onnx
+from nextoken.export.quantize import QuantSpec, quantize_file
 from nextoken.train.config import GPTConfig
 from nextoken.train.model import GPT
 
@@ -185,7 +186,7 @@ def main() -> None:
         "ort_cache": lambda p: ort_cache(sess, p, n),
     }
     if not args.no_int8:
-        quantize_int8(onnx_path, work / "model.int8.onnx")
+        quantize_file(onnx_path, work / "model.int8.onnx", QuantSpec("int8"))
         sess_int8 = session(work / "model.int8.onnx", args.threads)
         variants["ort_int8"] = lambda p: ort_cache(sess_int8, p, n)
     genai_note = "skipped (--no-genai)"

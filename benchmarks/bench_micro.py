@@ -2,6 +2,23 @@
 
     pytest benchmarks/bench_micro.py --benchmark-only
 
+A regression between two commits (pytest-benchmark keeps each run under .benchmarks/, named by a
+counter and the commit; the editable install serves whatever the work tree holds):
+
+    git checkout A && pytest benchmarks/bench_micro.py --benchmark-only --benchmark-autosave
+    git checkout B && pytest benchmarks/bench_micro.py --benchmark-only --benchmark-autosave \
+        --benchmark-compare=0001 --benchmark-compare-fail=median:25% --benchmark-columns=median,iqr,rounds
+    pytest-benchmark compare 0001 0002 --group-by=name     # the two runs side by side, any time later
+
+``--benchmark-compare-fail=median:25%`` makes the second run fail on any benchmark whose median
+grew more than 25% (this machine's noise between quiet runs is ~10%; compare only runs from one
+machine, and record ``uptime`` beside them).
+
+- the engine step (serve/engine/core.py ``EngineCore.step``: schedule, runner, sampler) at batch 1 and 32
+- the request path (serve/http: strict JSON, the request model's validation, ``to_sampling_params``)
+- the prefill scheduler (serve/engine/scheduler.py + prefill.py): a burst of 32 prompts beside 32 decoding
+  rows under the model-sized budget, and grouping a step's chunks into runner calls
+
 - tokenizer encode / decode of ~8 KB of text (a byte-level BPE trained here, vocab 512)
 - the server's sampler (serve/engine/sampler.py): BatchSampler at batch 1 and 32 over vocabularies of 2048
   and 4096 (greedy, temperature, top-k + top-p, top-p on flat and peaked logits, penalties, logprobs 5)
@@ -128,19 +145,25 @@ def test_batch_sampler(benchmark: Any, case: str, batch: int, vocab: int) -> Non
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The runner (serving.onnx, in-place cache) over a small trained-for-2-steps artifact (4 layers, 128 wide,
-    context 256), with 32 slots."""
+def small_artifact(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small trained-for-2-steps artifact (4 layers, 128 wide, context 256)."""
     from nextoken.export.artifact import load_artifact
     from nextoken.export.build import export_run
-    from nextoken.export.runtime import Runner
     from tests.conftest import TINY_TEXT, train_tiny
 
     root = tmp_path_factory.mktemp("bench-engine")
     (root / "corpus.txt").write_text(TINY_TEXT, encoding="utf-8")
     train_tiny(root / "run", root / "corpus.txt", n_layer=4, n_head=4, n_embd=128, block_size=256, max_iters=2,
                eval_interval=2)
-    return Runner(load_artifact(export_run(root / "run", root / "art", log=None)), max_slots=32, threads=1)
+    return load_artifact(export_run(root / "run", root / "art", log=None))
+
+
+@pytest.fixture(scope="module")
+def runner(small_artifact: Any) -> Any:
+    """The runner (serving.onnx, in-place cache) over the small artifact, with 32 slots."""
+    from nextoken.export.runtime import Runner
+
+    return Runner(small_artifact, max_slots=32, threads=1)
 
 
 @pytest.mark.parametrize("batch", [1, 32])
@@ -164,3 +187,70 @@ def test_engine_decode_step(benchmark: Any, runner: Any, batch: int) -> None:
 
     logits = benchmark.pedantic(step, rounds=50)
     assert logits.shape == (batch, runner.vocab_size)
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_engine_step(benchmark: Any, small_artifact: Any, batch: int) -> None:
+    """One ``EngineCore.step`` with ``batch`` rows decoding (greedy; rows that end are replaced between rounds)."""
+    from nextoken.serve.engine.core import EngineCore, EngineOptions
+    from nextoken.serve.wire import AddRequest
+
+    core = EngineCore(small_artifact, EngineOptions(max_slots=32, max_model_len=256, threads=1,
+                                                     prefix_cache_bytes=0))
+    count = iter(range(1 << 30))
+
+    def top_up() -> None:
+        while core.num_requests < batch:
+            core.add(AddRequest(f"r{next(count)}", [1] * 16, SamplingParams(temperature=0, max_tokens=200,
+                                                                              ignore_eos=True), 0.0, core.model_id))
+        while any(not s.prefilled for s in core.scheduler.running.values()) or core.scheduler.waiting:
+            core.step()
+
+    top_up()
+    out = benchmark.pedantic(core.step, setup=top_up, rounds=100)
+    assert len(out.rids) >= 1
+
+
+REQUEST_BODY = json.dumps({"model": "m", "prompt": "the cat sat on the mat", "max_tokens": 64, "temperature": 0.8,
+                           "top_p": 0.9, "stop": ["\n\n"], "stream": True, "stream_options": {"include_usage": True},
+                           "logprobs": 2, "seed": 7}).encode()
+
+
+def test_request_parse_and_validate(benchmark: Any) -> None:
+    """Bytes -> strict JSON -> CompletionRequest (every rule) -> the engine's SamplingParams."""
+    from nextoken.serve.http.bodies import parse_json
+    from nextoken.serve.http.errors import validate
+    from nextoken.serve.http.requests import CompletionRequest
+
+    def parse() -> SamplingParams:
+        req = validate(CompletionRequest, parse_json(REQUEST_BODY))
+        return req.to_sampling_params(max_tokens=req.output_tokens, logprobs=req.logprobs_count, seed=req.seed)
+
+    assert benchmark(parse).max_tokens == 64
+
+
+def test_prefill_scheduler_burst(benchmark: Any) -> None:
+    """``Scheduler.schedule`` for a burst of 32 new prompts beside 32 decoding rows (64 slots, the
+    model-sized budget), then ``plan_calls`` on the step's chunks."""
+    from nextoken.serve.engine.prefill import Budget, plan_calls
+    from nextoken.serve.engine.scheduler import Scheduler, Sequence
+
+    budget = Budget(8192, call_tokens=12)
+
+    def setup() -> tuple[tuple[Scheduler], dict]:
+        s = Scheduler(64, budget.cap, allowance=budget.allowance)
+        for i in range(32):
+            s.add(Sequence(f"d{i}", [1] * 8, 100, 0.0))
+        s.schedule()  # 32 rows prefilled whole: decoding from now on
+        for i in range(32):
+            s.add(Sequence(f"n{i}", [1] * (8 + i % 24), 100, 0.0))
+        return (s,), {}
+
+    def step(s: Scheduler) -> int:
+        out = s.schedule()
+        lengths = np.zeros(64, dtype=np.int64)
+        for q in out.decode:
+            lengths[q.slot] = 9
+        return len(plan_calls([(c.seq.slot, c.start, c.length) for c in out.prefill], lengths, 12))
+
+    assert benchmark.pedantic(step, setup=setup, rounds=200) >= 1

@@ -1,22 +1,30 @@
-"""nextoken and llama.cpp's llama-server side by side on the same weights (issue 11's targets).
+"""nextoken and llama.cpp's llama-server side by side on the same weights (issues 11 and 22).
 
-1. Trains (or reuses, in ``--work``) a GPT-2-shaped model: 4 layers, 4 heads, 256 wide, context
-   256, byte-level BPE 2000, on tinyshakespeare (or the built-in corpus without it).
-2. Exports it twice: the ONNX artifact (``nextoken export``) and a GGUF file
-   (``nextoken export --format gguf --dtype f32``), the same checkpoint.
+1. Trains (or reuses, in ``--work``/``--shape``) a GPT-2-shaped model on tinyshakespeare (or the
+   built-in corpus without it): ``--shape toy`` is 4 layers, 4 heads, 256 wide, context 256,
+   byte-level BPE 2000; ``--shape gpt2-small`` is GPT-2 small's body: 12 layers, 12 heads, 768
+   wide, context 1024, BPE 8192 (91M parameters; a few steps only: this measures speed).
+2. Exports it twice: the ONNX artifact (``nextoken export``, ``--quant none|int8|int4``) and a GGUF
+   file (``nextoken export --format gguf --dtype f32``), the same checkpoint; llama-server gets the
+   matching precision from the same build's ``llama-quantize``: none -> f32, int8 -> q8_0,
+   int4 -> q4_0.
 3. Starts ``nextoken serve ART --max-batch-size 32`` and ``llama-server -m GGUF -np 32 -c 8192 -t 2``
    on loopback, both up for the whole run.
 4. Parity: the same prompt, greedy, 48 tokens to eos, through both servers' HTTP APIs: the token
-   ids must be identical (this is also the GGUF's check against llama.cpp itself). Without
+   ids must be identical at f32 (this is also the GGUF's check against llama.cpp itself); quantised
+   pairs round differently, so there the agreement is reported, not required. Without
    ``ignore_eos`` here, since llama.cpp implements it as a -inf bias on eos and ours generates eos
    and goes on, which changes greedy tokens whenever eos is the argmax.
 5. Throughput: one async streaming client (httpx, SSE, the same request body on both sides:
    ``/v1/completions``, 128 tokens, ``ignore_eos``, temperature 0, the same prompt tokens),
    ``--requests`` per stream, at 1, 4, 16 and 32 concurrent streams, the two servers interleaved
-   run by run (A B, then B A, ...). Per stream count: output tok/s, TTFT p50, TPOT p50, ITL
+   run by run (A B, then B A, ...). Per stream count: output tok/s, TTFT p50 / p99, TPOT p50, ITL
    p50/p99 for both and the ratios, as median and range over ``--runs``.
+6. ``--write-results`` puts the table (with the command and ``uptime``) into benchmarks/RESULTS.md,
+   as a section of its own per shape and precision (a re-run replaces it).
 
     python benchmarks/bench_vs_llama.py --llama-server PATH [--runs 3] [--streams 1,4,16,32] [--work DIR]
+    python benchmarks/bench_vs_llama.py --llama-server PATH --shape gpt2-small --quant int4 --write-results
     python benchmarks/bench_vs_llama.py --llama-server PATH --check-only    # parity only
 
 Without a binary (``--llama-server`` or ``$NEXTOKEN_LLAMA_SERVER``) it says so and exits 0;
@@ -54,28 +62,49 @@ PARITY_TOKENS = 48
 
 # --- the model --------------------------------------------------------------------------------
 
-def build(work: Path, max_iters: int) -> tuple[Path, Path]:
-    """(artifact folder, GGUF file) of the benchmark model, made once per ``work`` folder."""
+SHAPES = {  # name -> (model and tokenizer, training steps by default, streams, new tokens)
+    "toy": (dict(vocab_size=2000, n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=8), 300,
+            "1,4,16,32", 128),
+    "gpt2-small": (dict(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=2), 20,
+                   "1,8,32", 64),
+}
+QUANT_PAIRS = {"none": "f32", "int8": "q8_0", "int4": "q4_0"}  # nextoken --quantize -> llama-quantize type
+
+
+def build(work: Path, max_iters: int, shape: str = "toy", quant: str = "none",
+          llama_quantize: Path | None = None) -> tuple[Path, Path]:
+    """(artifact folder, GGUF file) of the benchmark model, made once per ``work`` folder, shape and precision."""
     from nextoken.export.build import export_run
     from nextoken.export.gguf import export_gguf
     from nextoken.train.config import TrainConfig
     from nextoken.train.loop import train
 
-    run, artifact, gguf = work / "run", work / "artifact", work / "model-f32.gguf"
+    work = work / shape
+    work.mkdir(parents=True, exist_ok=True)
+    run, artifact, gguf = work / "run", work / f"artifact-{quant}", work / "model-f32.gguf"
     if not (run / "summary.json").is_file():
         data = [str(SHAKESPEARE)] if SHAKESPEARE.is_file() else []
-        cfg = TrainConfig(data=data, tokenizer="bpe", vocab_size=2000, n_layer=4, n_head=4, n_embd=256,
-                          block_size=256, batch_size=8, max_iters=max_iters, eval_interval=max_iters, eval_iters=2,
-                          warmup_iters=10, learning_rate=2e-3, min_lr=2e-4, sample_tokens=0,
-                          max_corpus_chars=0 if data else 2_000_000, out_dir=str(run), progress=False,
-                          tensorboard=False, threads=2)
-        print(f"training the benchmark model ({max_iters} steps) into {run} ...", file=sys.stderr)
+        model = SHAPES[shape][0]
+        cfg = TrainConfig(data=data, tokenizer="bpe", **model, max_iters=max_iters, eval_interval=max_iters,
+                          eval_iters=2, warmup_iters=min(10, max_iters), learning_rate=2e-3, min_lr=2e-4,
+                          sample_tokens=0, max_corpus_chars=0 if data else 2_000_000, out_dir=str(run),
+                          progress=False, tensorboard=False, threads=2)
+        print(f"training the {shape} benchmark model ({max_iters} steps) into {run} ...", file=sys.stderr)
         train(cfg, quiet=True)
     if not (artifact / "manifest.json").is_file():
-        export_run(run, artifact, name="bench-vs-llama", version="1")
+        export_run(run, artifact, name="bench-vs-llama", version="1", quantize=quant)
     if not gguf.is_file():
         export_gguf(run, gguf, dtype="f32", name="bench-vs-llama")
-    return artifact, gguf
+    kind = QUANT_PAIRS[quant]
+    if kind == "f32":
+        return artifact, gguf
+    quantized = work / f"model-{kind}.gguf"
+    if not quantized.is_file():
+        if llama_quantize is None:
+            raise FileNotFoundError(f"--quant {quant} pairs with llama.cpp's {kind}: pass --llama-quantize (the "
+                                    "llama-quantize of the llama-server build; looked for it beside llama-server)")
+        subprocess.run([str(llama_quantize), str(gguf), str(quantized), kind], check=True, capture_output=True)
+    return artifact, quantized
 
 
 class NextokenServer:
@@ -135,6 +164,7 @@ def greedy_llama(url: str, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def parity(nt: NextokenServer, peer: LlamaServer, prompt_ids: list[int], eos: int) -> bool:
+    """Greedy tokens through both servers; True when identical (printed either way)."""
     ours = greedy_nextoken(nt.url, PROMPT, PARITY_TOKENS)
     theirs = greedy_llama(peer.url, prompt_ids, PARITY_TOKENS)
 
@@ -165,6 +195,7 @@ class Record:
 class Level:
     tok_s: float
     ttft_p50: float
+    ttft_p99: float
     tpot_p50: float
     itl_p50: float
     itl_p99: float
@@ -221,6 +252,7 @@ async def run_level(url: str, body: dict, streams: int, requests_per_stream: int
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
     tpot = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.tokens - 1) for r in ok if r.tokens > 1]
     return Level(tok_s=sum(r.tokens for r in ok) / wall, ttft_p50=pct([r.ttft for r in ok], 0.5),
+                 ttft_p99=pct([r.ttft for r in ok], 0.99),
                  tpot_p50=pct(tpot, 0.5), itl_p50=pct(itl, 0.5), itl_p99=pct(itl, 0.99), requests=len(records),
                  failed=len(records) - len(ok), records=records)
 
@@ -234,22 +266,42 @@ def _med_range(values: list[float], scale: float = 1.0, fmt: str = "{:,.0f}") ->
     return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
 
 
-def report(results: dict[str, dict[int, list[Level]]], streams: list[int]) -> None:
-    print(f"\n{'streams':>7} | {'tok/s nextoken':>22} | {'tok/s llama':>22} | {'ratio':>16} | "
-          f"{'TTFT p50 ms nt / llama':>24} | {'TPOT p50 ms nt / llama':>24} | {'ITL p50/p99 ms nt':>18} | "
-          f"{'ITL p50/p99 ms llama':>20}")
+def table(results: dict[str, dict[int, list[Level]]], streams: list[int]) -> list[str]:
+    """The comparison as markdown rows (what --write-results puts in RESULTS.md and what is printed)."""
+    med = statistics.median
+    rows = ["| streams | tok/s nextoken | tok/s llama-server | ratio | TTFT p50 ms nt / llama | TTFT p99 ms nt / llama "
+            "| TPOT p50 ms nt / llama | ITL p50 / p99 ms nt | ITL p50 / p99 ms llama |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for c in streams:
         a, b = results["nextoken"][c], results["llama"][c]
         ratios = [x.tok_s / y.tok_s for x, y in zip(a, b, strict=True) if y.tok_s]
         failed = sum(x.failed for x in a) + sum(y.failed for y in b)
-        med = statistics.median
-        print(f"{c:>7} | {_med_range([x.tok_s for x in a]):>22} | {_med_range([y.tok_s for y in b]):>22} | "
-              f"{_med_range(ratios, fmt='{:.2f}'):>16} | "
-              f"{med([x.ttft_p50 for x in a]) * 1e3:>10.1f} / {med([y.ttft_p50 for y in b]) * 1e3:<11.1f} | "
-              f"{med([x.tpot_p50 for x in a]) * 1e3:>10.2f} / {med([y.tpot_p50 for y in b]) * 1e3:<11.2f} | "
-              f"{med([x.itl_p50 for x in a]) * 1e3:>8.2f} / {med([x.itl_p99 for x in a]) * 1e3:<7.2f} | "
-              f"{med([y.itl_p50 for y in b]) * 1e3:>8.2f} / {med([y.itl_p99 for y in b]) * 1e3:<9.2f}"
-              + (f"  FAILED {failed}" if failed else ""))
+        ms = lambda vals: med(vals) * 1e3  # noqa: E731
+        rows.append(
+            f"| {c} | {_med_range([x.tok_s for x in a])} | {_med_range([y.tok_s for y in b])} | "
+            f"**{_med_range(ratios, fmt='{:.2f}')}** | "
+            f"{ms([x.ttft_p50 for x in a]):.1f} / {ms([y.ttft_p50 for y in b]):.1f} | "
+            f"{ms([x.ttft_p99 for x in a]):.1f} / {ms([y.ttft_p99 for y in b]):.1f} | "
+            f"{ms([x.tpot_p50 for x in a]):.2f} / {ms([y.tpot_p50 for y in b]):.2f} | "
+            f"{ms([x.itl_p50 for x in a]):.2f} / {ms([x.itl_p99 for x in a]):.2f} | "
+            f"{ms([y.itl_p50 for y in b]):.2f} / {ms([y.itl_p99 for y in b]):.2f} |"
+            + (f" FAILED {failed}" if failed else ""))
+    return rows
+
+
+def write_results(path: Path, heading: str, body: list[str]) -> None:
+    """Put ``heading`` + ``body`` into RESULTS.md: replace a section with the same heading, else add it after the
+    file's introduction (before the first section), newest first."""
+    text = path.read_text(encoding="utf-8")
+    section = f"{heading}\n\n" + "\n".join(body) + "\n\n"
+    start = text.find(heading + "\n")
+    if start >= 0:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        first = text.find("\n## ")
+        text = text[:first + 1] + section + text[first + 1:] if first >= 0 else text + "\n" + section
+    path.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,11 +309,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: $NEXTOKEN_LLAMA_SERVER)")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "nextoken-bench-vs-llama"),
                     help="folder for the model, artifact and GGUF (reused when present)")
-    ap.add_argument("--max-iters", type=int, default=300, help="training steps for a new benchmark model")
-    ap.add_argument("--streams", default="1,4,16,32", help="concurrent streams, comma-separated")
+    ap.add_argument("--shape", default="toy", choices=sorted(SHAPES),
+                    help="toy: 4 layers x 256 wide, context 256 (issue 11); gpt2-small: GPT-2 small's body, 91M "
+                         "parameters, context 1024, BPE 8192 (issue 22)")
+    ap.add_argument("--quant", default="none", choices=sorted(QUANT_PAIRS),
+                    help="nextoken's --quantize, paired with llama.cpp's f32 / q8_0 / q4_0 of the same checkpoint")
+    ap.add_argument("--llama-quantize", default=None,
+                    help="llama-quantize of the same build (default: beside the llama-server binary)")
+    ap.add_argument("--max-iters", type=int, default=None, help="training steps for a new benchmark model "
+                                                                 "(default: 300 toy, 20 gpt2-small)")
+    ap.add_argument("--streams", default=None, help="concurrent streams, comma-separated (default: 1,4,16,32 toy, "
+                                                    "1,8,32 gpt2-small)")
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs per stream count")
     ap.add_argument("--requests", type=int, default=2, help="requests per stream in each run")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default: 128 toy, 64 gpt2-small)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="put the table into benchmarks/RESULTS.md (a section per shape and precision)")
     ap.add_argument("--llama-threads", type=int, default=2)
     ap.add_argument("--nextoken-flags", default="", help="extra `nextoken serve` flags, space-separated")
     ap.add_argument("--check-only", action="store_true", help="greedy parity only, no throughput runs")
@@ -275,10 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         print("skipped: no llama-server binary; pass --llama-server PATH or set $NEXTOKEN_LLAMA_SERVER "
               "(../shared/tools/build-llama-server.sh builds one in about 8 minutes)")
         return 0
-    streams = [int(s) for s in args.streams.split(",") if s]
+    _model, default_iters, default_streams, default_new = SHAPES[args.shape]
+    streams = [int(s) for s in (args.streams or default_streams).split(",") if s]
+    args.new_tokens = args.new_tokens or default_new
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    artifact, gguf = build(work, args.max_iters)
+    quantize_bin = Path(args.llama_quantize) if args.llama_quantize else Path(binary).with_name("llama-quantize")
+    if args.quant != "none" and not quantize_bin.is_file():
+        print(f"error: --llama-quantize: {quantize_bin} does not exist", file=sys.stderr)
+        return 2
+    artifact, gguf = build(work, args.max_iters or default_iters, args.shape, args.quant, quantize_bin)
 
     from tokenizers import Tokenizer
 
@@ -299,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({' '.join(peer.cmd[1:])})")
         same = parity(nt, peer, prompt_ids, eos)
         if args.check_only:
-            return 0 if same else 1
+            return 0 if same or args.quant != "none" else 1
         common = {"max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
         bodies = {"nextoken": {**common, "prompt": PROMPT, "stream_options": {"include_usage": True}},
                   "llama": {**common, "prompt": prompt_ids, "stream_options": {"include_usage": True}}}
@@ -317,11 +386,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"run {r + 1} streams {c:>2} {name:<8} {lv.tok_s:8,.0f} tok/s  TTFT p50 "
                           f"{lv.ttft_p50 * 1e3:6.1f} ms  ITL p50 {lv.itl_p50 * 1e3:5.2f} ms"
                           + (f"  failed {lv.failed}" if lv.failed else ""), file=sys.stderr)
-        print(f"\n{args.new_tokens} tokens per request, ignore_eos, temperature 0, {args.requests} request(s) per "
-              f"stream, {args.runs} interleaved run(s); median (range)")
-        report(results, streams)
-        print(f"\nuptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-        return 0 if same else 1
+        up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        kind = QUANT_PAIRS[args.quant]
+        intro = (f"{args.new_tokens} tokens per request, ignore_eos, temperature 0, {args.requests} request(s) per "
+                 f"stream, {args.runs} interleaved run(s); median (range). nextoken --quantize {args.quant} against "
+                 f"llama-server {kind} ({' '.join(peer.cmd[3:])}); greedy parity over HTTP: "
+                 f"{'identical' if same else 'different (reported; quantised pairs round differently)'}.")
+        rows = table(results, streams)
+        print("\n" + intro + "\n\n" + "\n".join(rows) + f"\n\nuptime: {up}")
+        if args.write_results:
+            cmd = "python benchmarks/bench_vs_llama.py " + " ".join(a for a in (argv or sys.argv[1:]))
+            write_results(REPO / "benchmarks" / "RESULTS.md",
+                          f"## nextoken vs llama-server: {args.shape}, {args.quant} / {kind} (`bench_vs_llama.py`)",
+                          [f"`{cmd}` (uptime at the end: {up}).", "", intro, "", *rows])
+            print("wrote benchmarks/RESULTS.md")
+        return 0 if same or args.quant != "none" else 1
     finally:
         peer.stop()
         nt.stop()

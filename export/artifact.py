@@ -3,7 +3,7 @@
 ::
 
     ARTIFACT/
-      model.onnx              merged prefill + KV-cache decode graph (model.onnx.data beside it above 2 GB)
+      model.onnx              merged prefill + KV-cache decode graph (model.onnx.data beside it from 256 MiB of weights)
       serving.onnx            the serving graph: the same model over a cache updated in place (serving.py)
       tokenizer.json          Hugging Face tokenizers format
       config.json             a GPT-2 or Llama / Qwen2 / Mistral config.json (transformers reads it) plus the keys

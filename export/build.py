@@ -10,11 +10,13 @@ non-empty folder there is refused.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 import onnxscript
@@ -23,13 +25,15 @@ import torch
 from nextoken.errors import UserError
 from nextoken.export import ecosystem
 from nextoken.export.artifact import FORMAT, write_json, write_manifest
-from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx, quantize_int8
+from nextoken.export.onnx import DEFAULT_OPSET, DTYPES, MIN_OPSET, export_onnx
+from nextoken.export.quantize import SCHEMES, QuantSpec, quantize_file
 from nextoken.export.serving import export_serving_onnx, verify_serving
 from nextoken.export.source import load_source, name_and_version
 from nextoken.export.verify import verify_onnx
 from nextoken.fileio import staged_folder
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = SCHEMES
+FP32_DIR = ".fp32"  # inside the staged folder: the fp32 graphs a quantised export starts from (then removed)
 
 
 def _stderr(msg: str) -> None:
@@ -52,11 +56,15 @@ def _check_out(out: Path) -> None:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best", name: str | None = None,
                version: str | None = None, opset: int = DEFAULT_OPSET, dtype: str = "fp32", quantize: str = "none",
-               verify: bool = True, log: Callable[[str], None] | None = _stderr) -> Path:
+               verify: bool = True, quant: QuantSpec | None = None,
+               log: Callable[[str], None] | None = _stderr) -> Path:
     """Export ``run_dir``'s checkpoint (or a Hugging Face folder's weights) to ``out_dir`` and return its path.
 
     Raises ``UserError`` (naming the flag) for bad input and when an fp32 export fails the
-    parity check (max |delta logit| > 1e-4 or differing greedy tokens); nothing is written then.
+    parity check (max |delta logit| > 1e-4 or differing greedy tokens), or when a quantised export
+    exceeds ``quant_check.TOLERANCES`` against its own fp32 graphs; nothing is written then.
+    ``quant`` carries the quantisation settings (block size, symmetry, accuracy level, head);
+    ``quantize`` alone takes their defaults.
     """
     run_dir, out = Path(run_dir), Path(out_dir)
     say = log or (lambda _msg: None)
@@ -67,7 +75,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
     if quantize not in QUANTIZE:
         raise UserError(f"must be one of {', '.join(QUANTIZE)}, got {quantize!r}", flag="--quantize")
     if quantize != "none" and dtype != "fp32":
-        raise UserError(f"int8 quantisation starts from an fp32 graph; got --dtype {dtype}", flag="--quantize")
+        raise UserError(f"quantisation starts from an fp32 graph; got --dtype {dtype}", flag="--quantize")
+    spec = quant if quant is not None else QuantSpec(quantize)
+    if spec.scheme != quantize:
+        raise ValueError(f"quantize={quantize!r} but quant.scheme={spec.scheme!r}")
     _check_out(out)
 
     src = load_source(run_dir, checkpoint)
@@ -76,21 +87,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
 
     with staged_folder(out) as tmp:
         say(f"exporting {src.describe()} (opset {opset}, {dtype}) ...")
-        onnx_path = tmp / "model.onnx"
-        graph = export_onnx(model, onnx_path if quantize == "none" else tmp / "fp32.onnx",
-                            opset=opset, dtype=dtype)
+        onnx_path, serving_path = tmp / "model.onnx", tmp / "serving.onnx"
+        fp32_dir = tmp / FP32_DIR if quantize != "none" else tmp
+        fp32_dir.mkdir(exist_ok=True)
+        graph = export_onnx(model, fp32_dir / "model.onnx", opset=opset, dtype=dtype)
         model.float()  # the fp16 trace cast it; the parity reference is the fp32 checkpoint
         say("exporting the serving graph (in-place KV cache) ...")
-        serving_path = tmp / "serving.onnx"
-        graph["serving"] = export_serving_onnx(model, serving_path if quantize == "none" else tmp / "fp32-serving.onnx",
-                                               dtype=dtype)
+        graph["serving"] = export_serving_onnx(model, fp32_dir / "serving.onnx", dtype=dtype)
         model.float()
-        if quantize == "int8":
-            say("quantising MatMul weights to int8 ...")
-            quantize_int8(tmp / "fp32.onnx", onnx_path)
-            quantize_int8(tmp / "fp32-serving.onnx", serving_path)
-            for f in [*tmp.glob("fp32.onnx*"), *tmp.glob("fp32-serving.onnx*")]:
-                f.unlink()
+        if quantize != "none":
+            say(f"quantising the weights: {quantize} ...")
+            graph["quantization"] = spec.to_dict()
+            for graph_file in ("model.onnx", "serving.onnx"):
+                graph["quantization"][graph_file] = quantize_file(fp32_dir / graph_file, tmp / graph_file, spec)
         config = src.config_json(name, version, dtype="float16" if dtype == "fp16" else "float32")
         verification: dict[str, Any] = {"skipped": True}
         if verify:
@@ -115,6 +124,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
                                 f"{sv['max_abs_diff']:.2e} (tolerance {sv['tolerance']}), greedy tokens identical for "
                                 f"{sv['greedy_identical_tokens']}/{sv['greedy_tokens']}; nothing was written "
                                 f"(--no-verify skips the check)", flag="--verify")
+            if quantize != "none":
+                say("comparing the quantised graphs with the fp32 ones ...")
+                q = verification["quantization"] = quantized_parity(src, run_dir, fp32_dir, tmp, config, quantize)
+                say(f"  KL to fp32 {q['merged']['mean_kl']:.2e} / {q['serving']['mean_kl']:.2e} nats (model / serving) "
+                    f"top-1 agreement {q['merged']['top1_agreement']:.1%} / {q['serving']['top1_agreement']:.1%}, "
+                    + (f"validation perplexity {q['perplexity']:.3f} vs {q['perplexity_fp32']:.3f} fp32 "
+                       f"({q['perplexity_increase']:+.2%})" if q["perplexity"] is not None else "no validation data"))
+                if not q["passed"]:
+                    raise UserError(f"the {quantize} graphs exceed their tolerance against fp32 "
+                                    f"({'; '.join(q['failures'])}); nothing was written (a larger block size loses "
+                                    f"less: --quant-block-size; --no-verify skips the check)", flag="--quantize")
+        if fp32_dir != tmp:
+            shutil.rmtree(fp32_dir)
         ecosystem.write_tokenizer_json(run_dir, src.tokenizer, tmp)
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", src.generation_config())
@@ -127,3 +149,31 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
                        verification=verification)
     say(f"wrote {out}")
     return out
+
+
+def quantized_parity(src: Any, run_dir: Path, fp32_dir: Path, quant_dir: Path, config: dict[str, Any],
+                     scheme: str) -> dict[str, Any]:
+    """``quant_check``'s figures for both graphs and the validation perplexity (see quant_check.py)."""
+    from nextoken.export import quant_check
+    from nextoken.export.verify import default_prompts
+
+    c = src.config
+    shape = {"n_layer": c.n_layer, "n_kv_head": c.n_kv_head, "head_dim": c.head_dim}
+    prompts = default_prompts(c.vocab_size, c.block_size, batch=4, seed=1)
+    merged = quant_check.compare_merged(fp32_dir / "model.onnx", quant_dir / "model.onnx", prompts,
+                                        pad_id=src.eos_token_id, **shape)
+    serving = quant_check.compare_serving(fp32_dir, quant_dir, config, prompts)
+    ppl_fp32 = ppl = None
+    tokens = 0
+    window = min(c.block_size, quant_check.QUALITY_WINDOW)
+    try:
+        from nextoken.train.data import TokenData
+
+        val = np.asarray(TokenData(run_dir / "data").val[: quant_check.QUALITY_TOKENS + 1])
+    except (OSError, ValueError, TypeError):  # a run without its data folder (e.g. --init-from a HF model)
+        val = np.zeros(0, dtype=np.int64)
+    if len(val) > window:
+        tokens = ((len(val) - 1) // window) * window
+        ppl_fp32 = quant_check.perplexity(fp32_dir / "model.onnx", val, window=window, **shape)
+        ppl = quant_check.perplexity(quant_dir / "model.onnx", val, window=window, **shape)
+    return quant_check.check(scheme, merged, serving, ppl_fp32, ppl, tokens)

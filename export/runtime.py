@@ -22,6 +22,7 @@ host memory, where the sampler reads them.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -33,10 +34,45 @@ from nextoken.export.artifact import Artifact, cache_names, eos_ids
 SERVING_FILE = "serving.onnx"  # export/serving.py writes it; the Optimum-style model.onnx is for other runtimes
 
 
-def default_threads() -> int:
-    # Leave a core to the HTTP process: with every core busy in ORT's spinning pool, the API process and
-    # the engine fight and steps stall (field notes: 2 threads beside a busy neighbour went from 1.7 to 95 ms).
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+# NOTE(issue 22) on the default thread count. Measured (benchmarks/RESULTS.md, issue 22): on 2 physical
+# cores the 91M-parameter model served ~1.3x faster with 2 ORT threads than with 1, and the HTTP process
+# used 0.2-0.3 of a core at 32 streams, less than the thread it would have been given. Leaving it a whole
+# core pays only from 5 cores on, where one core is a fifth of the compute or less. Hyperthread siblings
+# share one core's arithmetic units: they are counted once.
+RESERVE_FROM_CORES = 5  # from this many physical cores on, one is left to the HTTP process
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity with hyperthread siblings counted once,
+    capped by a cgroup v2 CPU quota (a container's ``--cpus``)."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topo}/physical_package_id") as f, open(f"{topo}/core_id") as g:
+                cores.add((f.read().strip(), g.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    n = max(1, len(cores))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def default_threads(cores: int | None = None) -> int:
+    """ONNX Runtime intra-op threads when none are asked for: every physical core up to 4, one fewer from 5
+    (see the note above)."""
+    n = physical_cores() if cores is None else cores
+    return n - 1 if n >= RESERVE_FROM_CORES else n
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
@@ -103,7 +139,9 @@ class Runner:
         if not path.is_file():
             raise ValueError(f"{artifact.path} has no serving graph ({SERVING_FILE}); export it again with this "
                              "nextoken (`nextoken export RUN --out ...`)")
-        self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
+        self.threads = threads or default_threads()  # ONNX Runtime's intra-op threads (shown at start-up)
+        self.session = ort.InferenceSession(str(path), session_options(self.threads),
+                                            providers=providers_for(device))
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             # ORT falls back to the CPU silently when the CUDA provider cannot load (driver, cuDNN).
@@ -174,6 +212,35 @@ class Runner:
         logits = np.empty((1, T, self.vocab_size), dtype=np.float32)  # (1, T, V)
         self.session.run_with_iobinding(self._binding(slot, slot + 1, ids, pos, seqlens, total, logits))
         return logits[0]  # (T, V)
+
+    def prefill_first(self, slots: list[int], chunks: list[list[int]], lengths: np.ndarray) -> np.ndarray:
+        """Write ``chunks[i]`` at positions 0.. of ``slots[i]``, every chunk in ONE call; logits (n, T, V).
+
+        Only first chunks batch: ONNX Runtime's GroupQueryAttention takes several rows of more than one
+        token only when none has a past ("batch_size must be 1 when sequence_length > 1 and past context
+        is given"), so a later chunk goes alone through ``prefill``. T is the longest chunk; a shorter
+        one is padded on the right (its padding columns lie past its last real token: overwritten later,
+        never read). The call covers slots min..max, and every slot in that range without a chunk must be
+        empty (``lengths[slot] == 0``): it is fed T padding tokens at 0. Row i of the result holds chunk
+        i's logits in its first ``len(chunks[i])`` positions.
+        """
+        lo, hi = min(slots), max(slots) + 1
+        T = max(len(c) for c in chunks)
+        if self.spec.max_len < T:
+            raise ValueError(f"cannot place {T} tokens in a cache of {self.spec.max_len}")
+        ids = np.full((hi - lo, T), self.pad_id, dtype=np.int64)  # (rows, T)
+        busy = lengths[lo:hi] > 0
+        for s, chunk in zip(slots, chunks, strict=True):
+            ids[s - lo, :len(chunk)] = chunk
+            busy[s - lo] = False
+        if busy.any():
+            raise ValueError(f"slots {lo}..{hi - 1} hold other sequences: {(np.flatnonzero(busy) + lo).tolist()}")
+        pos = np.broadcast_to(np.arange(T, dtype=np.int64), (hi - lo, T)).copy()  # (rows, T)
+        seqlens = np.full(hi - lo, T - 1, dtype=np.int32)  # (rows,)
+        total = np.array(T, dtype=np.int32)  # (): = sequence_length, the kernel's "first prompt" case
+        logits = np.empty((hi - lo, T, self.vocab_size), dtype=np.float32)  # (rows, T, V)
+        self.session.run_with_iobinding(self._binding(lo, hi, ids, pos, seqlens, total, logits))
+        return logits[np.asarray(slots) - lo]  # (n, T, V)
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
                lengths: np.ndarray | None = None) -> np.ndarray:

@@ -186,6 +186,7 @@ class Scorer:
     context: int  # n_positions: the longest window the model takes
     source: str  # "artifact" | "run"
     description: str
+    quantization: dict[str, Any] | None = None  # an artifact's quantisation figures from its export, if any
 
 
 def onnx_forward(onnx_path: Path, n_layer: int, n_kv_head: int, head_dim: int, threads: int = 1) -> Forward:
@@ -224,8 +225,14 @@ def artifact_scorer(path: Path, threads: int = 1) -> Scorer:
     c = art.config
     tok = Tokenizer.from_file(str(art.tokenizer_path))
     forward = onnx_forward(art.onnx_path, c["n_layer"], c.get("n_kv_head") or c["n_head"], c["head_dim"], threads)
+    quant = art.manifest.get("export", {}).get("quantize", "none")
+    recorded = art.manifest.get("verification", {}).get("quantization")
+    if recorded is not None:
+        recorded = {"scheme": quant, **recorded}
     return Scorer(forward, lambda s: tok.encode(s, add_special_tokens=False).ids, eos_ids(c)[0],
-                  int(c["n_positions"]), "artifact", f"artifact {art.model_id} (ONNX Runtime, model.onnx)")
+                  int(c["n_positions"]), "artifact",
+                  f"artifact {art.model_id} (ONNX Runtime, model.onnx{'' if quant == 'none' else ', ' + quant})",
+                  recorded)
 
 
 def run_scorer(path: Path, checkpoint: str = "best", threads: int = 1) -> Scorer:

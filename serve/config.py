@@ -36,10 +36,16 @@ class ServeConfig:
     max_batch_size: int = _opt(32, "sequences decoded together: the KV cache holds this many slots")
     max_queue: int = _opt(256, "requests waiting for a slot beyond the batch (more get 429 at once)")
     max_model_len: int = _opt(0, "longest sequence (prompt + output) the cache holds per slot; 0 = the model's "
-                                 "context. Cache memory = slots x this x layers x 2 x width x 4 bytes")
-    max_num_batched_tokens: int = _opt(256, "tokens one engine step may process: one per decoding row, the rest "
-                                            "for prompt chunks (chunked prefill; bounds the pause a burst of "
-                                            "prompts puts on running streams)")
+                                 "context (or what --kv-cache-mb leaves per slot). Cache memory = slots x this x "
+                                 "layers x 2 x width x 4 bytes")
+    kv_cache_mb: float = _opt(0.0, "bound on the KV cache, allocated at start-up: it then holds MiB / (bytes per "
+                                   "token) tokens, as --max-batch-size slots of up to the context, or as many "
+                                   "slots of --max-model-len as fit; 0 = --max-batch-size x --max-model-len. A "
+                                   "configuration that does not fit the free memory is refused before loading")
+    max_num_batched_tokens: int = _opt(0, "tokens one engine step may process: one per decoding row, the rest for "
+                                          "prompt chunks. 0 = sized to the model: prompts may add 2 x decoding rows "
+                                          "+ a call's fixed cost in tokens (measured at start-up) while rows decode, "
+                                          "a whole burst when none does")
     prefix_cache_mb: float | None = _opt(None, "host memory for cached prompt prefixes (0 turns prefix caching off; "
                                                 "default: 64 on cpu, 0 on cuda, where it is not built yet)")
     prefix_block_size: int = _opt(16, "tokens per prefix-cache block")
@@ -50,7 +56,9 @@ class ServeConfig:
                                           "sampling fields a request omits (vLLM's default); vllm: ignore it",
                                   choices=("auto", "vllm"))
     device: str = _opt("cpu", "where ONNX Runtime runs the model", choices=("cpu", "cuda"))
-    threads: int = _opt(0, "ONNX Runtime intra-op threads (0 = one less than the cores, at most 4)")
+    threads: int = _opt(0, "ONNX Runtime intra-op threads (0 = every physical core up to 4, one fewer from 5; "
+                           "hyperthreads count once, a container's CPU quota caps it). On a machine other jobs "
+                           "share, --threads 1 is steadier")
     # lifecycle
     drain_timeout: float = _opt(30.0, "seconds in-flight requests may take to finish after SIGTERM/SIGINT")
     reload_poll_s: float = _opt(1.0, "how often the engine looks for a new model version")
@@ -86,9 +94,11 @@ class ServeConfig:
         need(self.max_batch_size >= 1, "--max-batch-size", f"must be >= 1, got {self.max_batch_size}")
         need(self.max_queue >= 0, "--max-queue", f"must be >= 0, got {self.max_queue}")
         need(self.max_model_len >= 0, "--max-model-len", f"must be >= 0, got {self.max_model_len}")
-        need(self.max_num_batched_tokens >= self.max_batch_size, "--max-num-batched-tokens",
-             f"must be >= --max-batch-size ({self.max_batch_size}): every decoding row needs a token of it each "
-             f"step; got {self.max_num_batched_tokens}")
+        need(self.max_num_batched_tokens == 0 or self.max_num_batched_tokens >= self.max_batch_size,
+             "--max-num-batched-tokens", f"must be 0 (sized to the model) or >= --max-batch-size "
+             f"({self.max_batch_size}): every decoding row needs a token of it each step; got "
+             f"{self.max_num_batched_tokens}")
+        need(self.kv_cache_mb >= 0, "--kv-cache-mb", f"must be >= 0, got {self.kv_cache_mb}")
         need(self.prefix_cache_mb >= 0, "--prefix-cache-mb", f"must be >= 0, got {self.prefix_cache_mb}")
         need(self.prefix_block_size >= 1, "--prefix-block-size", f"must be >= 1, got {self.prefix_block_size}")
         need(not (self.device == "cuda" and self.prefix_cache_mb > 0), "--prefix-cache-mb",

@@ -15,6 +15,7 @@ metrics directory is removed last.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from nextoken import __version__
 from nextoken.errors import UserError
 from nextoken.export.artifact import ArtifactError, load_artifact, resolve_artifact_dir
+from nextoken.export.runtime import default_threads, physical_cores
+from nextoken.serve import memory
 from nextoken.serve.config import ServeConfig
 
 if TYPE_CHECKING:
@@ -43,11 +46,25 @@ Mount = Callable[["FastAPI", Callable[[], "ServedModelView"]], None]
 
 def cache_bytes(config: ServeConfig, artifact_config: dict[str, Any]) -> int:
     """The KV cache's size for these flags (what ``Runner`` will allocate)."""
-    c = artifact_config
-    max_len = config.max_model_len or int(c["n_positions"])
-    itemsize = 2 if c.get("torch_dtype") == "float16" else 4
-    kv_heads = int(c.get("n_kv_head") or c["n_head"])  # grouped-query attention caches fewer heads
-    return 2 * int(c["n_layer"]) * config.max_batch_size * kv_heads * max_len * int(c["head_dim"]) * itemsize
+    return memory.plan(config, artifact_config, 0).kv_cache_bytes
+
+
+def weights_label(artifact: Any) -> str:
+    q = artifact.manifest.get("export", {}).get("quantize", "none")
+    return str(artifact.config.get("torch_dtype", "float32")).replace("float", "fp") if q == "none" else q
+
+
+def startup_line(config: ServeConfig, artifact: Any, plan: memory.MemoryPlan) -> str:
+    """What the server holds and how it computes, before anything is loaded (the engine adds its budget)."""
+    rule = "--threads" if config.threads else f"{physical_cores()} physical cores"
+    return (f"nextoken {__version__} serving {artifact.model_id} on http://{config.host}:{config.port}\n"
+            f"  memory: {plan.describe()} ({weights_label(artifact)} weights)\n"
+            f"  compute: {config.device}, {resolved_threads(config)} ONNX Runtime threads ({rule}); max batch "
+            f"{config.max_batch_size}, queue {config.max_queue}")
+
+
+def resolved_threads(config: ServeConfig) -> int:
+    return config.threads or default_threads()
 
 
 def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
@@ -76,6 +93,14 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     if not (artifact.path / "serving.onnx").is_file():
         raise UserError(f"{artifact.path} has no serving graph (serving.onnx): it was exported by an older nextoken; "
                         "export it again with `nextoken export RUN --out ...`", flag="ARTIFACT_DIR")
+    # Memory is planned and checked before anything is loaded: the cache is allocated whole at start-up.
+    plan = memory.plan(config, artifact.config, memory.weights_bytes(artifact.path))
+    if config.device == "cpu":
+        memory.check_fits(plan, memory.available_bytes())
+    config = memory.apply(config, plan)
+    line = startup_line(config, artifact, plan)
+    if config.device == "cpu":  # the engine runs with the count the line shows
+        config = dataclasses.replace(config, threads=resolved_threads(config))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the HTTP process is forked
     metrics_dir = prepare_multiproc_dir(compat=config.metrics_compat)
     pipes = Pipes(num_frontends=1)
@@ -141,10 +166,7 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     threading.Thread(target=watch_engine, daemon=True, name="engine-watch").start()
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
-    mib = cache_bytes(config, artifact.config) / (1 << 20)
-    print(f"nextoken {__version__} serving {artifact.model_id} on http://{config.host}:{config.port} "
-          f"(max batch {config.max_batch_size}, queue {config.max_queue}, KV cache {mib:.1f} MiB, prefix cache "
-          f"{config.prefix_cache_mb:g} MiB, {config.device})", flush=True)
+    print(line, flush=True)
     try:
         litserve_adapter.run(server, host=config.host, port=config.port, log_level=config.log_level)
     finally:

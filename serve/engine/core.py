@@ -28,6 +28,7 @@ import numpy as np
 
 from nextoken.export.artifact import Artifact
 from nextoken.export.runtime import Runner
+from nextoken.serve.engine.prefill import Budget, Costs, auto_cap, calibrate, plan_calls
 from nextoken.serve.engine.prefix_cache import PrefixCache
 from nextoken.serve.engine.sampler import BatchSampler
 from nextoken.serve.engine.scheduler import Scheduler, Sequence
@@ -59,7 +60,7 @@ class EngineOptions:
 
     max_slots: int = 32
     max_model_len: int = 0  # 0 = the model's context
-    max_num_batched_tokens: int = 256
+    max_num_batched_tokens: int = 0  # 0 = sized to the model (prefill.Budget, calibrated at start-up)
     prefix_cache_bytes: int = 64 << 20
     prefix_block_size: int = 16
     device: str = "cpu"
@@ -114,7 +115,13 @@ class EngineCore:
         self._eos = np.asarray(self.eos_ids, dtype=np.int64)
         self.prefix_cache = (PrefixCache(self.runner, block_size=o.prefix_block_size, max_bytes=o.prefix_cache_bytes)
                              if o.prefix_cache_bytes > 0 else None)
-        self.scheduler = Scheduler(o.max_slots, o.max_num_batched_tokens, self.prefix_cache)
+        self.costs: Costs | None = None
+        if o.max_num_batched_tokens:
+            self.budget = Budget(o.max_num_batched_tokens)
+        else:  # sized to the model: what a call costs here, measured now (the slots are all free)
+            self.costs = calibrate(self.runner)
+            self.budget = Budget(auto_cap(o.max_slots, self.vocab_size), self.costs.call_tokens)
+        self.scheduler = self._new_scheduler()
         self.sampler = BatchSampler(o.max_slots, self.vocab_size, self.eos_ids)
         self.on_step = on_step
         self.reqs: dict[str, _Req] = {}
@@ -178,12 +185,16 @@ class EngineCore:
         for slot, rid in enumerate(self.slot_rid):
             if rid is not None:
                 self._release_slot(slot)
-        self.scheduler = Scheduler(self.options.max_slots, self.options.max_num_batched_tokens, self.prefix_cache)
+        self.scheduler = self._new_scheduler()
         self.reqs.clear()
         return rids
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def _new_scheduler(self) -> Scheduler:
+        allowance = self.budget.allowance if self.budget.call_tokens is not None else None
+        return Scheduler(self.options.max_slots, self.budget.cap, self.prefix_cache, allowance)
 
     @property
     def num_requests(self) -> int:
@@ -229,11 +240,9 @@ class EngineCore:
         sample_slots: list[int] = []  # rows to sample this step, in order
         sample_logits: list[np.ndarray] = []  # (V,) each for prefill completions; decode adds a block
         scored: list[_Req] = []  # prompt-only requests (max_tokens 0) that finished prefilling
-        for chunk in sched.prefill:
+        chunk_logits = self._prefill(sched.prefill)
+        for chunk, logits in zip(sched.prefill, chunk_logits, strict=True):  # logits (T, V) each
             seq, r = chunk.seq, self.reqs[chunk.seq.rid]
-            logits = self.runner.prefill(seq.slot, seq.prompt_ids[chunk.start:chunk.start + chunk.length],
-                                         chunk.start)  # (T, V)
-            self.lengths[seq.slot] = chunk.start + chunk.length
             if r.params.prompt_logprobs is not None:
                 self._prompt_logprobs(r, chunk.start, logits)
             if chunk.completes_prompt:
@@ -316,6 +325,24 @@ class EngineCore:
                 prefix_hit_tokens=pc.hit_tokens if pc else 0, prefix_queried_tokens=pc.queried_tokens if pc else 0))
         return out
 
+    def _prefill(self, chunks: list[Any]) -> list[np.ndarray]:
+        """Run the step's prompt chunks in as few runner calls as pay (prefill.plan_calls); logits (T, V) each."""
+        out: list[np.ndarray | None] = [None] * len(chunks)
+        call_tokens = self.budget.call_tokens or (self.costs.call_tokens if self.costs else 16)
+        plan = plan_calls([(c.seq.slot, c.start, c.length) for c in chunks], self.lengths, call_tokens)
+        for group in plan:
+            ids = [chunks[i].seq.prompt_ids[chunks[i].start:chunks[i].start + chunks[i].length] for i in group]
+            if len(group) == 1:
+                c = chunks[group[0]]
+                out[group[0]] = self.runner.prefill(c.seq.slot, ids[0], c.start)
+            else:
+                logits = self.runner.prefill_first([chunks[i].seq.slot for i in group], ids, self.lengths)
+                for row, i in enumerate(group):
+                    out[i] = logits[row, :chunks[i].length]
+            for i in group:
+                self.lengths[chunks[i].seq.slot] = chunks[i].start + chunks[i].length
+        return out  # type: ignore[return-value]
+
     def _start(self, r: _Req, out: StepOutput) -> None:
         seq = r.seq
         st = Started(seq.num_prompt, seq.num_cached, (seq.admitted or out.time) - seq.arrival, self.model_id,
@@ -347,5 +374,8 @@ def describe_cache(core: EngineCore) -> dict[str, Any]:
     """The cache's bounds, for the start-up log and /v1/models."""
     spec = core.runner.spec
     return {"slots": spec.max_slots, "max_model_len": spec.max_len, "kv_cache_bytes": spec.nbytes,
+            "threads": core.runner.threads, "budget": core.budget.describe(),
+            "call_ms": core.costs.call_s * 1e3 if core.costs else None,
+            "token_ms": core.costs.token_s * 1e3 if core.costs else None,
             "prefix_cache_bytes": core.prefix_cache.nbytes if core.prefix_cache else 0,
             "prefix_cache_blocks": core.prefix_cache.num_blocks if core.prefix_cache else 0}

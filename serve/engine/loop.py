@@ -42,6 +42,15 @@ from nextoken.serve.wire import (
 logger = logging.getLogger("nextoken.serve")
 
 
+def describe_budget(core: EngineCore) -> str:
+    """The step's token budget and, when sized to the model, the call costs it was sized from."""
+    text = core.budget.describe()
+    if core.costs is not None:
+        text += (f" (a call here: {core.costs.call_s * 1e3:.1f} ms + {core.costs.token_s * 1e3:.2f} ms a token, "
+                 "measured at load)")
+    return text
+
+
 def engine_options(config: ServeConfig) -> EngineOptions:
     return EngineOptions(max_slots=config.max_batch_size, max_model_len=config.max_model_len,
                          max_num_batched_tokens=config.max_num_batched_tokens,
@@ -138,7 +147,9 @@ class EngineLoop:
                                           decode_s=s.decode_s if s.decode_tokens else None,
                                           kv_cache_usage=s.kv_cache_usage, prefix_queried=queried, prefix_hits=hits)
 
-        return EngineCore(artifact, engine_options(self.config), on_step)
+        core = EngineCore(artifact, engine_options(self.config), on_step)
+        print(f"  engine: {model_id} loaded, {describe_budget(core)}", flush=True)
+        return core
 
     def _on_change(self, change: VersionChange) -> None:
         m, models = self.metrics, self.models

@@ -1,10 +1,19 @@
 """The scheduler: who runs next and how much. Pure bookkeeping: ids, counts and slots; no tensors.
 
 Every step spends a token budget (``max_num_batched_tokens``, vLLM's name): first one token for
-each running sequence that is decoding, then what is left on prompts, oldest first, in chunks. A
-prompt longer than what is left is prefilled over several steps (chunked prefill, as vLLM and
-llama.cpp's ``-ub`` do), so a burst of long prompts never stalls the streams already running for
-more than one budget's worth of compute. A request gets a cache slot when it starts prefilling and
+each running sequence that is decoding, then prompt tokens, at most ``allowance(decoding rows)``
+of what is left (``prefill.Budget``: sized to the model, so a step with prompts costs a bounded
+multiple of a decode step). A prompt longer than its share is prefilled over several steps
+(chunked prefill, as vLLM and llama.cpp's ``-ub`` do), so a burst of long prompts never stalls
+the streams already running for more than one budget's worth of compute.
+
+NOTE(issue 22) on sharing a step's prompt tokens: prompts mid-prefill first, then waiting ones in
+arrival order (while slots are free and the prompts already in the step, each counted at most
+``MIN_CHUNK`` tokens, leave some over) each get an equal share; what a short prompt leaves of
+its share goes to those that need the fewest tokens to finish (more first tokens per step). So a
+burst of short prompts is prefilled in one step (and one runner call: ``prefill.plan_calls``)
+even behind a long prompt, which goes on at its share meanwhile and is never starved. Each prompt
+gets at most one chunk a step, in order. A request gets a cache slot when it starts prefilling and
 keeps it until it leaves; before its first chunk, the prefix cache may supply the KV of the
 prompt's leading blocks (``PrefixCache.match``), which are then never computed.
 
@@ -19,8 +28,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+MIN_CHUNK = 16  # the smallest share of a step's prompt tokens (prefill.MIN_CHUNK)
 
 
 @dataclass(eq=False)
@@ -77,8 +89,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, max_num_batched_tokens: int, prefix_cache: PrefixMatcher | None = None
-                 ) -> None:
+    def __init__(self, max_slots: int, max_num_batched_tokens: int, prefix_cache: PrefixMatcher | None = None,
+                 allowance: Callable[[int], int] | None = None) -> None:
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if max_num_batched_tokens < max_slots:
@@ -87,6 +99,7 @@ class Scheduler:
         self.max_slots = max_slots
         self.budget = max_num_batched_tokens
         self.prefix_cache = prefix_cache
+        self.allowance = allowance  # decoding rows -> prompt tokens this step may take (None: what is left)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}  # rid -> sequence, in admission order
         self.free_slots: list[int] = list(range(max_slots))  # lowest first: decode calls cover 0..highest
@@ -136,20 +149,19 @@ class Scheduler:
                     out.cancelled.append(seq)
             self._cancel.clear()
 
-        budget = self.budget
         # Running sequences first: one token for every row that is decoding.
         for seq in self.running.values():
             if seq.prefilled:
                 out.decode.append(seq)
-        budget -= len(out.decode)
-        # Then prompts: a running one mid-prefill continues before a waiting one starts.
-        for seq in self.running.values():
-            if budget <= 0:
-                break
-            if not seq.prefilled:
-                budget -= self._chunk(seq, budget, out)
+        left = self.budget - len(out.decode)
+        if self.allowance is not None:
+            left = min(left, self.allowance(len(out.decode)))
+        # Then prompts: those mid-prefill, then waiting ones (admitted now, in order) while slots are free and
+        # the prompts already in this step leave tokens over (each counted at most MIN_CHUNK).
+        prefilling = [seq for seq in self.running.values() if not seq.prefilled]
+        demand = sum(min(seq.num_prompt - seq.num_computed, MIN_CHUNK) for seq in prefilling)
         now = time.time()
-        while budget > 0 and self.waiting and self.free_slots:
+        while self.waiting and self.free_slots and demand < left:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop(0)
             seq.admitted = now
@@ -159,16 +171,33 @@ class Scheduler:
                 seq.prefix_keys = keys
             self.running[seq.rid] = seq
             out.admitted.append(seq)
-            budget -= self._chunk(seq, budget, out)
-        out.num_batched_tokens = self.budget - budget
-        return out
+            prefilling.append(seq)
+            demand += min(seq.num_prompt - seq.num_computed, MIN_CHUNK)
+        chunks: dict[str, Chunk] = {}
+        if prefilling and left > 0:
+            share = max(left // len(prefilling), 1)
+            for seq in prefilling:  # an equal share each...
+                n = min(share, seq.num_prompt - seq.num_computed, left)
+                if n > 0:
+                    chunks[seq.rid] = Chunk(seq, seq.num_computed, n)
+                    left -= n
+            def need(seq: Sequence) -> int:
+                c = chunks.get(seq.rid)
+                return seq.num_prompt - seq.num_computed - (c.length if c else 0)
 
-    @staticmethod
-    def _chunk(seq: Sequence, budget: int, out: SchedulerOutput) -> int:
-        n = min(budget, seq.num_prompt - seq.num_computed)
-        out.prefill.append(Chunk(seq, seq.num_computed, n))
-        seq.num_computed += n  # the runner writes these positions this step
-        return n
+            for seq in sorted(prefilling, key=need):  # ...and the rest to those closest to their first token
+                c = chunks.get(seq.rid)
+                more = min(left, need(seq))
+                if more > 0:
+                    chunks[seq.rid] = Chunk(seq, seq.num_computed, (c.length if c else 0) + more)
+                    left -= more
+        for seq in prefilling:
+            c = chunks.get(seq.rid)
+            if c is not None:
+                out.prefill.append(c)
+                seq.num_computed += c.length  # the runner writes these positions this step
+        out.num_batched_tokens = len(out.decode) + sum(c.length for c in out.prefill)
+        return out
 
 
 class PrefixMatcher(Protocol):

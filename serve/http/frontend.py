@@ -9,11 +9,12 @@ the engine's step never waits for them. A choice whose text reaches a stop strin
 the engine at once (its later tokens are dropped here).
 
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses``, ``/v1/models``; vLLM's
-``/tokenize``, ``/detokenize``, ``/tokenizer_info``; probes ``/health`` (liveness: the server process
-answers and its engine is alive) and ``/ready`` (readiness: a model is loaded and the server is not
-draining); ``/metrics``; ``POST /admin/reload``; ``/openapi.json``; the pages (the playground at
-``/``, the API at ``/docs``). Admission is decided before the body is read when the server is full
-(a 429 in microseconds), and again once the number of choices is known.
+``/tokenize``, ``/detokenize``, ``/tokenizer_info``; llama.cpp's ``/apply-template``; probes ``/health``
+(liveness: the server process answers and its engine is alive) and ``/ready`` (readiness: a model is
+loaded and the server is not draining); ``/metrics``; ``POST /admin/reload``; ``/openapi.json``; the
+pages (the playground at ``/``, the API at ``/docs``). Admission is decided before the routes when the
+server is full or stopping (a 429 or 503 in microseconds, ``admission.py``), and again once the number
+of choices is known.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from nextoken.export.artifact import Artifact
 from nextoken.serve.config import ServeConfig
+from nextoken.serve.http import admission
 from nextoken.serve.http import responses as R
 from nextoken.serve.http.bodies import parse_json, read_body
 from nextoken.serve.http.builder import ChoiceState, PromptTokens, ResponseBuilder, answer, usage
@@ -128,6 +130,7 @@ class Frontend:
                 ("/v1/responses", self.responses, ["POST"])]
 
     def install(self, app: FastAPI) -> None:
+        from nextoken.serve.http.admission import AdmissionMiddleware
         from nextoken.serve.http.middleware import (
             ApiKeyMiddleware,
             LeaveSigintToMain,
@@ -140,6 +143,8 @@ class Frontend:
         from nextoken.serve.metrics import render_latest
 
         install_openai_errors(app)
+        # innermost of ours: its 503s are counted as open answers (StartEngineClient), which a drain waits for
+        app.add_middleware(AdmissionMiddleware, state=self.state, on_refuse=self._count_refusal)
         app.add_middleware(StartEngineClient, frontend=self)
         app.add_middleware(LeaveSigintToMain)
         if self.api_key is not None:
@@ -206,9 +211,11 @@ class Frontend:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)  # error_body's shape
 
     def _overloaded(self) -> RequestError:
-        return RequestError(f"the server is at capacity ({self.state.max_inflight} requests running or queued); "
-                            "retry later", status=429, type="rate_limit_error", code="overloaded",
-                            headers={"Retry-After": "1"})
+        return admission.overloaded(self.state.max_inflight)
+
+    def _count_refusal(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.error(self.status.id, kind)
 
     async def completions(self, request: Request) -> Response:
         return await self.handle(request, "completions")
@@ -238,8 +245,7 @@ class Frontend:
         try:
             raw = await read_body(request, self.config.max_body_bytes)
             if self.state.draining.is_set() or self.state.engine_failed.is_set():
-                raise RequestError("the server is shutting down", status=503, type="server_error",
-                                   code="unavailable", headers={"Retry-After": "1"})
+                raise admission.unavailable()
             if self.state.inflight.value >= self.state.max_inflight:
                 raise self._overloaded()  # full: refused before the body is parsed or the prompt tokenized
             req, make_builder = parse_request(endpoint, parse_json(raw))

@@ -35,7 +35,12 @@ def test_cli_writes_and_replaces_artifact(tiny_run: Path, tmp_path: Path, capsys
 
 @pytest.mark.parametrize("flags, flag", [
     (["--dtype", "bf16"], "--dtype"),
-    (["--quantize", "int4"], "--quantize"),
+    (["--quantize", "int3"], "--quantize"),
+    (["--quant-block-size", "32"], "--quant-block-size"),  # without --quantize: refused, not ignored
+    (["--quantize", "int8", "--quant-block-size", "32"], "--quant-block-size"),  # int8 is per tensor
+    (["--quantize", "int4", "--quant-block-size", "48"], "--quant-block-size"),
+    (["--quantize", "int4", "--quant-accuracy-level", "7"], "--quant-accuracy-level"),
+    (["--quantize", "int4", "--dtype", "fp16"], "--quantize"),
     (["--opset", "11"], "--opset"),
     (["--checkpoint", "999999"], "--checkpoint"),
     (["--checkpoint", "newest"], "--checkpoint"),

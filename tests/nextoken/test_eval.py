@@ -138,3 +138,26 @@ def test_a_hugging_face_folder_is_named_as_one(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     # eval reads a Hugging Face folder as it reads a run (export.source); this one's config.json is incomplete
     assert "hf/config.json is not a usable gpt2 config" in err and "Traceback" not in err, err
+
+
+def test_a_quantised_artifact_reports_its_cost_against_the_fp32_reference(tiny_bpe_run: Path, tiny_bpe_artifact: Path,
+                                                                           tiny_run: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from nextoken.export.build import export_run
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    q = export_run(tiny_bpe_run, tmp_path / "int8", quantize="int8", log=None)
+    got = _eval_json(capsys, [str(q), "--data", str(data), "--reference", str(tiny_bpe_artifact)])
+    fp32 = _eval_json(capsys, [str(tiny_bpe_artifact), "--data", str(data)])
+    ref = got["reference"]
+    assert ref["perplexity"] == pytest.approx(fp32["perplexity"], rel=1e-9)
+    assert ref["perplexity_increase"] == pytest.approx(got["perplexity"] / fp32["perplexity"] - 1, rel=1e-9)
+    assert got["quantization_at_export"]["scheme"] == "int8" and got["quantization_at_export"]["passed"]
+    capsys.readouterr()
+    assert main(["eval", str(q), "--data", str(data), "--reference", str(tiny_bpe_artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "against artifact" in out and "recorded at export (int8" in out
+    assert main(["eval", str(q), "--data", str(data), "--reference", str(tiny_run)]) == 2  # char vs BPE
+    err = capsys.readouterr().err
+    assert "--reference" in err and "tokenizes text differently" in err
