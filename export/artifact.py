@@ -250,8 +250,12 @@ DEFAULT_CHAT_STOP = "\nUser:"  # with the default template: the model must not w
 
 def prompt_prefix_id(config: dict[str, Any]) -> int | None:
     """The token nextoken puts before a text prompt of a model it trained: the ``<|endoftext|>`` its
-    training documents started after (such artifacts name their ``tokenizer_kind``). Any other model's
+    training documents started after (config.json's ``prompt_prefix_id``; older artifacts, all trained
+    by nextoken, name their ``tokenizer_kind`` instead). A Hugging Face folder's model gets none: its
     prompt is what its own tokenizer makes (its post-processor, e.g. Llama's BOS)."""
+    if "prompt_prefix_id" in config:
+        v = config["prompt_prefix_id"]
+        return int(v) if v is not None else None
     return int(config["eos_token_id"]) if config.get("tokenizer_kind") else None
 
 

@@ -9,7 +9,6 @@ it writes nothing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from nextoken.errors import UserError
+from nextoken.export.cache import is_hf_folder
 from nextoken.fileio import read_json_object, read_jsonl
 from nextoken.train.checkpoint import CheckpointInfo, load_weights
 from nextoken.train.config import GPTConfig
@@ -66,10 +66,14 @@ class RunSource:
         gen = self.files.generation_config if self.files is not None else {}
         eos = gen.get("eos_token_id", self.eos_token_id) if self.files is not None else self.eos_token_id
         bos, pad = (gen.get("bos_token_id"), gen.get("pad_token_id")) if self.files else (eos, eos)
-        return artifact_config(self.config.to_dict(), model_type=self.model_type, eos_token_id=eos, bos_token_id=bos,
-                               pad_token_id=pad, unk_token_id=self.unk_token_id, name=name, version=version,
-                               tokenizer_kind=self.tokenizer_kind, dtype=dtype,
-                               non_family={k: getattr(self.config, k) for k in self.config.non_gpt2_options()})
+        config = artifact_config(self.config.to_dict(), model_type=self.model_type, eos_token_id=eos,
+                                 bos_token_id=bos, pad_token_id=pad, unk_token_id=self.unk_token_id, name=name,
+                                 version=version, tokenizer_kind=self.tokenizer_kind, dtype=dtype,
+                                 non_family={k: getattr(self.config, k) for k in self.config.non_gpt2_options()})
+        # What a text prompt starts after: the document separator of a model nextoken trained (its training
+        # documents followed it); nothing for a folder's own model, whose tokenizer adds what it learned (a BOS).
+        config["prompt_prefix_id"] = None if self.is_hf else self.eos_token_id
+        return config
 
     def generation_config(self) -> dict[str, Any]:
         """generation_config.json: a Hugging Face folder's own, else ours (``nextoken generate``'s defaults)."""
@@ -118,15 +122,6 @@ def refuse_inexpressible(config: GPTConfig, fmt: str) -> None:
 
 
 refuse_non_gpt2 = refuse_inexpressible  # the name the GPT-2-only exporters used
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A Hugging Face model folder (config.json with a model_type), as opposed to a run folder."""
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and "model_type" in cfg and "model" not in cfg
 
 
 def load_hf_source(folder: Path, *, fmt: str | None = None) -> RunSource:

@@ -230,3 +230,18 @@ def greedy(model: Any, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return x[0, len(ids):].tolist()
+
+
+def decided_greedy(model: Any, ids: list[int], n: int, margin: float = 1e-2) -> list[int]:
+    """``greedy``'s tokens up to the first step whose top two logits lie within ``margin``: another runtime's
+    float order (llama.cpp's kernels) may pick either there, so only the tokens before it are determined."""
+    import torch
+
+    out = greedy(model, ids, n)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + out])).logits[0, len(ids) - 1:]
+    for i, row in enumerate(logits[:n]):
+        top = row.topk(2).values
+        if float(top[0] - top[1]) < margin:
+            return out[:i]
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hf_folders import CASES, PROMPTS, greedy
+from tests.hf_folders import CASES, PROMPTS, decided_greedy, greedy
 
 NEW_TOKENS = 12
 
@@ -98,7 +98,7 @@ def test_llama_server_generates_as_transformers(hf_folders, case: str, tmp_path:
             body = {"prompt": ids, "n_predict": NEW_TOKENS, "temperature": 0, "top_k": 1, "repeat_penalty": 1.0,
                     "return_tokens": True, "cache_prompt": False}
             got = httpx.post(peer.url + "/completion", json=body, timeout=60).json()["tokens"]
-            want = greedy(ref, ids, NEW_TOKENS)
-            assert got == want[: len(got)] and len(got) >= 1, (case, text)
+            want = decided_greedy(ref, ids, NEW_TOKENS)  # (random weights give near-ties now and then)
+            assert got[: len(want)] == want[: len(got)] and min(len(got), len(want)) >= 3, (case, text)
             r = httpx.post(peer.url + "/tokenize", json={"content": text, "add_special": True}, timeout=30)
             assert r.json()["tokens"] == ids, (case, text, "llama.cpp's tokenizer")
