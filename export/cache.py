@@ -24,12 +24,14 @@ CACHE_ENV = "NEXTOKEN_CACHE"
 
 
 def is_hf_folder(path: Path) -> bool:
-    """A Hugging Face model folder (config.json with a model_type), as opposed to a run folder."""
+    """A Hugging Face model folder (config.json with a model_type), as opposed to a run folder (its config.json
+    has "model") or an artifact (whose config.json transformers reads too, beside its manifest.json)."""
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(cfg, dict) and "model_type" in cfg and "model" not in cfg
+    return (isinstance(cfg, dict) and "model_type" in cfg and "model" not in cfg
+            and not (path / "manifest.json").is_file())
 
 
 def cache_root() -> Path:

@@ -25,7 +25,8 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class ServeConfig:
     artifact_dir: str = field(default="", metadata={"positional": "ARTIFACT_DIR", "help": (
         "artifact folder written by `nextoken export`, or a models folder's `current` pointer "
-        "(new versions published there are loaded without dropping requests)")})
+        "(new versions published there are loaded without dropping requests); `nextoken serve` also takes a "
+        "Hugging Face model folder, exported once into $NEXTOKEN_CACHE")})
     # network
     host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 for all interfaces)",
                      choices=("127.0.0.1", "0.0.0.0", "::"))
