@@ -67,6 +67,8 @@ SHAPES = {  # name -> (model and tokenizer, training steps by default, streams, 
             "1,4,16,32", 128),
     "gpt2-small": (dict(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=2), 20,
                    "1,8,32", 64),
+    # a Hugging Face folder of SmolLM2-135M's shape (hf_shape.py), random weights: nothing is trained
+    "smollm2-135m": (None, 0, "1,8,32", 64),
 }
 QUANT_PAIRS = {"none": "f32", "int8": "q8_0", "int4": "q4_0"}  # nextoken --quantize -> llama-quantize type
 
@@ -82,7 +84,16 @@ def build(work: Path, max_iters: int, shape: str = "toy", quant: str = "none",
     work = work / shape
     work.mkdir(parents=True, exist_ok=True)
     run, artifact, gguf = work / "run", work / f"artifact-{quant}", work / "model-f32.gguf"
-    if not (run / "summary.json").is_file():
+    if SHAPES[shape][0] is None:  # a hub-shaped folder: exported as `nextoken export HF_DIR`, timed and measured
+        from hf_shape import export_measured, make_smollm2_folder
+
+        run = make_smollm2_folder(work / "hf")
+        if not (artifact / "manifest.json").is_file():
+            m = export_measured(run, artifact, "--quantize", quant, "--name", "bench-vs-llama")
+            print(f"nextoken export {shape} --quantize {quant}: {m['seconds']:.0f} s, peak RSS "
+                  f"{m['peak_rss_mb']:,.0f} MB", file=sys.stderr)
+            (work / f"export-{quant}.json").write_text(json.dumps(m))
+    elif not (run / "summary.json").is_file():
         data = [str(SHAKESPEARE)] if SHAKESPEARE.is_file() else []
         model = SHAPES[shape][0]
         cfg = TrainConfig(data=data, tokenizer="bpe", **model, max_iters=max_iters, eval_interval=max_iters,
@@ -311,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for the model, artifact and GGUF (reused when present)")
     ap.add_argument("--shape", default="toy", choices=sorted(SHAPES),
                     help="toy: 4 layers x 256 wide, context 256 (issue 11); gpt2-small: GPT-2 small's body, 91M "
-                         "parameters, context 1024, BPE 8192 (issue 22)")
+                         "parameters, context 1024, BPE 8192 (issue 22); smollm2-135m: a Hugging Face folder of "
+                         "SmolLM2-135M's shape, exported as it comes (issue 21)")
     ap.add_argument("--quant", default="none", choices=sorted(QUANT_PAIRS),
                     help="nextoken's --quantize, paired with llama.cpp's f32 / q8_0 / q4_0 of the same checkpoint")
     ap.add_argument("--llama-quantize", default=None,
@@ -352,9 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizers import Tokenizer
 
     cfg = json.loads((artifact / "config.json").read_text())
-    eos = int(cfg["eos_token_id"])
+    from nextoken.export.artifact import eos_ids, prompt_prefix_id
+
+    eos = eos_ids(cfg)[0]
     tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    prompt_ids = [eos, *tok.encode(PROMPT).ids]  # what our server feeds for the text prompt
+    prefix = prompt_prefix_id(cfg)  # what our server feeds for the text prompt: ours start after <|endoftext|>
+    prompt_ids = [*([prefix] if prefix is not None else []), *tok.encode(PROMPT).ids]
     max_streams = max(streams)
     nt = NextokenServer(artifact, "--max-batch-size", str(max(32, max_streams)), *args.nextoken_flags.split())
     try:
@@ -392,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"stream, {args.runs} interleaved run(s); median (range). nextoken --quantize {args.quant} against "
                  f"llama-server {kind} ({' '.join(peer.cmd[3:])}); greedy parity over HTTP: "
                  f"{'identical' if same else 'different (reported; quantised pairs round differently)'}.")
+        measured = work / args.shape / f"export-{args.quant}.json"
+        if measured.is_file():  # a folder exported here: what the export cost
+            m = json.loads(measured.read_text())
+            intro += (f" `nextoken export` of the folder ({args.quant}): {m['seconds']:.0f} s, peak RSS "
+                      f"{m['peak_rss_mb']:,.0f} MB.")
         rows = table(results, streams)
         print("\n" + intro + "\n\n" + "\n".join(rows) + f"\n\nuptime: {up}")
         if args.write_results:

@@ -85,7 +85,9 @@ class ServedModel:
             specials["bos_token"] = self.token_text(self.tokens.prefix_id)  # a nextoken model's document start
         own = chat_template_source(folder, self._tokenizer_config)
         self.chat = ChatTemplate(chat_template or own, specials)
-        self.chat_template_origin = "--chat-template" if chat_template else "model" if own else "nextoken default"
+        # nextoken's exports write its default template into tokenizer_config.json (for other tools): still ours
+        self.chat_template_origin = ("--chat-template" if chat_template else "nextoken default"
+                                     if self.chat.is_default else "model")
         self.sampling_defaults = sampling_defaults(generation) if generation_defaults else {}
 
     @property

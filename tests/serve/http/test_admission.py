@@ -7,6 +7,7 @@ observed, not assumed; the real server's admission, drain and readiness are test
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import multiprocessing as mp
 from typing import Any
 
@@ -32,7 +33,9 @@ def _call(app: Any, method: str, path: str, body: dict | None = None) -> httpx.R
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             return await c.request(method, path, json=body)
 
-    return asyncio.run(go())
+    # in a thread of its own: Playwright's sync API (the playground's tests) leaves a loop running in this one
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()
 
 
 @pytest.fixture
