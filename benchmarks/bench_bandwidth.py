@@ -1,0 +1,108 @@
+"""One stream against the memory-bandwidth bound: weight bytes read per token x tok/s vs this machine's copy bandwidth.
+
+At batch 1 a decode step reads every weight once, so a token cannot come faster than
+(weight bytes) / (memory bandwidth). This measures both sides in one process, interleaved:
+
+- copy bandwidth: ``numpy.copyto`` of a 512 MiB array (read + write counted, as STREAM's Copy does),
+  best of ``--repeats``;
+- each artifact's serving graph decoding one token at a time through ``export.runtime.Runner``
+  (the engine's runner, ``--threads`` ONNX Runtime threads, the default rule when 0): tok/s over
+  ``--tokens`` steps after a warm-up, best of ``--repeats``;
+- weight bytes per token: the serving graph's initializers as stored (packed 4-bit blocks and
+  their scales for int4, int8 weights and scales for int8), read from the ONNX file(s).
+
+The ratio (bytes per token x tok/s) / copy bandwidth is the share of the bound reached.
+
+    python benchmarks/bench_bandwidth.py --artifact ART [--artifact ART2 ...] [--tokens 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 3) -> float:
+    """Bytes per second moved by a large array copy (read + write)."""
+    src = np.ones(mib * 2**20 // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def weight_bytes(serving_onnx: Path) -> int:
+    """The serving graph's initializers as stored (external data included)."""
+    import onnx
+
+    model = onnx.load(str(serving_onnx), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(e.value for e in t.external_data if e.key == "length"))
+        else:
+            total += len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
+def decode_rate(artifact: Path, tokens: int, threads: int, repeats: int) -> float:
+    """Tokens per second of batch-1 decode in the engine's runner (best of ``repeats``)."""
+    from nextoken.export.artifact import load_artifact
+    from nextoken.export.runtime import Runner
+
+    art = load_artifact(artifact, verify=False)
+    runner = Runner(art, max_slots=1, max_len=min(int(art.config["n_positions"]), tokens + 16), threads=threads)
+    slots = np.zeros(1, dtype=np.int64)
+    best = 0.0
+    for r in range(repeats + 1):  # the first pass warms up
+        runner.prefill(0, [1, 2, 3, 4], 0)
+        lengths = np.array([4], dtype=np.int64)
+        tok = np.array([5], dtype=np.int64)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            logits = runner.decode(slots, tok, lengths.copy(), lengths)
+            lengths += 1
+            tok = np.array([int(logits[0].argmax())], dtype=np.int64)
+        if r:
+            best = max(best, tokens / (time.perf_counter() - t0))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", action="append", required=True, type=Path)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: the server's default rule)")
+    args = ap.parse_args(argv)
+    from nextoken.export.runtime import default_threads
+
+    threads = args.threads or default_threads()
+    print("| artifact | quantize | weight MB read / token | tok/s (1 stream) | GB/s achieved | copy GB/s | share of "
+          "bound |\n|---|---|--:|--:|--:|--:|--:|")
+    for art in args.artifact:
+        bw = copy_bandwidth(repeats=args.repeats)  # measured beside each artifact: interleaved
+        rate = decode_rate(art, args.tokens, threads, args.repeats)
+        wb = weight_bytes(art / "serving.onnx")
+        quant = json.loads((art / "manifest.json").read_text()).get("export", {}).get("quantize", "none")
+        print(f"| {art.name} | {quant} | {wb / 1e6:,.1f} | {rate:,.1f} | {wb * rate / 1e9:.2f} | {bw / 1e9:.2f} | "
+              f"**{wb * rate / bw:.0%}** |")
+    print(f"\n{threads} ONNX Runtime thread(s); uptime: "
+          f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
