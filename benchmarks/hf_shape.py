@@ -7,13 +7,13 @@ safetensors in bf16, tokenizer.json, tokenizer_config.json with a ChatML templat
 generation_config.json). Random weights do not change throughput under ``ignore_eos``.
 
 ``export_measured`` runs ``nextoken export`` in a child process and reports its wall time and peak
-RSS (the child's ``ru_maxrss``), the figures issue 21 asks for.
+RSS (the child's own ``ru_maxrss``, from ``os.wait4``), the figures issue 21 asks for.
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -68,7 +68,10 @@ def make_smollm2_folder(out: Path) -> Path:
 def export_measured(source: Path, out: Path, *flags: str) -> dict[str, float]:
     """``nextoken export SOURCE --out OUT FLAGS`` in a child: {"seconds", "peak_rss_mb"}."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "nextoken", "export", str(source), "--out", str(out), *flags], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "nextoken", "export", str(source), "--out", str(out), *flags])
+    _pid, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest child's so far
     seconds = time.perf_counter() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far: run this first
-    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}

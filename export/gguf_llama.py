@@ -88,11 +88,7 @@ def llama_gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
 
 
 def add_llama_hparams(w: gguf.GGUFWriter, c: GPTConfig) -> None:
-    w.add_context_length(c.block_size)
-    w.add_embedding_length(c.n_embd)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_block_count(c.n_layer)
-    w.add_head_count(c.n_head)
+    """The llama architecture's keys beyond those every GGUF of ours has (context, widths, blocks, heads)."""
     w.add_head_count_kv(c.n_kv_head)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
