@@ -3,8 +3,8 @@
 At batch 1 a decode step reads every weight once, so a token cannot come faster than
 (weight bytes) / (memory bandwidth). This measures both sides in one process, interleaved:
 
-- copy bandwidth: ``numpy.copyto`` of a 512 MiB array (read + write counted, as STREAM's Copy does),
-  best of ``--repeats``;
+- copy bandwidth: ``numpy.copyto`` of a 512 MiB array split over the runner's threads (read + write
+  counted, as STREAM's Copy does), best of ``--repeats``;
 - each artifact's serving graph decoding one token at a time through ``export.runtime.Runner``
   (the engine's runner, ``--threads`` ONNX Runtime threads, the default rule when 0): tok/s over
   ``--tokens`` steps after a warm-up, best of ``--repeats``;
@@ -30,16 +30,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def copy_bandwidth(mib: int = 512, repeats: int = 3) -> float:
-    """Bytes per second moved by a large array copy (read + write)."""
+def copy_bandwidth(threads: int, mib: int = 512, repeats: int = 3) -> float:
+    """Bytes per second moved by a large array copy (read + write) on ``threads`` threads, as the graph reads
+    its weights on ONNX Runtime's threads (numpy releases the GIL while it copies)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     src = np.ones(mib * 2**20 // 8)
     dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
+    parts = list(zip(np.array_split(src, threads), np.array_split(dst, threads), strict=True))
+    with ThreadPoolExecutor(threads) as pool:
+        def copy() -> None:
+            list(pool.map(lambda p: np.copyto(p[1], p[0]), parts))
+
+        copy()  # fault the pages in
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            copy()
+            best = min(best, time.perf_counter() - t0)
     return 2 * src.nbytes / best
 
 
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| artifact | quantize | weight MB read / token | tok/s (1 stream) | GB/s achieved | copy GB/s | share of "
           "bound |\n|---|---|--:|--:|--:|--:|--:|")
     for art in args.artifact:
-        bw = copy_bandwidth(repeats=args.repeats)  # measured beside each artifact: interleaved
+        bw = copy_bandwidth(threads, repeats=args.repeats)  # measured beside each artifact: interleaved
         rate = decode_rate(art, args.tokens, threads, args.repeats)
         wb = weight_bytes(art / "serving.onnx")
         quant = json.loads((art / "manifest.json").read_text()).get("export", {}).get("quantize", "none")

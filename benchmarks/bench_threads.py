@@ -40,6 +40,11 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return out
 
 
+def label(art: Path) -> str:
+    """The artifact as parent/name (benchmark folders name their artifacts alike: toy/artifact-none)."""
+    return f"{art.parent.name}/{art.name}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", action="append", required=True, type=Path)
@@ -68,10 +73,10 @@ def main() -> int:
                         if before is not None:
                             after = cpu_seconds(server.proc.pid)
                             wall = sum(rec.tokens for rec in lv.records if rec.error is None) / max(lv.tok_s, 1e-9)
-                            shares.setdefault((art.name, t), []).append(
+                            shares.setdefault((label(art), t), []).append(
                                 {k: (after[k] - before.get(k, 0.0)) / max(wall, 1e-9) for k in after})
-                        results.setdefault((art.name, t, c), []).append(lv)
-                        print(f"{art.name} run {r} --threads {t} {c:>2} streams: {lv.tok_s:8.1f} tok/s, TTFT p50 "
+                        results.setdefault((label(art), t, c), []).append(lv)
+                        print(f"{label(art)} run {r} --threads {t} {c:>2} streams: {lv.tok_s:8.1f} tok/s, TTFT p50 "
                               f"{lv.ttft_p50 * 1e3:7.1f} ms, ITL p50 {lv.itl_p50 * 1e3:6.2f} ms", flush=True)
                 finally:
                     server.stop()
