@@ -34,7 +34,9 @@ def test_exception_predicate_only_retries_what_never_reached_the_server() -> Non
     assert should_retry_exception(httpx.ConnectError("refused", request=req))
     assert should_retry_exception(httpx.ConnectTimeout("slow", request=req))
     assert should_retry_exception(httpx.RemoteProtocolError("Server disconnected without sending a response."))
+    assert should_retry_exception(httpx.ReadError("[Errno 104] Connection reset by peer", request=req))
     assert not should_retry_exception(httpx.ReadTimeout("slow", request=req))  # may still be generating
+    assert not should_retry_exception(httpx.ReadError("unexpected end of data", request=req))
     assert not should_retry_exception(httpx.RemoteProtocolError("peer closed connection mid-body"))
 
 

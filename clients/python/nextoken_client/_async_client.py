@@ -130,7 +130,8 @@ class AsyncClient:
             request = self._http.build_request(method, url, json=body, headers=self._settings.headers(),
                                                timeout=self._settings.timeout)
             try:
-                response = await self._http.send(request, stream=stream)
+                # the body is read below, so a transport error retried here is one before any response byte
+                response = await self._http.send(request, stream=True)
             except httpx.TransportError as e:
                 if attempt < self._settings.max_retries and should_retry_exception(e):
                     await asyncio.sleep(retry_delay(attempt))
@@ -138,6 +139,12 @@ class AsyncClient:
                     continue
                 raise transport_error(e, url) from e
             if response.is_success:
+                if not stream:
+                    try:
+                        await response.aread()
+                    except httpx.TransportError as e:  # the server answered: never sent twice
+                        await response.aclose()
+                        raise transport_error(e, url) from e
                 return response
             try:
                 await response.aread()

@@ -125,7 +125,8 @@ class Client:
             request = self._http.build_request(method, url, json=body, headers=self._settings.headers(),
                                                timeout=self._settings.timeout)
             try:
-                response = self._http.send(request, stream=stream)
+                # the body is read below, so a transport error retried here is one before any response byte
+                response = self._http.send(request, stream=True)
             except httpx.TransportError as e:
                 if attempt < self._settings.max_retries and should_retry_exception(e):
                     time.sleep(retry_delay(attempt))
@@ -133,6 +134,12 @@ class Client:
                     continue
                 raise transport_error(e, url) from e
             if response.is_success:
+                if not stream:
+                    try:
+                        response.read()
+                    except httpx.TransportError as e:  # the server answered: never sent twice
+                        response.close()
+                        raise transport_error(e, url) from e
                 return response
             try:
                 response.read()

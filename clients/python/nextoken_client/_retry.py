@@ -54,7 +54,11 @@ def should_retry_exception(exc: BaseException) -> bool:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return True
     # "Server disconnected without sending a response": a kept-alive socket the server had closed.
-    return isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc)
+    if isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc):
+        return True
+    # The same socket reset instead of closed (a proxy reloading drops its idle kept-alive connections
+    # with an RST): the clients retry only before any response byte, so nothing was answered on it.
+    return isinstance(exc, httpx.ReadError) and "Connection reset" in str(exc)
 
 
 def retry_delay(
