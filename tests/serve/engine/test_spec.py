@@ -235,3 +235,21 @@ def test_counts_add_up_per_step(serve_artifact: Path, tok: Tokenizer) -> None:
     t = core.spec.totals
     assert (accepted, drafts, tokens) == (t.accepted, t.drafts, t.draft_tokens) and t.accepted == extra_rows > 0
 
+
+
+@pytest.mark.parametrize(("fields", "flag"), [
+    (dict(num_speculative_tokens=8), "--num-speculative-tokens"),  # a knob without --speculative does nothing
+    (dict(prompt_lookup_min=1), "--prompt-lookup-min"),
+    (dict(speculative="ngram", num_speculative_tokens=0), "--num-speculative-tokens"),
+    (dict(speculative="ngram", prompt_lookup_min=0), "--prompt-lookup-min"),
+    (dict(speculative="ngram", prompt_lookup_max=1), "--prompt-lookup-max"),
+    (dict(speculative="ngram", speculative_disable_by_batch_size=0), "--speculative-disable-by-batch-size"),
+])
+def test_flags_are_checked_naming_the_flag(fields: dict, flag: str) -> None:
+    from nextoken.errors import UserError
+    from nextoken.serve.config import ServeConfig
+
+    with pytest.raises(UserError) as e:
+        ServeConfig(**fields).validate()
+    assert flag in str(e.value)
+    ServeConfig(speculative="ngram", num_speculative_tokens=8, prompt_lookup_min=1).validate()
