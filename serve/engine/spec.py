@@ -43,9 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from nextoken.serve.engine.prefill import calibrate
+from nextoken.serve.engine.prefill import STEP_OVERHEAD_S
 
 JUDGE_AFTER = 8  # drafts a request makes before its acceptance is judged
 REPROBE_TOKENS = 64  # tokens a request generates without drafting once judged not worth it, then tries again
@@ -80,16 +79,50 @@ class SpecCounts:
 
 def ngram_draft(tokens: np.ndarray, n_max: int, n_min: int, k: int) -> np.ndarray:
     """Prompt lookup: the last n tokens (n from ``n_max`` down to ``n_min``) found earlier in ``tokens`` (N,);
-    the up to ``k`` tokens that followed their latest earlier occurrence (empty when none matched)."""
+    the up to ``k`` tokens that followed their latest earlier occurrence (empty when none matched).
+
+    One pass over the tokens finds where the last token occurred before (each such place must be followed
+    by a token); the candidates are then extended backwards together, one comparison per n.
+    """
     N = tokens.size
-    hay = tokens[:N - 1]  # a match must be followed by a token, and is not the suffix itself
-    for n in range(min(n_max, N - 1), n_min - 1, -1):
-        windows = sliding_window_view(hay, n)  # (N - n, n)
-        hits = np.flatnonzero((windows == tokens[N - n:]).all(axis=1))
-        if hits.size:
-            i = int(hits[-1]) + n
-            return tokens[i:i + k]
-    return tokens[:0]
+    if n_min >= N:
+        return tokens[:0]
+    ends = np.flatnonzero(tokens[:N - 1] == tokens[N - 1])  # (c,) where a match would end
+    if not ends.size:
+        return tokens[:0]
+    run = np.ones(ends.size, dtype=np.int64)  # matched length so far, per candidate
+    alive = np.ones(ends.size, dtype=bool)
+    for i in range(1, min(n_max, N - 1)):
+        ok = alive & (ends >= i)
+        ok[ok] = tokens[ends[ok] - i] == tokens[N - 1 - i]
+        run += ok
+        alive = ok
+        if not alive.any():
+            break
+    best = run.max()
+    if best < n_min:
+        return tokens[:0]
+    i = int(ends[np.flatnonzero(run == best)[-1]]) + 1  # the latest of the longest
+    return tokens[i:i + k]
+
+
+def verify_cost(runner: Any, k: int, repeats: int = 3) -> float:
+    """Accepted tokens per draft token a draft must yield to pay: (a (k + 1)-token row - a one-token decode
+    call) / (a decode step) / k, timed in slot 0 (free at start-up) past a short history; fastest of ``repeats``."""
+    k = max(1, min(k, (runner.spec.max_len - 2) // 2))
+    lengths = np.zeros(runner.spec.max_slots, dtype=np.int64)
+    runner.prefill(0, [0] * (k + 1), 0)
+    lengths[0] = k + 1
+    one, many = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.decode(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), lengths[:1].copy(), lengths)
+        t1 = time.perf_counter()
+        runner.prefill(0, [0] * (k + 1), k + 1)
+        many.append(time.perf_counter() - t1)
+        one.append(t1 - t0)
+    step = min(one) + STEP_OVERHEAD_S
+    return max(min(many) - min(one), 0.0) / step / k
 
 
 class Speculator:
@@ -107,8 +140,7 @@ class Speculator:
         self.drafts = np.zeros(S, dtype=np.int64)  # since it was last judged: drafts, accepted tokens,
         self.accepted = np.zeros(S, dtype=np.int64)
         self.owed = np.zeros(S)  # and the accepted tokens those drafts had to yield to pay
-        costs = core.costs or calibrate(core.runner)
-        self.break_even = costs.token_s / (costs.call_s + costs.token_s)  # accepted tokens per draft token
+        self.break_even = verify_cost(core.runner, options.num_speculative_tokens)  # accepted tokens per draft token
         self.totals = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since start-up
         self._step = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since take_counts()
 
