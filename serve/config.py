@@ -60,13 +60,17 @@ class ServeConfig:
                            "hyperthreads count once, a container's CPU quota caps it). On a machine other jobs "
                            "share, --threads 1 is steadier")
     # speculative decoding (serve/engine/spec.py)
-    speculative: str = _opt("none", "speculative decoding: ngram guesses a request's next tokens from its own prompt "
-                                    "and output (prompt lookup) and the model checks them all in one call. Greedy "
-                                    "output is the same token for token, sampled output has the same distribution",
-                            choices=("none", "ngram"))
+    speculative: str = _opt("none", "speculative decoding: guess a request's next tokens and let the model check them "
+                                    "all in one call; ngram guesses from the request's own prompt and output (prompt "
+                                    "lookup), draft with a small model (--draft-model). Greedy output is the same "
+                                    "token for token, sampled output has the same distribution",
+                            choices=("none", "ngram", "draft"))
     num_speculative_tokens: int = _opt(4, "tokens one draft proposes at most (with --speculative)")
     prompt_lookup_max: int = _opt(4, "longest run of last tokens the lookup matches (--speculative ngram)")
     prompt_lookup_min: int = _opt(2, "shortest run of last tokens the lookup matches (--speculative ngram)")
+    draft_model: str | None = _opt(None, "the draft model for --speculative draft: an artifact folder with the served "
+                                         "model's tokenizer (`nextoken train --tokenizer-from ARTIFACT_DIR` makes one)",
+                                   metavar="ARTIFACT")
     speculative_disable_by_batch_size: int = _opt(
         4, "no request drafts while more than this many run (vLLM's disable_by_batch_size): each drafting row is a "
            "runner call of its own, and a full batch gains nothing from it")
@@ -128,15 +132,22 @@ class ServeConfig:
         return self
 
 
-    _SPEC_FIELDS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+    _SPEC_FIELDS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "draft_model",
                     "speculative_disable_by_batch_size")
+    _NGRAM_FIELDS = ("prompt_lookup_max", "prompt_lookup_min")
 
     def _validate_speculative(self, need: Any) -> None:
         if self.speculative == "none":  # a speculative knob without speculation would be a flag that does nothing
             for f in dataclasses.fields(self):
                 if f.name in self._SPEC_FIELDS and getattr(self, f.name) != f.default:
-                    need(False, _flag(f.name), "needs --speculative ngram (speculative decoding is off)")
+                    need(False, _flag(f.name), "needs --speculative ngram or draft (speculative decoding is off)")
             return
+        for f in dataclasses.fields(self):  # each method's own knobs, refused with the other
+            if f.name in self._NGRAM_FIELDS and self.speculative != "ngram" and getattr(self, f.name) != f.default:
+                need(False, _flag(f.name), "applies to --speculative ngram only")
+        need((self.speculative == "draft") == bool(self.draft_model), "--draft-model",
+             "names the draft model of --speculative draft, and only of it" if self.draft_model else
+             "--speculative draft needs a draft model: --draft-model ARTIFACT")
         need(1 <= self.num_speculative_tokens <= 32, "--num-speculative-tokens",
              f"must be in 1..32, got {self.num_speculative_tokens}")
         need(self.prompt_lookup_min >= 1, "--prompt-lookup-min", f"must be >= 1, got {self.prompt_lookup_min}")

@@ -56,7 +56,7 @@ def engine_options(config: ServeConfig) -> EngineOptions:
     c = config
     spec = None if c.speculative == "none" else SpecOptions(
         c.speculative, c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min,
-        c.speculative_disable_by_batch_size)
+        c.speculative_disable_by_batch_size, c.draft_model or "")
     return EngineOptions(max_slots=c.max_batch_size, max_model_len=c.max_model_len,
                          max_num_batched_tokens=c.max_num_batched_tokens, prefix_cache_bytes=c.prefix_cache_bytes,
                          prefix_block_size=c.prefix_block_size, device=c.device, threads=c.threads, spec=spec)

@@ -12,8 +12,11 @@ what it emitted: the columns written for rejected draft tokens lie past it and a
 the next call before any query reads them (a query at position p reads keys 0..p, all of them then
 written by accepted tokens or by that same call).
 
+Drafts come from the n-gram lookup (``ngram_draft``: the request's own prompt and output) or from a
+draft model (``draft.py``: a second artifact with the target's tokenizer, its own runner and slots).
+
 NOTE on the acceptance rule. The drafts here are point masses: the n-gram lookup proposes one token
-per position (a greedy draft model would too). For a point-mass draft q = delta(d), the rule of
+per position, and so does the draft model (its argmax). For a point-mass draft q = delta(d), the rule of
 Leviathan et al. / Chen et al. accepts d with probability min(1, p(d) / q(d)) = p(d) and otherwise
 draws from norm(max(0, p - q)), which is p with d removed, renormalised. Drawing x ~ p and accepting
 when x == d (else emitting x) has exactly that law: P(x = d) = p(d), and x given x != d is p without
@@ -28,10 +31,10 @@ the logits on the test models), so logprobs agree to that and a greedy argmax co
 tie that close.
 
 When it pays: a request stops drafting for ``REPROBE_TOKENS`` tokens once its accepted tokens fall
-below the break-even the measured call costs give (``Costs``: a draft of m tokens makes the call
-cost m more tokens, worth it when it yields more than m x token_s / (call_s + token_s) accepted
-tokens), and no row drafts while more than ``disable_by_batch_size`` requests run (each drafting row
-is a runner call of its own; ONNX Runtime's attention batches multi-token rows only without a past).
+below the break-even of the calls timed at start-up (``break_even``: what m more tokens in the
+target's row, and m draft-model calls, cost against a decode step), and no row drafts while more
+than ``disable_by_batch_size`` requests run (each drafting row is a runner call of its own; ONNX
+Runtime's attention batches multi-token rows only without a past).
 
 This module knows nothing about HTTP, text or tokenizers.
 """
@@ -59,6 +62,7 @@ class SpecOptions:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     disable_by_batch_size: int = 4
+    draft_model: str = ""  # method "draft": the draft's artifact folder
 
 
 @dataclass
@@ -106,32 +110,48 @@ def ngram_draft(tokens: np.ndarray, n_max: int, n_min: int, k: int) -> np.ndarra
     return tokens[i:i + k]
 
 
-def verify_cost(runner: Any, k: int, repeats: int = 3) -> float:
-    """Accepted tokens per draft token a draft must yield to pay: (a (k + 1)-token row - a one-token decode
-    call) / (a decode step) / k, timed in slot 0 (free at start-up) past a short history; fastest of ``repeats``."""
+def _fastest(call: Any, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def break_even(runner: Any, k: int, draft: Any = None) -> float:
+    """Accepted tokens per draft token a draft must yield to pay for itself, from calls timed in slot 0 (free
+    at start-up) past a short history: what a (k + 1)-token row costs over a one-token decode call, plus a
+    draft model's own decode call per draft token (``draft``: its Runner), over a decode step."""
     k = max(1, min(k, (runner.spec.max_len - 2) // 2))
     lengths = np.zeros(runner.spec.max_slots, dtype=np.int64)
     runner.prefill(0, [0] * (k + 1), 0)
     lengths[0] = k + 1
-    one, many = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.decode(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), lengths[:1].copy(), lengths)
-        t1 = time.perf_counter()
-        runner.prefill(0, [0] * (k + 1), k + 1)
-        many.append(time.perf_counter() - t1)
-        one.append(t1 - t0)
-    step = min(one) + STEP_OVERHEAD_S
-    return max(min(many) - min(one), 0.0) / step / k
+    zero = np.zeros(1, dtype=np.int64)
+    one = _fastest(lambda: runner.decode(zero, zero, lengths[:1].copy(), lengths))
+    row = _fastest(lambda: runner.prefill(0, [0] * (k + 1), k + 1))
+    per_token = max(row - one, 0.0) / k
+    if draft is not None:
+        per_token += _fastest(lambda: draft.decode(zero, zero, zero + 1, np.zeros(draft.spec.max_slots, np.int64)))
+    return per_token / (one + STEP_OVERHEAD_S)
 
 
 class Speculator:
     """Per-slot speculative state for one ``EngineCore``: each request's tokens, whether it drafts, its tally."""
 
     def __init__(self, options: SpecOptions, core: Any) -> None:
-        if options.method != "ngram":
-            raise ValueError(f"speculative method must be ngram, got {options.method!r}")
+        if options.method not in ("ngram", "draft"):
+            raise ValueError(f"speculative method must be ngram or draft, got {options.method!r}")
         self.o = options
+        self.draft = None  # draft.DraftModel with --speculative draft
+        if options.method == "draft":
+            from nextoken.export.artifact import load_artifact, resolve_artifact_dir
+            from nextoken.serve.engine.draft import DraftModel, check_draft
+
+            art = load_artifact(resolve_artifact_dir(options.draft_model))
+            check_draft(core.artifact, art)
+            self.draft = DraftModel(art, max_slots=core.options.max_slots, max_len=core.max_len,
+                                    device=core.options.device, threads=core.options.threads)
         S, L = core.options.max_slots, core.max_len
         self.tokens = np.zeros((S, L + 1), dtype=np.int64)  # slot -> prompt + output so far
         self.count = np.zeros(S, dtype=np.int64)  # tokens held in each row of ``tokens``
@@ -140,7 +160,8 @@ class Speculator:
         self.drafts = np.zeros(S, dtype=np.int64)  # since it was last judged: drafts, accepted tokens,
         self.accepted = np.zeros(S, dtype=np.int64)
         self.owed = np.zeros(S)  # and the accepted tokens those drafts had to yield to pay
-        self.break_even = verify_cost(core.runner, options.num_speculative_tokens)  # accepted tokens per draft token
+        self.break_even = break_even(core.runner, options.num_speculative_tokens,  # accepted tokens per draft token
+                                     self.draft.runner if self.draft is not None else None)
         self.totals = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since start-up
         self._step = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since take_counts()
 
@@ -152,6 +173,8 @@ class Speculator:
         self.wanted[slot] = wanted
         self.resume_at[slot] = self.drafts[slot] = self.accepted[slot] = 0
         self.owed[slot] = 0.0
+        if self.draft is not None:
+            self.draft.bind(slot)
 
     def record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Tokens the rows of ``slots`` just emitted (each row one)."""
@@ -169,6 +192,7 @@ class Speculator:
         if len(core.scheduler.running) > o.disable_by_batch_size:
             return {}
         out: dict[int, np.ndarray] = {}
+        rows: dict[int, tuple[np.ndarray, int]] = {}  # for a draft model: slot -> (its tokens, draft length)
         for seq in decoding:
             s = seq.slot
             if not self.wanted[s] or core.generated[s] < self.resume_at[s]:
@@ -176,12 +200,16 @@ class Speculator:
             # the row of m + 1 tokens must fit the cache, and its m + 1 tokens the request's max_tokens
             room = min(o.num_speculative_tokens, core.max_len - 1 - int(core.lengths[s]),
                        int(core.max_tokens[s] - core.generated[s]) - 1)
-            if room < 1:
-                continue
-            d = ngram_draft(self.tokens[s, :self.count[s]], o.prompt_lookup_max, o.prompt_lookup_min, room)
-            if d.size:
-                out[s] = d.copy()
-        return out
+            tokens = self.tokens[s, :self.count[s]]
+            if self.draft is not None:
+                room = min(room, self.draft.room(tokens.size))
+                if room >= 1:
+                    rows[s] = (tokens, room)
+            elif room >= 1:
+                d = ngram_draft(tokens, o.prompt_lookup_max, o.prompt_lookup_min, room)
+                if d.size:
+                    out[s] = d.copy()
+        return self.draft.propose(rows) if rows else out
 
     def verify(self, core: Any, drafts: dict[int, np.ndarray], out: Any) -> float:
         """Score every draft in one runner call each, emit what the target accepts; returns the runner's seconds."""
@@ -210,6 +238,8 @@ class Speculator:
             c.accepted += accepted[s]
             if core.slot_rid[s] is not None:  # still running: judge whether its drafts pay
                 self._judge(core, s, d.size, accepted[s])
+                if self.draft is not None:
+                    self.draft.keep(s, accepted[s])
         self._step.add(c)
         self.totals.add(c)
         return run_s

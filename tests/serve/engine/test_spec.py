@@ -244,6 +244,10 @@ def test_counts_add_up_per_step(serve_artifact: Path, tok: Tokenizer) -> None:
     (dict(speculative="ngram", prompt_lookup_min=0), "--prompt-lookup-min"),
     (dict(speculative="ngram", prompt_lookup_max=1), "--prompt-lookup-max"),
     (dict(speculative="ngram", speculative_disable_by_batch_size=0), "--speculative-disable-by-batch-size"),
+    (dict(speculative="draft"), "--draft-model"),
+    (dict(speculative="ngram", draft_model="d"), "--draft-model"),
+    (dict(speculative="draft", draft_model="d", prompt_lookup_min=1), "--prompt-lookup-min"),
+    (dict(draft_model="d"), "--draft-model"),
 ])
 def test_flags_are_checked_naming_the_flag(fields: dict, flag: str) -> None:
     from nextoken.errors import UserError
@@ -253,3 +257,43 @@ def test_flags_are_checked_naming_the_flag(fields: dict, flag: str) -> None:
         ServeConfig(**fields).validate()
     assert flag in str(e.value)
     ServeConfig(speculative="ngram", num_speculative_tokens=8, prompt_lookup_min=1).validate()
+
+
+# --- a draft model ---------------------------------------------------------------------------------
+def draft_options(draft: Path, **kw) -> SpecOptions:
+    return SpecOptions("draft", kw.pop("k", 4), draft_model=str(draft), disable_by_batch_size=8, **kw)
+
+
+def test_a_draft_model_gives_the_same_tokens(serve_artifact: Path, tiny_artifact: Path, tok: Tokenizer) -> None:
+    """The target as its own draft proposes the target's greedy tokens, so at T = 0 every draft token is
+    accepted (rounding aside); another model with the same tokenizer (a 32-token context: it drafts only
+    while the sequence fits it) is accepted less. Either way every request's tokens, greedy and seeded at
+    T = 0.8 with top-p, equal those without speculation, through joins and leaves in 3 slots."""
+    kinds = [dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=5), dict(temperature=0, logprobs=1)]
+    reqs = [(prompt(tok, TEXTS[i]), dict(max_tokens=20 + 5 * i, ignore_eos=True, **kinds[i % 3])) for i in range(7)]
+    base, _ = run(serve_artifact, reqs, None, stagger=2, max_slots=3)
+    got, core = run(serve_artifact, reqs, draft_options(serve_artifact), stagger=2, max_slots=3)
+    assert [r["ids"] for r in got] == [r["ids"] for r in base]
+    t = core.spec.totals
+    assert t.drafts > 20 and t.accepted > 0.5 * t.draft_tokens
+    small, core = run(serve_artifact, reqs, draft_options(tiny_artifact), stagger=2, max_slots=3)
+    assert [r["ids"] for r in small] == [r["ids"] for r in base] and core.spec.totals.drafts > 0
+    greedy = [(ids, dict(temperature=0, max_tokens=40)) for ids, _ in reqs[:3]]
+    _, core = run(serve_artifact, greedy, draft_options(serve_artifact))
+    assert core.spec.totals.accepted >= 0.95 * core.spec.totals.draft_tokens > 0
+
+
+def test_a_draft_with_another_tokenizer_is_refused_naming_the_flag(serve_artifact: Path,
+                                                                  tiny_bpe_artifact: Path) -> None:
+    """In the engine (a hot-reloaded target) and at start-up (`nextoken serve` exits naming --draft-model)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    with pytest.raises(ValueError, match="--draft-model .*tokenizer differs"):
+        make_core(serve_artifact, spec=draft_options(tiny_bpe_artifact))
+    proc = subprocess.run([sys.executable, "-m", "nextoken", "serve", str(serve_artifact), "--port", str(free_port()),
+                           "--speculative", "draft", "--draft-model", str(tiny_bpe_artifact)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--draft-model" in proc.stderr and "tokenizer differs" in proc.stderr
