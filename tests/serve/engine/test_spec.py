@@ -297,3 +297,29 @@ def test_a_draft_with_another_tokenizer_is_refused_naming_the_flag(serve_artifac
                            "--speculative", "draft", "--draft-model", str(tiny_bpe_artifact)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--draft-model" in proc.stderr and "tokenizer differs" in proc.stderr
+
+
+def test_a_draft_trained_with_the_targets_tokenizer_is_taken(tiny_bpe_artifact: Path, tiny_corpus: Path,
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`nextoken train --tokenizer-from ARTIFACT` trains on the target's byte-level BPE as it is (the preset's
+    tokenizer gives way, an explicit --vocab-size is refused by name); its export passes check_draft and
+    drafts for the target, whose greedy tokens stay the same."""
+    from nextoken.cli import main
+    from nextoken.export.artifact import load_artifact
+    from nextoken.export.build import export_run
+    from nextoken.serve.engine.draft import check_draft
+
+    flags = ["train", "--data", str(tiny_corpus), "--tokenizer-from", str(tiny_bpe_artifact), "--n-layer", "1",
+             "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--batch-size", "4", "--max-iters", "3",
+             "--eval-interval", "3", "--eval-iters", "1", "--sample-tokens", "0", "--threads", "1", "--no-progress",
+             "--no-tensorboard", "--out-dir"]
+    assert main([*flags, str(tmp_path / "refused"), "--vocab-size", "500"]) != 0
+    assert "--vocab-size: --tokenizer-from" in capsys.readouterr().err
+    assert main([*flags, str(tmp_path / "run")]) == 0
+    draft = export_run(tmp_path / "run", tmp_path / "draft", name="draft", log=None)
+    check_draft(load_artifact(tiny_bpe_artifact), load_artifact(draft))
+    tok = Tokenizer.from_file(str(tiny_bpe_artifact / "tokenizer.json"))
+    reqs = [([0] + tok.encode("the cat sat on", add_special_tokens=False).ids, dict(temperature=0, max_tokens=12))]
+    (base,), _ = run(tiny_bpe_artifact, reqs, None)
+    (got,), core = run(tiny_bpe_artifact, reqs, draft_options(draft))
+    assert got["ids"] == base["ids"] and core.spec.totals.drafts > 0
