@@ -15,7 +15,9 @@ round B then A, so drift on a shared machine falls on both. Cases:
 Prints a markdown table (median and range over ``--rounds``) with ``uptime``; ``--write-results`` puts it in
 benchmarks/RESULTS.md under "## Speculative decoding" (a re-run replaces it).
 
-    python benchmarks/bench_spec.py ARTIFACT [--rounds 2] [--tokens 96] [--write-results]
+    python benchmarks/bench_spec.py ARTIFACT [--draft DRAFT_ARTIFACT] [--rounds 2] [--tokens 96] [--write-results]
+
+With ``--draft`` a third server, ``--speculative draft --draft-model DRAFT_ARTIFACT``, runs every case too.
 
 A random-weight model never accepts a draft: measure on a trained model that copies (e.g. the quickstart
 preset on the built-in corpus), and look at its ``extract`` acceptance before reading the speed-up.
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=3, help="extractive prompts per run")
     ap.add_argument("--k", type=int, default=8, help="--num-speculative-tokens")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--draft", type=Path, help="a draft artifact (same tokenizer): also serve --speculative draft")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
 
@@ -134,44 +137,54 @@ def main(argv: list[str] | None = None) -> int:
     cases = {"extract": (greedy, 1), "sample": (sample, 1), "streams32": (greedy, 32)}
     threads = ["--threads", str(args.threads)] if args.threads else []
     common = ["--max-batch-size", "32", *threads]
-    servers = {"off": NextokenServer(art, *common),
-               "ngram": NextokenServer(art, *common, "--speculative", "ngram", "--num-speculative-tokens",
-                                       str(args.k))}
-    res: dict[str, dict[str, list]] = {c: {"off": [], "ngram": [], "acc": [], "same": []} for c in cases}
+    k = ["--num-speculative-tokens", str(args.k)]
+    flags = {"off": [], "ngram": ["--speculative", "ngram", *k]}
+    if args.draft:
+        flags["draft"] = ["--speculative", "draft", "--draft-model", str(args.draft), *k]
+    spec_names = [n for n in flags if n != "off"]
+    servers = {name: NextokenServer(art, *common, *f) for name, f in flags.items()}
+    res: dict[str, dict[str, list]] = {c: {n: [] for n in (*flags, *(f"{v}:{x}" for v in spec_names
+                                                                      for x in ("acc", "same", "drafts")))}
+                                       for c in cases}
     try:
         for s in servers.values():  # a first request pays for lazy set-up: not measured
             asyncio.run(run_case(s.url, greedy[:1], 1))
         for rnd in range(args.rounds):
-            order = ("off", "ngram") if rnd % 2 == 0 else ("ngram", "off")
+            names = list(flags)
+            order = names if rnd % 2 == 0 else names[::-1]
             for case, (bodies, streams) in cases.items():
                 texts_of = {}
                 for name in order:
                     url = servers[name].url
                     before = spec_counts(url)
-                    tps, texts_out = asyncio.run(run_case(url, bodies, streams))
+                    tps, texts_of[name] = asyncio.run(run_case(url, bodies, streams))
                     after = spec_counts(url)
                     res[case][name].append(tps)
-                    texts_of[name] = texts_out
-                    if name == "ngram":
+                    if name != "off":
                         d = [b - a for a, b in zip(before, after, strict=True)]
-                        res[case]["acc"].append(d[2] / d[1] if d[1] else 0.0)
-                        res[case]["drafts"] = res[case].get("drafts", 0) + d[0]
-                res[case]["same"].append(texts_of["off"] == texts_of["ngram"])
-                print(f"round {rnd + 1} {case}: off {res[case]['off'][-1]:.1f} tok/s, ngram "
-                      f"{res[case]['ngram'][-1]:.1f} tok/s, acceptance {res[case]['acc'][-1]:.2f}, "
-                      f"same text {res[case]['same'][-1]}", flush=True)
+                        res[case][f"{name}:acc"].append(d[2] / d[1] if d[1] else 0.0)
+                        res[case][f"{name}:drafts"].append(d[0])
+                line = [f"round {rnd + 1} {case}: off {res[case]['off'][-1]:.1f} tok/s"]
+                for name in spec_names:
+                    res[case][f"{name}:same"].append(texts_of["off"] == texts_of[name])
+                    line.append(f"{name} {res[case][name][-1]:.1f} tok/s (acceptance "
+                                f"{res[case][name + ':acc'][-1]:.2f}, same text {res[case][name + ':same'][-1]})")
+                print(", ".join(line), flush=True)
     finally:
         for s in servers.values():
             s.stop()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    rows = ["| case | streams | tok/s off | tok/s ngram | ratio | acceptance | drafts | same output |",
-            "|---|--:|--:|--:|--:|--:|--:|---|"]
+    rows = ["| case | streams | tok/s off | speculative | tok/s | ratio | acceptance | drafts | same output |",
+            "|---|--:|--:|---|--:|--:|--:|--:|---|"]
     for case, (_bodies, streams) in cases.items():
         r = res[case]
-        ratios = [b / a for a, b in zip(r["off"], r["ngram"], strict=True)]
-        rows.append(f"| {case} | {streams} | {med(r['off'])} | {med(r['ngram'])} | **{med(ratios, '{:.2f}')}** | "
-                    f"{med(r['acc'], '{:.2f}')} | {int(r.get('drafts', 0))} | {all(r['same'])} |")
-    body = [f"`python benchmarks/bench_spec.py {art.name} --rounds {args.rounds} --tokens {args.tokens} "
+        for name in spec_names:
+            ratios = [b / a for a, b in zip(r["off"], r[name], strict=True)]
+            rows.append(f"| {case} | {streams} | {med(r['off'])} | {name} | {med(r[name])} | "
+                        f"**{med(ratios, '{:.2f}')}** | {med(r[name + ':acc'], '{:.2f}')} | "
+                        f"{int(sum(r[name + ':drafts']))} | {all(r[name + ':same'])} |")
+    draft = f" --draft {args.draft.name}" if args.draft else ""
+    body = [f"`python benchmarks/bench_spec.py {art.name}{draft} --rounds {args.rounds} --tokens {args.tokens} "
             f"--prompts {args.prompts} --k {args.k}` ({cfg['n_layer']} layers, {cfg['n_embd']} wide, context {ctx}, "
             f"vocab {cfg['vocab_size']}); `uptime` at the end: {uptime}", "", *rows]
     print("\n".join(body))
