@@ -275,3 +275,12 @@ def test_speculative_false_keeps_a_request_from_drafting(server: ServerProcess, 
     t = core.spec.totals
     assert grown == [t.drafts, t.draft_tokens, t.accepted, *t.per_pos] and t.accepted > 0
     assert sum(grown[3:]) == grown[2]
+    # a stop string, logprobs and a stream: the same answer from both servers, drafts accepted meanwhile
+    body = {"prompt": "hello hello hello hello", "max_tokens": 60, "temperature": 0, "logprobs": 2, "stop": ["t t t t"]}
+    a, b = post(server, body)["choices"][0], post(spec_server, body)["choices"][0]
+    assert (a["text"], a["finish_reason"], a["logprobs"]["tokens"]) == (b["text"], b["finish_reason"],
+                                                                      b["logprobs"]["tokens"])
+    assert b["finish_reason"] == "stop" and counts()[2] > before[2] + grown[2]
+    assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=2e-5)
+    text = "".join(c["choices"][0]["text"] for c in stream(spec_server, body) if c.get("choices"))
+    assert text == a["text"]
