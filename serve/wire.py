@@ -233,6 +233,14 @@ class StepOutput:
     top_logprobs: list[np.ndarray | None] | None = None
     started: dict[str, Started] = field(default_factory=dict)  # rid -> facts, on its first output
     finished: dict[str, Finished] = field(default_factory=dict)  # rid -> how it ended (after its last token)
+    # (n,) bool: rows whose token was a draft token the model accepted (speculative decoding); None: none was
+    drafted: np.ndarray | None = None
+
+    def mark_drafted(self, first: int, mask: np.ndarray) -> None:
+        """Rows first, first + 1, ... (as many as ``mask`` (m,)) hold accepted draft tokens where ``mask``."""
+        if self.drafted is None:
+            self.drafted = np.zeros(len(self.rids), dtype=bool)
+        self.drafted[first:first + mask.size] |= mask
 
     def add_rows(self, rids: list[str], token_ids: np.ndarray, logprobs: np.ndarray | None,
                  top_ids: list[np.ndarray | None], top_logprobs: list[np.ndarray | None]) -> None:
@@ -245,6 +253,8 @@ class StepOutput:
         n0, n = len(self.rids), len(rids)
         self.rids = self.rids + rids
         self.token_ids = np.concatenate([self.token_ids, token_ids])
+        if self.drafted is not None:
+            self.drafted = np.concatenate([self.drafted, np.zeros(n, dtype=bool)])
         if logprobs is None and self.logprobs is None:
             return
         nan0, nan1 = np.full(n0, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)

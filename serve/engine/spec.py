@@ -223,10 +223,12 @@ class Speculator:
         j = 0
         while alive.size:
             core.lengths[alive] += 1  # the token fed at this position is now in the cache
+            first_row = len(out.rids)
             ended = core._emit(alive, np.stack([logits[s][j] for s in alive.tolist()]), out)
             tokens = core.last_token[alive]
             match = np.array([j < drafts[s].size and tokens[i] == drafts[s][j] for i, s in enumerate(alive.tolist())])
             if match.any():
+                out.mark_drafted(first_row, match)
                 c.per_pos[j] += int(match.sum())
                 for s in alive[match].tolist():
                     accepted[s] += 1

@@ -244,7 +244,8 @@ def test_speculative_false_keeps_a_request_from_drafting(server: ServerProcess, 
     """On a server with --speculative ngram, a repetitive greedy request gives the text the server without it
     gives, and drafts: the nextoken_spec_decode_* counters grow by exactly what an engine core with the
     server's options counts for that request in-process (acceptance by position summing to the accepted
-    tokens). With speculative: false the same request gives the same text and no counter moves."""
+    tokens), and its accepted_draft marks that many tokens. With speculative: false the same request gives
+    the same text, no accepted_draft and no counter moves."""
     from nextoken.export.artifact import load_artifact
     from nextoken.serve.config import ServeConfig
     from nextoken.serve.engine.core import EngineCore
@@ -260,12 +261,17 @@ def test_speculative_false_keeps_a_request_from_drafting(server: ServerProcess, 
         return [metric(spec_server.url, f"nextoken_spec_decode_num_{n}_total", model=mid) for n in names] + per_pos
 
     body = {"prompt": "hello hello hello hello", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
-    plain = post(server, body)["choices"][0]["text"]
+    plain = post(server, body)["choices"][0]
     before = counts()
-    assert post(spec_server, {**body, "speculative": False})["choices"][0]["text"] == plain
+    opted_out = post(spec_server, {**body, "speculative": False})["choices"][0]
+    assert opted_out["text"] == plain["text"] and "accepted_draft" not in opted_out and "accepted_draft" not in plain
     assert counts() == before
-    assert post(spec_server, body)["choices"][0]["text"] == plain
+    drafted = post(spec_server, body)["choices"][0]
+    assert drafted["text"] == plain["text"]
     grown = [b - a for a, b in zip(before, counts(), strict=True)]
+    # accepted_draft marks each accepted draft token of the answer (the first token never is one)
+    assert len(drafted["accepted_draft"]) == len(drafted["token_ids"]) and not drafted["accepted_draft"][0]
+    assert sum(drafted["accepted_draft"]) == grown[2]
     config = ServeConfig(artifact_dir=str(serve_artifact), speculative="ngram", prompt_lookup_min=1, max_batch_size=4)
     core = EngineCore(load_artifact(serve_artifact), engine_options(config.validate()))
     ids = tokenize(spec_server, body["prompt"])
