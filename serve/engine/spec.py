@@ -61,7 +61,7 @@ class SpecOptions:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
-    disable_by_batch_size: int = 4
+    disable_by_batch_size: int = 1
     draft_model: str = ""  # method "draft": the draft's artifact folder
 
 
