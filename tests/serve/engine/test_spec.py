@@ -323,3 +323,18 @@ def test_a_draft_trained_with_the_targets_tokenizer_is_taken(tiny_bpe_artifact: 
     (base,), _ = run(tiny_bpe_artifact, reqs, None)
     (got,), core = run(tiny_bpe_artifact, reqs, draft_options(draft))
     assert got["ids"] == base["ids"] and core.spec.totals.drafts > 0
+
+
+def test_the_memory_plan_counts_the_draft(serve_artifact: Path, tiny_artifact: Path) -> None:
+    """The draft's weights and its own KV cache (the target's slots, up to the draft's 32-token context) are
+    part of what start-up checks against the free memory."""
+    from nextoken.export.artifact import load_artifact
+    from nextoken.serve import memory
+    from nextoken.serve.config import ServeConfig
+
+    target, draft = load_artifact(serve_artifact), load_artifact(tiny_artifact)
+    p = memory.plan(ServeConfig(max_batch_size=4), target.config, memory.weights_bytes(serve_artifact))
+    q = memory.with_draft(p, draft.config, tiny_artifact)
+    kv = 4 * 32 * memory.token_bytes(draft.config)
+    assert q.total_bytes - p.total_bytes == q.draft_bytes == memory.weights_bytes(tiny_artifact) + kv > kv
+    assert "draft model" in q.describe()
