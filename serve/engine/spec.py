@@ -32,7 +32,8 @@ tie that close.
 
 When it pays: a request stops drafting for ``REPROBE_TOKENS`` tokens once its accepted tokens fall
 below the break-even of the calls timed at start-up (``break_even``: what m more tokens in the
-target's row, and m draft-model calls, cost against a decode step), and no row drafts while more
+target's row, and m draft-model calls, cost against a decode step) plus the verification's own
+Python work (timed as it runs), and no row drafts while more
 than ``disable_by_batch_size`` requests run (each drafting row is a runner call of its own; ONNX
 Runtime's attention batches multi-token rows only without a past).
 
@@ -119,10 +120,11 @@ def _fastest(call: Any, repeats: int = 3) -> float:
     return min(times)
 
 
-def break_even(runner: Any, k: int, draft: Any = None) -> float:
-    """Accepted tokens per draft token a draft must yield to pay for itself, from calls timed in slot 0 (free
-    at start-up) past a short history: what a (k + 1)-token row costs over a one-token decode call, plus a
-    draft model's own decode call per draft token (``draft``: its Runner), over a decode step."""
+def break_even(runner: Any, k: int, draft: Any = None) -> tuple[float, float]:
+    """Accepted tokens per draft token a draft must yield to pay for its calls, and a decode step's seconds,
+    from calls timed in slot 0 (free at start-up) past a short history: what a (k + 1)-token row costs over
+    a one-token decode call, plus a draft model's own decode call per draft token (``draft``: its Runner),
+    over a decode step."""
     k = max(1, min(k, (runner.spec.max_len - 2) // 2))
     lengths = np.zeros(runner.spec.max_slots, dtype=np.int64)
     runner.prefill(0, [0] * (k + 1), 0)
@@ -133,7 +135,8 @@ def break_even(runner: Any, k: int, draft: Any = None) -> float:
     per_token = max(row - one, 0.0) / k
     if draft is not None:
         per_token += _fastest(lambda: draft.decode(zero, zero, zero + 1, np.zeros(draft.spec.max_slots, np.int64)))
-    return per_token / (one + STEP_OVERHEAD_S)
+    step = one + STEP_OVERHEAD_S
+    return per_token / step, step
 
 
 class Speculator:
@@ -160,8 +163,10 @@ class Speculator:
         self.drafts = np.zeros(S, dtype=np.int64)  # since it was last judged: drafts, accepted tokens,
         self.accepted = np.zeros(S, dtype=np.int64)
         self.owed = np.zeros(S)  # and the accepted tokens those drafts had to yield to pay
-        self.break_even = break_even(core.runner, options.num_speculative_tokens,  # accepted tokens per draft token
-                                     self.draft.runner if self.draft is not None else None)
+        # accepted tokens a draft token must yield to pay for the calls, and a decode step's seconds
+        self.break_even, self.step_s = break_even(core.runner, options.num_speculative_tokens,
+                                                  self.draft.runner if self.draft is not None else None)
+        self.python_s = 0.0  # verification's own work per draft beside the runner (a running mean)
         self.totals = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since start-up
         self._step = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since take_counts()
 
@@ -244,12 +249,14 @@ class Speculator:
                     self.draft.keep(s, accepted[s])
         self._step.add(c)
         self.totals.add(c)
+        spent = (time.perf_counter() - t0 - run_s) / len(drafts)
+        self.python_s += 0.1 * (spent - self.python_s) if self.totals.drafts > len(drafts) else spent
         return run_s
 
     def _judge(self, core: Any, slot: int, m: int, accepted: int) -> None:
         self.drafts[slot] += 1
         self.accepted[slot] += accepted
-        self.owed[slot] += m * self.break_even
+        self.owed[slot] += m * self.break_even + self.python_s / self.step_s
         if self.drafts[slot] >= JUDGE_AFTER:
             if self.accepted[slot] < self.owed[slot]:
                 self.resume_at[slot] = core.generated[slot] + REPROBE_TOKENS

@@ -146,10 +146,10 @@ def test_sampled_distribution_is_the_targets_chi_square(serve_artifact: Path, to
     with and without speculation, each core's shared generator seeded differently (fixed seeds 1 and 2),
     so the two samples are independent. The prompt holds the tokens top-k mostly leaves, so the second
     token comes from a verification row (a one-token draft, accepted or corrected) in >= 90% of the
-    requests (asserted), and the third from its bonus position or a decode row; a two-sample chi-square test on the (token 2, token 3) pairs must
-    not reject equality at the 0.1% level. The draws are fixed, so the test is deterministic. It has the
-    power to see a broken rule: keeping every draft (each draft token's logit raised by 100 in the
-    verification rows) gave p = 3e-171 when this test was written."""
+    requests (asserted), and the third from its bonus position or a decode row; a two-sample chi-square
+    test on the (token 2, token 3) pairs must not reject equality at the 0.1% level. The draws are fixed,
+    so the test is deterministic. It has the power to see a broken rule: keeping every draft (each draft
+    token's logit raised by 100 in the verification rows) gave p = 3e-171 when this test was written."""
     n = 1500
     ids = prompt(tok, " the the the the the the t")
     pairs = []
