@@ -324,7 +324,7 @@ class EngineCore:
             self.spec.record(slots, tokens)
         done = self.generated[slots] >= self.max_tokens[slots]
         done |= self.lengths[slots] + 1 > self.max_len  # nowhere to feed the token back
-        stopped = self.stop_eos[slots] & np.isin(tokens, self._eos)
+        stopped = self.stop_eos[slots] & (tokens[:, None] == self._eos).any(axis=1)  # (n,); np.isin costs ~15 us
         for i in np.flatnonzero(self.extra_stops[slots]):
             stopped[i] |= int(tokens[i]) in self.reqs[rids[i]].stop_ids
         if allowed is not None:
