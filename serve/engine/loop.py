@@ -49,6 +49,11 @@ def describe_budget(core: EngineCore) -> str:
     if core.costs is not None:
         text += (f" (a call here: {core.costs.call_s * 1e3:.1f} ms + {core.costs.token_s * 1e3:.2f} ms a token, "
                  "measured at load)")
+    if core.spec is not None:
+        o = core.spec.o
+        text += (f"; speculative decoding: {o.method}, up to {o.num_speculative_tokens} draft tokens while at most "
+                 f"{o.disable_by_batch_size} request(s) run, a draft pays from "
+                 f"{core.spec.break_even:.3f} accepted tokens per draft token (measured at load)")
     return text
 
 
