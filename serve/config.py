@@ -60,6 +60,23 @@ class ServeConfig:
     threads: int = _opt(0, "ONNX Runtime intra-op threads (0 = every physical core up to 4, one fewer from 5; "
                            "hyperthreads count once, a container's CPU quota caps it). On a machine other jobs "
                            "share, --threads 1 is steadier")
+    # speculative decoding (serve/engine/spec.py)
+    speculative: str = _opt("none", "speculative decoding: guess a request's next tokens and let the model check them "
+                                    "all in one call; ngram guesses from the request's own prompt and output (prompt "
+                                    "lookup), draft with a small model (--draft-model). Greedy output is the same "
+                                    "token for token, sampled output has the same distribution",
+                            choices=("none", "ngram", "draft"))
+    num_speculative_tokens: int = _opt(4, "tokens one draft proposes at most (with --speculative)")
+    prompt_lookup_max: int = _opt(4, "longest run of last tokens the lookup matches (--speculative ngram)")
+    prompt_lookup_min: int = _opt(2, "shortest run of last tokens the lookup matches (--speculative ngram)")
+    draft_model: str | None = _opt(None, "the draft model for --speculative draft: an artifact folder with the served "
+                                         "model's tokenizer (`nextoken train --tokenizer-from ARTIFACT_DIR` makes one)",
+                                   metavar="ARTIFACT")
+    speculative_disable_by_batch_size: int = _opt(
+        1, "no request drafts while more than this many run (vLLM's disable_by_batch_size). ONNX Runtime verifies "
+           "each drafting row in a call of its own (its attention batches multi-token rows only without a past), "
+           "so at several streams n verification calls replace one batched decode call: raise it for a model "
+           "whose calls cost little beside their tokens")
     # lifecycle
     drain_timeout: float = _opt(30.0, "seconds in-flight requests may take to finish after SIGTERM/SIGINT")
     reload_poll_s: float = _opt(1.0, "how often the engine looks for a new model version")
@@ -106,6 +123,7 @@ class ServeConfig:
              "prefix caching copies KV through host memory and is CPU-only for now; leave --prefix-cache-mb out "
              "(or 0) with --device cuda")
         need(self.threads >= 0, "--threads", f"must be >= 0, got {self.threads}")
+        self._validate_speculative(need)
         need(self.drain_timeout >= 0, "--drain-timeout", f"must be >= 0, got {self.drain_timeout}")
         need(self.reload_poll_s > 0, "--reload-poll-s", f"must be > 0, got {self.reload_poll_s}")
         need(self.max_body_bytes >= 1024, "--max-body-bytes", f"must be >= 1024, got {self.max_body_bytes}")
@@ -115,6 +133,31 @@ class ServeConfig:
             need(bool(os.environ.get(self.api_key_env)), "--api-key-env",
                  f"environment variable {self.api_key_env} is not set or empty")
         return self
+
+
+    _SPEC_FIELDS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "draft_model",
+                    "speculative_disable_by_batch_size")
+    _NGRAM_FIELDS = ("prompt_lookup_max", "prompt_lookup_min")
+
+    def _validate_speculative(self, need: Any) -> None:
+        if self.speculative == "none":  # a speculative knob without speculation would be a flag that does nothing
+            for f in dataclasses.fields(self):
+                if f.name in self._SPEC_FIELDS and getattr(self, f.name) != f.default:
+                    need(False, _flag(f.name), "needs --speculative ngram or draft (speculative decoding is off)")
+            return
+        for f in dataclasses.fields(self):  # each method's own knobs, refused with the other
+            if f.name in self._NGRAM_FIELDS and self.speculative != "ngram" and getattr(self, f.name) != f.default:
+                need(False, _flag(f.name), "applies to --speculative ngram only")
+        need((self.speculative == "draft") == bool(self.draft_model), "--draft-model",
+             "names the draft model of --speculative draft, and only of it" if self.draft_model else
+             "--speculative draft needs a draft model: --draft-model ARTIFACT")
+        need(1 <= self.num_speculative_tokens <= 32, "--num-speculative-tokens",
+             f"must be in 1..32, got {self.num_speculative_tokens}")
+        need(self.prompt_lookup_min >= 1, "--prompt-lookup-min", f"must be >= 1, got {self.prompt_lookup_min}")
+        need(self.prompt_lookup_max >= self.prompt_lookup_min, "--prompt-lookup-max",
+             f"must be >= --prompt-lookup-min ({self.prompt_lookup_min}), got {self.prompt_lookup_max}")
+        need(self.speculative_disable_by_batch_size >= 1, "--speculative-disable-by-batch-size",
+             f"must be >= 1, got {self.speculative_disable_by_batch_size}")
 
 
 def _flag(name: str) -> str:

@@ -93,8 +93,19 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     if not (artifact.path / "serving.onnx").is_file():
         raise UserError(f"{artifact.path} has no serving graph (serving.onnx): it was exported by an older nextoken; "
                         "export it again with `nextoken export RUN --out ...`", flag="ARTIFACT_DIR")
+    draft = None
+    if config.draft_model:  # refused here, by name, rather than by the engine process after the fork
+        from nextoken.serve.engine.draft import check_draft
+
+        try:
+            draft = load_artifact(resolve_artifact_dir(config.draft_model))
+            check_draft(artifact, draft)
+        except (ArtifactError, OSError, ValueError) as e:
+            raise UserError(str(e).removeprefix("--draft-model "), flag="--draft-model") from None
     # Memory is planned and checked before anything is loaded: the cache is allocated whole at start-up.
     plan = memory.plan(config, artifact.config, memory.weights_bytes(artifact.path))
+    if draft is not None:
+        plan = memory.with_draft(plan, draft.config, draft.path)
     if config.device == "cpu":
         memory.check_fits(plan, memory.available_bytes())
     config = memory.apply(config, plan)

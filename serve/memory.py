@@ -36,6 +36,7 @@ class MemoryPlan:
     weights_bytes: int  # serving.onnx on disk: what ONNX Runtime holds (prepacking may add a transient copy)
     prefix_cache_bytes: int
     flag: str  # the flag that sized the cache, for a refusal
+    draft_bytes: int = 0  # --draft-model: its weights and its own KV cache (the same slots, up to its context)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -43,11 +44,18 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.prefix_cache_bytes + OVERHEAD_BYTES
+        return self.weights_bytes + self.kv_cache_bytes + self.prefix_cache_bytes + self.draft_bytes + OVERHEAD_BYTES
 
     def describe(self) -> str:
         return (f"weights {self.weights_bytes / MIB:,.1f} MiB, KV cache {self.kv_cache_bytes / MIB:,.1f} MiB "
-                f"({self.slots} slots x {self.max_len} tokens), prefix cache {self.prefix_cache_bytes / MIB:,.1f} MiB")
+                f"({self.slots} slots x {self.max_len} tokens), prefix cache {self.prefix_cache_bytes / MIB:,.1f} MiB"
+                + (f", draft model {self.draft_bytes / MIB:,.1f} MiB" if self.draft_bytes else ""))
+
+
+def with_draft(p: MemoryPlan, draft_config: dict[str, Any], draft_dir: Path) -> MemoryPlan:
+    """``p`` with a draft model's weights and KV cache (one slot per target slot, up to the draft's context)."""
+    length = min(p.max_len, int(draft_config["n_positions"]))
+    return dataclasses.replace(p, draft_bytes=weights_bytes(draft_dir) + p.slots * length * token_bytes(draft_config))
 
 
 def token_bytes(artifact_config: dict[str, Any]) -> int:

@@ -165,6 +165,14 @@ class ServerMetrics:
         self.prefix_queries = counter("nextoken_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("nextoken_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.reloads = counter("nextoken_model_reloads", "Model versions loaded after start-up.")
+        # speculative decoding, vLLM's spec_decode counters: accepted / draft_tokens is the acceptance rate,
+        # accepted / drafts + 1 the tokens each verification call yields
+        self.spec_drafts = counter("nextoken_spec_decode_num_drafts", "Drafts verified (speculative decoding).")
+        self.spec_draft_tokens = counter("nextoken_spec_decode_num_draft_tokens", "Draft tokens proposed.")
+        self.spec_accepted = counter("nextoken_spec_decode_num_accepted_tokens", "Draft tokens the model accepted.")
+        self.spec_accepted_per_pos = counter("nextoken_spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted, by position in the draft (0 = first).",
+                                             ("model", "position"))
         # model = the refused version, so an operator sees which one failed
         self.reload_failures = counter("nextoken_model_reload_failures", "Model versions refused on reload.",
                                        ("model", "reason"))
@@ -198,7 +206,7 @@ class ServerMetrics:
         self._info: dict[str, tuple[str, str, str, str, str]] = {}
 
     # --- model versions ----------------------------------------------------------------------
-    def precreate(self, model: str, endpoints: Iterable[str] = ENDPOINTS) -> None:
+    def precreate(self, model: str, endpoints: Iterable[str] = ENDPOINTS, spec_positions: int = 0) -> None:
         """Write every documented series of ``model`` at 0 (call when a version loads).
 
         Counters for each endpoint x outcome, error kind and reload-failure reason; every
@@ -216,8 +224,10 @@ class ServerMetrics:
         for reason in RELOAD_FAILURE_REASONS:
             self.reload_failures.labels(model, reason)
         for c in (self.prompt_tokens_total, self.generation_tokens_total, self.reloads, self.prefix_queries,
-                  self.prefix_hits):
+                  self.prefix_hits, self.spec_drafts, self.spec_draft_tokens, self.spec_accepted):
             c.labels(model)
+        for pos in range(spec_positions):  # the draft's positions, when speculative decoding is on
+            self.spec_accepted_per_pos.labels(model, str(pos))
         for h in (self.ttft, self.itl, self.tpot, self.e2e, self.queue_time, self.prefill_time, self.decode_time,
                   self.prompt_tokens, self.generation_tokens, self.step_time, self.batch_size):
             h.labels(model)
@@ -227,9 +237,9 @@ class ServerMetrics:
             self._set_engine_gauges(model, 0, 0, 0.0)
 
     def version_loaded(self, model: str, *, model_version: str, backend: str, provider: str,
-                       endpoints: Iterable[str] = ENDPOINTS) -> None:
+                       endpoints: Iterable[str] = ENDPOINTS, spec_positions: int = 0) -> None:
         """A version is in memory and takes requests: precreate its series, mark it loaded, record build info."""
-        self.precreate(model, endpoints)
+        self.precreate(model, endpoints, spec_positions)
         self.loaded.labels(model).set(1)
         labels = (model, self.software_version, model_version, backend, provider)
         old = self._info.get(model)
@@ -285,6 +295,16 @@ class ServerMetrics:
         if batch_size:
             self.batch_size.labels(model).observe(batch_size)
         self._set_engine_gauges(model, running, waiting, float(kv_cache_usage))
+
+    def observe_spec(self, model: str, *, drafts: int, draft_tokens: int, accepted: int,
+                     accepted_per_pos: list[int]) -> None:
+        """One engine step's speculative decoding: drafts verified, tokens proposed and accepted (by position)."""
+        self.spec_drafts.labels(model).inc(drafts)
+        self.spec_draft_tokens.labels(model).inc(draft_tokens)
+        self.spec_accepted.labels(model).inc(accepted)
+        for pos, n in enumerate(accepted_per_pos):
+            if n:
+                self.spec_accepted_per_pos.labels(model, str(pos)).inc(n)
 
     def _set_engine_gauges(self, model: str, running: int, waiting: int, kv_usage: float) -> None:
         self.running.labels(model).set(running)

@@ -109,6 +109,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     ignore_eos: bool = False
     structured: StructuredSpec | None = None
+    speculative: bool = True  # False: this request never drafts, whatever the server's --speculative
 
     @property
     def greedy(self) -> bool:
@@ -218,7 +219,11 @@ class Finished:
 
 @dataclass
 class StepOutput:
-    """Everything one engine step produced, for every request at once."""
+    """Everything one engine step produced, for every request at once.
+
+    A request has one row per token it produced this step: one, or with speculative decoding up to
+    the draft's length + 1, in the order they were generated.
+    """
 
     time: float  # wall-clock time the tokens were sampled (time.time())
     rids: list[str] = field(default_factory=list)  # rows that produced a token, in order
@@ -228,6 +233,35 @@ class StepOutput:
     top_logprobs: list[np.ndarray | None] | None = None
     started: dict[str, Started] = field(default_factory=dict)  # rid -> facts, on its first output
     finished: dict[str, Finished] = field(default_factory=dict)  # rid -> how it ended (after its last token)
+    # (n,) bool: rows whose token was a draft token the model accepted (speculative decoding); None: none was
+    drafted: np.ndarray | None = None
+
+    def mark_drafted(self, first: int, mask: np.ndarray) -> None:
+        """Rows first, first + 1, ... (as many as ``mask`` (m,)) hold accepted draft tokens where ``mask``."""
+        if self.drafted is None:
+            self.drafted = np.zeros(len(self.rids), dtype=bool)
+        self.drafted[first:first + mask.size] |= mask
+
+    def add_rows(self, rids: list[str], token_ids: np.ndarray, logprobs: np.ndarray | None,
+                 top_ids: list[np.ndarray | None], top_logprobs: list[np.ndarray | None]) -> None:
+        """Append rows (a sampler's result); the first call takes the arrays as they are, later ones concatenate."""
+        if not self.rids:
+            self.rids, self.token_ids = rids, token_ids
+            if logprobs is not None:
+                self.logprobs, self.top_ids, self.top_logprobs = logprobs, top_ids, top_logprobs
+            return
+        n0, n = len(self.rids), len(rids)
+        self.rids = self.rids + rids
+        self.token_ids = np.concatenate([self.token_ids, token_ids])
+        if self.drafted is not None:
+            self.drafted = np.concatenate([self.drafted, np.zeros(n, dtype=bool)])
+        if logprobs is None and self.logprobs is None:
+            return
+        nan0, nan1 = np.full(n0, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
+        self.logprobs = np.concatenate([nan0 if self.logprobs is None else self.logprobs,
+                                        nan1 if logprobs is None else logprobs])
+        self.top_ids = (self.top_ids or [None] * n0) + (top_ids if logprobs is not None else [None] * n)
+        self.top_logprobs = (self.top_logprobs or [None] * n0) + (top_logprobs if logprobs is not None else [None] * n)
 
 
 @dataclass

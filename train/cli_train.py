@@ -18,6 +18,10 @@ _HELP = {
                  "MistralForCausalLM with its tokenizer.json; `nextoken export --format hf` writes one) to continue "
                  "training: it fixes the architecture, tokenizer and starting weights (a preset's architecture gives "
                  "way; such flags are refused); --block-size defaults to its context",
+    "tokenizer_from": "an artifact or run folder (or Hugging Face folder) whose tokenizer.json and special tokens "
+                      "this run uses as they are, e.g. to train a draft model for `nextoken serve --speculative "
+                      "draft --draft-model`, which must tokenize exactly as the served model; fixes --tokenizer "
+                      "and --vocab-size (a preset's give way)",
     "arch": "model family: gpt2 (LayerNorm, GELU MLP, biases) or llama (RMSNorm, SwiGLU MLP, rotary positions, "
             "grouped-query attention, no biases: Llama / Qwen2 / Mistral)",
     "n_kv_head": "key/value heads for grouped-query attention (--arch llama; 0 = --n-head)",

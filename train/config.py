@@ -203,6 +203,9 @@ class TrainConfig:
     # a Hugging Face model folder to start from (GPT-2, Llama, Qwen2, Mistral): it fixes the architecture and
     # the tokenizer
     init_from: str = ""
+    # an artifact or run folder whose tokenizer (and special tokens) the run takes as they are: a draft model
+    # for speculative decoding must tokenize exactly as its target
+    tokenizer_from: str = ""
     # model
     arch: str = "gpt2"  # gpt2 | llama (GPTConfig.arch: the family)
     n_layer: int = 4

@@ -77,6 +77,8 @@ def resolve_train_config(preset: str | None, config_file: str | None, overrides:
         return TrainConfig(**resumed_settings(saved, merged, preset=preset, explicit=set(from_file) | set(explicit)))
     if merged.get("init_from"):
         merged.update(init_from_settings(merged["init_from"], {**from_file, **explicit}))
+    if merged.get("tokenizer_from"):
+        merged.update(tokenizer_from_settings(merged, {**from_file, **explicit}))
     return TrainConfig(**merged)
 
 
@@ -142,6 +144,22 @@ def resumed_settings(saved: dict[str, Any], requested: dict[str, Any], *, preset
                         f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE[:-2])}. To train otherwise, "
                         "start a new --out-dir (--init-from takes a finished run's export)", flag=flag)
     return out
+
+
+def tokenizer_from_settings(merged: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer kind and size of a --tokenizer-from folder (set them too, or --init-from, and be refused)."""
+    from nextoken.train.hf_tokens import read_tokenizer
+    from nextoken.train.tokenizer import tokenizer_kind
+
+    folder = merged["tokenizer_from"]
+    for name in ("tokenizer", "vocab_size", "init_from"):
+        if name in explicit or (name == "init_from" and merged.get(name)):
+            raise UserError(f"--tokenizer-from {folder} fixes the tokenizer; drop --{name.replace('_', '-')}",
+                            flag="--" + name.replace("_", "-"))
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder} is not a folder", flag="--tokenizer-from")
+    tok = read_tokenizer(Path(folder), "--tokenizer-from")
+    return {"tokenizer": tokenizer_kind(tok), "vocab_size": tok.get_vocab_size()}
 
 
 # What an --init-from folder fixes: the architecture (GPTConfig's fields), the tokenizer, and the

@@ -94,6 +94,15 @@ def prepare_tokenizer_and_data(cfg: TrainConfig, run_dir: Path, info: D.DistInfo
             atomic_write_text(tok_path, tok.to_str(pretty=True))
             # its chat template, special tokens and generation defaults go with it (and into every export)
             start.init.files.save(run_dir)
+        elif cfg.tokenizer_from:  # another model's tokenizer as it is (a draft for speculative decoding)
+            from nextoken.train.hf_tokens import TokenizerFiles, read_tokenizer
+
+            tok = read_tokenizer(Path(cfg.tokenizer_from), "--tokenizer-from")
+            atomic_write_text(tok_path, tok.to_str(pretty=True))
+            special = TokenizerFiles.load(Path(cfg.tokenizer_from))
+            if special is not None:  # its special tokens, chat template and end ids, as an export wrote them
+                special.save(run_dir)
+            say(f"tokenizer: {cfg.tokenizer_from}'s ({tokenizer_kind(tok)}, {tok.get_vocab_size()} tokens)")
         else:
             source = "the built-in corpus (Python standard library)" if not cfg.data else f"{len(files)} file(s)"
             say(f"training a {cfg.tokenizer} tokenizer on {source}")

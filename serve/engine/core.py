@@ -6,7 +6,9 @@ KV of cached prompt prefixes is copied into newly admitted requests' slots, prom
 prefilled (one runner call each, each in its own slot), and every decoding row advances by one
 token in a single runner call. The rows that produced logits (a prompt's last chunk, decode rows)
 are sampled together; a row finishes on end-of-text, a stop token id or its length, and its slot
-is free for the next step.
+is free for the next step. With speculative decoding on (``spec.py``), a decoding row that has a draft
+is verified instead: its draft goes through the runner as one multi-token row, and the row emits
+the accepted tokens and one more in the same step.
 
 The core knows nothing about text: stop strings, detokenization and logprob strings are the
 frontend's (it cancels a request whose text hit a stop string). Per-slot arrays hold what the
@@ -32,6 +34,7 @@ from nextoken.serve.engine.prefill import Budget, Costs, auto_cap, calibrate, pl
 from nextoken.serve.engine.prefix_cache import PrefixCache
 from nextoken.serve.engine.sampler import BatchSampler
 from nextoken.serve.engine.scheduler import Scheduler, Sequence
+from nextoken.serve.engine.spec import SpecCounts, SpecOptions, Speculator
 from nextoken.serve.wire import (
     AddRequest,
     Finished,
@@ -65,6 +68,7 @@ class EngineOptions:
     prefix_block_size: int = 16
     device: str = "cpu"
     threads: int = 0
+    spec: SpecOptions | None = None  # speculative decoding (serve/engine/spec.py); None = off
 
 
 @dataclass
@@ -82,6 +86,7 @@ class StepStats:
     kv_cache_usage: float  # tokens in the cache / token capacity of the cache
     prefix_hit_tokens: int  # cumulative
     prefix_queried_tokens: int  # cumulative
+    spec: SpecCounts | None = None  # this step's speculative decoding (None: no row was verified)
 
 
 @dataclass
@@ -137,6 +142,7 @@ class EngineCore:
         self.matchers: list[Any] = [None] * S  # slot -> grammar matcher (structured output), or None
         self._grammar: Any = None  # GrammarCompiler, made on the first structured request
         self._masks: np.ndarray | None = None  # (S, V) float32 additive grammar masks, reused every step
+        self.spec = Speculator(o.spec, self) if o.spec is not None else None  # speculative decoding, when on
 
     def _compile(self, spec: StructuredSpec) -> Any:
         from nextoken.serve.engine.grammar import GrammarCompiler, GrammarError
@@ -211,6 +217,8 @@ class EngineCore:
         self.stop_eos[s] = not r.params.ignore_eos
         self.extra_stops[s] = bool(r.params.stop_token_ids)
         self.matchers[s] = r.matcher
+        if self.spec is not None:
+            self.spec.bind(s, r.seq.prompt_ids, r.params.speculative)
 
     def _release_slot(self, slot: int) -> None:
         self.slot_rid[slot] = None
@@ -255,7 +263,11 @@ class EngineCore:
                     sample_logits.append(logits[-1])
         t_decode = time.perf_counter()
 
-        decode_slots = np.fromiter((s.slot for s in sched.decode), dtype=np.int64, count=len(sched.decode))
+        decode = sched.decode
+        drafts = self.spec.propose(self, decode) if self.spec is not None and decode else None
+        if drafts:  # rows with a draft are verified on their own (spec.py); the rest decode together
+            decode = [seq for seq in decode if seq.slot not in drafts]
+        decode_slots = np.fromiter((s.slot for s in decode), dtype=np.int64, count=len(decode))
         if decode_slots.size:
             dec_logits = self.runner.decode(decode_slots, self.last_token[decode_slots], self.lengths[decode_slots],
                                             self.lengths)  # (n, V)
@@ -268,43 +280,9 @@ class EngineCore:
             logits = dec_logits if not n_prefilled else (
                 np.stack(sample_logits) if not decode_slots.size else np.concatenate([np.stack(sample_logits),
                                                                                       dec_logits]))
-            allowed, row_matchers = None, None
-            if self._grammar is not None and any(self.matchers):
-                row_matchers = [self.matchers[s] for s in slots.tolist()]
-                if any(m is not None for m in row_matchers):
-                    allowed = self._masks[:slots.size]  # (n, V); rows without a grammar are neither written nor read
-                    self._grammar.fill_masks(row_matchers, allowed)
-            res = self.sampler.sample(logits, slots, allowed)
-            tokens = res.token_ids
             out.time = time.time()
-            out.rids = [self.slot_rid[s] for s in slots]
-            out.token_ids = tokens
-            if res.logprobs is not None:
-                out.logprobs, out.top_ids, out.top_logprobs = res.logprobs, res.top_ids, res.top_logprobs
-            self.last_token[slots] = tokens
-            self.generated[slots] += 1
-            done = self.generated[slots] >= self.max_tokens[slots]
-            done |= self.lengths[slots] + 1 > self.max_len  # nowhere to feed the token back
-            stopped = self.stop_eos[slots] & np.isin(tokens, self._eos)
-            for i in np.flatnonzero(self.extra_stops[slots]):
-                stopped[i] |= int(tokens[i]) in self.reqs[out.rids[i]].stop_ids
-            if allowed is not None:
-                for i, m in enumerate(row_matchers):
-                    if m is not None and not stopped[i]:
-                        m.accept(int(tokens[i]))
-                        # the structure is complete: only end-of-text could follow, so end it now
-                        stopped[i] |= m.is_terminated()
-            for i in range(n_prefilled):
-                self._start(self.reqs[out.rids[i]], out)
-            for i in np.flatnonzero(stopped | done):
-                rid, slot, stop = out.rids[i], int(slots[i]), bool(stopped[i])
-                r = self.reqs.pop(rid)
-                tok = int(tokens[i])
-                reason = FinishReason.STOP if stop else FinishReason.LENGTH
-                out.finished[rid] = Finished(reason, r.seq.num_prompt, int(self.generated[slot]),
-                                             tok if stop and tok in r.stop_ids else None)
-                self.scheduler.finish(rid)
-                self._release_slot(slot)
+            self._emit(slots, logits, out, n_prefilled)
+        verify_s = self.spec.verify(self, drafts, out) if drafts else 0.0
         for r in scored:
             self._start(r, out)
             del self.reqs[r.seq.rid]
@@ -317,13 +295,57 @@ class EngineCore:
             t1 = time.perf_counter()
             pc = self.prefix_cache.stats if self.prefix_cache is not None else None
             self.on_step(StepStats(
-                duration_s=t1 - t0, prefill_s=t_decode - t_prefill, decode_s=t_sample - t_decode,
-                batch_size=int(slots.size), prefill_tokens=sum(c.length for c in sched.prefill),
-                decode_tokens=int(decode_slots.size), running=len(self.scheduler.running),
+                duration_s=t1 - t0, prefill_s=t_decode - t_prefill, decode_s=t_sample - t_decode + verify_s,
+                batch_size=int(slots.size) + len(drafts or ()), prefill_tokens=sum(c.length for c in sched.prefill),
+                decode_tokens=int(decode_slots.size) + sum(len(d) + 1 for d in (drafts or {}).values()),
+                running=len(self.scheduler.running),
                 waiting=len(self.scheduler.waiting),
                 kv_cache_usage=float(self.lengths.sum()) / self.runner.spec.tokens,
-                prefix_hit_tokens=pc.hit_tokens if pc else 0, prefix_queried_tokens=pc.queried_tokens if pc else 0))
+                prefix_hit_tokens=pc.hit_tokens if pc else 0, prefix_queried_tokens=pc.queried_tokens if pc else 0,
+                spec=self.spec.take_counts() if drafts else None))
         return out
+
+    def _emit(self, slots: np.ndarray, logits: np.ndarray, out: StepOutput, n_prefilled: int = 0) -> np.ndarray:
+        """Sample one token for each row (logits (n, V) of ``slots`` (n,)), add the rows to ``out`` and end the
+        rows that are done; the first ``n_prefilled`` rows are first tokens. Returns which rows ended (n,)."""
+        allowed, row_matchers = None, None
+        if self._grammar is not None and any(self.matchers):
+            row_matchers = [self.matchers[s] for s in slots.tolist()]
+            if any(m is not None for m in row_matchers):
+                allowed = self._masks[:slots.size]  # (n, V); rows without a grammar are neither written nor read
+                self._grammar.fill_masks(row_matchers, allowed)
+        res = self.sampler.sample(logits, slots, allowed)
+        tokens = res.token_ids
+        rids = [self.slot_rid[s] for s in slots]
+        out.add_rows(rids, tokens, res.logprobs, res.top_ids, res.top_logprobs)
+        self.last_token[slots] = tokens
+        self.generated[slots] += 1
+        if self.spec is not None:
+            self.spec.record(slots, tokens)
+        done = self.generated[slots] >= self.max_tokens[slots]
+        done |= self.lengths[slots] + 1 > self.max_len  # nowhere to feed the token back
+        stopped = self.stop_eos[slots] & (tokens[:, None] == self._eos).any(axis=1)  # (n,); np.isin costs ~15 us
+        for i in np.flatnonzero(self.extra_stops[slots]):
+            stopped[i] |= int(tokens[i]) in self.reqs[rids[i]].stop_ids
+        if allowed is not None:
+            for i, m in enumerate(row_matchers):
+                if m is not None and not stopped[i]:
+                    m.accept(int(tokens[i]))
+                    # the structure is complete: only end-of-text could follow, so end it now
+                    stopped[i] |= m.is_terminated()
+        for i in range(n_prefilled):
+            self._start(self.reqs[rids[i]], out)
+        ended = stopped | done
+        for i in np.flatnonzero(ended):
+            rid, slot, stop = rids[i], int(slots[i]), bool(stopped[i])
+            r = self.reqs.pop(rid)
+            tok = int(tokens[i])
+            reason = FinishReason.STOP if stop else FinishReason.LENGTH
+            out.finished[rid] = Finished(reason, r.seq.num_prompt, int(self.generated[slot]),
+                                         tok if stop and tok in r.stop_ids else None)
+            self.scheduler.finish(rid)
+            self._release_slot(slot)
+        return ended
 
     def _prefill(self, chunks: list[Any]) -> list[np.ndarray]:
         """Run the step's prompt chunks in as few runner calls as pay (prefill.plan_calls); logits (T, V) each."""
@@ -369,13 +391,3 @@ class EngineCore:
         r.prompt_top_ids.append(top_ids)
         r.prompt_top_lps.append(top_lps)
 
-
-def describe_cache(core: EngineCore) -> dict[str, Any]:
-    """The cache's bounds, for the start-up log and /v1/models."""
-    spec = core.runner.spec
-    return {"slots": spec.max_slots, "max_model_len": spec.max_len, "kv_cache_bytes": spec.nbytes,
-            "threads": core.runner.threads, "budget": core.budget.describe(),
-            "call_ms": core.costs.call_s * 1e3 if core.costs else None,
-            "token_ms": core.costs.token_s * 1e3 if core.costs else None,
-            "prefix_cache_bytes": core.prefix_cache.nbytes if core.prefix_cache else 0,
-            "prefix_cache_blocks": core.prefix_cache.num_blocks if core.prefix_cache else 0}

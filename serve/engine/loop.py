@@ -25,6 +25,7 @@ from typing import Any
 from nextoken.export.artifact import Artifact
 from nextoken.serve.config import ServeConfig
 from nextoken.serve.engine.core import EngineCore, EngineOptions, RequestRejected, StepStats
+from nextoken.serve.engine.spec import SpecOptions
 from nextoken.serve.engine.versions import ModelSet, VersionChange
 from nextoken.serve.wire import (
     AddRequest,
@@ -48,14 +49,22 @@ def describe_budget(core: EngineCore) -> str:
     if core.costs is not None:
         text += (f" (a call here: {core.costs.call_s * 1e3:.1f} ms + {core.costs.token_s * 1e3:.2f} ms a token, "
                  "measured at load)")
+    if core.spec is not None:
+        o = core.spec.o
+        text += (f"; speculative decoding: {o.method}, up to {o.num_speculative_tokens} draft tokens while at most "
+                 f"{o.disable_by_batch_size} request(s) run, a draft pays from "
+                 f"{core.spec.break_even:.3f} accepted tokens per draft token (measured at load)")
     return text
 
 
 def engine_options(config: ServeConfig) -> EngineOptions:
-    return EngineOptions(max_slots=config.max_batch_size, max_model_len=config.max_model_len,
-                         max_num_batched_tokens=config.max_num_batched_tokens,
-                         prefix_cache_bytes=config.prefix_cache_bytes, prefix_block_size=config.prefix_block_size,
-                         device=config.device, threads=config.threads)
+    c = config
+    spec = None if c.speculative == "none" else SpecOptions(
+        c.speculative, c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min,
+        c.speculative_disable_by_batch_size, c.draft_model or "")
+    return EngineOptions(max_slots=c.max_batch_size, max_model_len=c.max_model_len,
+                         max_num_batched_tokens=c.max_num_batched_tokens, prefix_cache_bytes=c.prefix_cache_bytes,
+                         prefix_block_size=c.prefix_block_size, device=c.device, threads=c.threads, spec=spec)
 
 
 class Sender:
@@ -146,10 +155,18 @@ class EngineLoop:
                                           prefill_s=s.prefill_s if s.prefill_tokens else None,
                                           decode_s=s.decode_s if s.decode_tokens else None,
                                           kv_cache_usage=s.kv_cache_usage, prefix_queried=queried, prefix_hits=hits)
+                if s.spec is not None:
+                    self.metrics.observe_spec(model_id, drafts=s.spec.drafts, draft_tokens=s.spec.draft_tokens,
+                                              accepted=s.spec.accepted, accepted_per_pos=s.spec.per_pos)
 
         core = EngineCore(artifact, engine_options(self.config), on_step)
         print(f"  engine: {model_id} loaded, {describe_budget(core)}", flush=True)
         return core
+
+    @property
+    def _spec_positions(self) -> int:
+        """Draft positions whose acceptance is counted (0: speculative decoding is off)."""
+        return 0 if self.config.speculative == "none" else self.config.num_speculative_tokens
 
     def _on_change(self, change: VersionChange) -> None:
         m, models = self.metrics, self.models
@@ -159,7 +176,7 @@ class EngineLoop:
                 if m is not None:
                     v = models.current
                     m.version_loaded(v.id, model_version=v.artifact.version, backend="onnxruntime",
-                                     provider=v.core.runner.provider)
+                                     provider=v.core.runner.provider, spec_positions=self._spec_positions)
                     if change.event == ModelEvent.SWITCHED:
                         m.reloaded(v.id)
             case ModelEvent.FREED if m is not None:

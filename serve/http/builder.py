@@ -54,6 +54,7 @@ class ChoiceState:
     logprobs: list[LogprobEntry] | None = None
     prompt_logprobs: list[LogprobEntry | None] | None = None  # None entry: a token with nothing before it
     finish_reason: str | None = None
+    drafted: list[bool] | None = None  # per token in token_ids: an accepted draft token (None: none was yet)
     completion_tokens: int = 0
     text_offset: int = 0  # streaming: characters sent so far (completions' text_offset)
     started: bool = False  # streaming: the first chunk (role, echo) is out
@@ -119,6 +120,13 @@ def answer(body: BaseModel, status: int = 200, headers: dict[str, str] | None = 
     """A JSON response of one response model, with the fields it was given."""
     return Response(body.model_dump_json(exclude_unset=True), status_code=status, headers=headers,
                     media_type="application/json")
+
+
+def _drafted(st: ChoiceState, last: int | None = None) -> dict:
+    """``accepted_draft`` for the choice's tokens (its ``last`` ones in a chunk), once it has had one."""
+    if st.drafted is None or last == 0:
+        return {}
+    return {"accepted_draft": st.drafted if last is None else st.drafted[-last:]}
 
 
 class ResponseBuilder:
@@ -193,7 +201,7 @@ class ResponseBuilder:
                      R.ChatDelta.model_construct())
             choice = R.ChatChunkChoice.model_construct(index=c.index, delta=delta, logprobs=chat_logprobs(logprobs)
                                                        if logprobs else None, finish_reason=finish_reason,
-                                                       token_ids=token_ids)
+                                                       token_ids=token_ids, **_drafted(st, len(token_ids)))
             return R.ChatCompletionChunk.model_construct(**self._head(), object="chat.completion.chunk",
                                                          choices=[choice], **extra_usage)
         lp = self._completion_logprobs(st, logprobs or [], first) if (logprobs or (first and self.echo)) else None
@@ -202,6 +210,7 @@ class ResponseBuilder:
         shown = (c.echo_text if first and self.echo else "") + text
         st.text_offset += len(shown)
         extra = {"prompt_token_ids": c.echo_ids} if first and self.echo else {}
+        extra.update(_drafted(st, len(token_ids)))
         choice = R.CompletionChoice.model_construct(index=c.index, text=shown, logprobs=lp,
                                                     finish_reason=finish_reason, token_ids=token_ids, **extra)
         return R.CompletionChunk.model_construct(**self._head(), object="text_completion", choices=[choice],
@@ -222,7 +231,7 @@ class ResponseBuilder:
                 index=st.choice.index, message=R.AssistantMessage.model_construct(role="assistant",
                                                                                   content="".join(st.text)),
                 logprobs=chat_logprobs(st.logprobs) if st.logprobs is not None else None,
-                finish_reason=st.finish_reason, token_ids=st.token_ids) for st in ordered]
+                finish_reason=st.finish_reason, token_ids=st.token_ids, **_drafted(st)) for st in ordered]
             return R.ChatCompletionResponse.model_construct(**self._head(), object="chat.completion", choices=choices,
                                                             usage=used)
         out = []
@@ -233,6 +242,7 @@ class ResponseBuilder:
                 if self.echo:
                     lp = _joined(self._echo_logprobs(st), lp)
             extra = {"prompt_token_ids": st.choice.echo_ids} if self.echo else {}
+            extra.update(_drafted(st))
             out.append(R.CompletionChoice.model_construct(
                 index=st.choice.index, text=(st.choice.echo_text if self.echo else "") + "".join(st.text),
                 logprobs=lp, finish_reason=st.finish_reason, token_ids=st.token_ids, **extra))

@@ -98,8 +98,12 @@ class ChoiceRun:
         st = self.state
         eos = self.model.eos_ids
         params = st.choice.params
+        if u.drafted is not None and st.drafted is None:
+            st.drafted = [False] * len(st.token_ids)
         for k, tok in enumerate(u.token_ids):
             st.token_ids.append(tok)
+            if st.drafted is not None:
+                st.drafted.append(u.drafted is not None and u.drafted[k])
             ev.token_ids.append(tok)
             self.times.append(u.times[k])
             st.completion_tokens += 1

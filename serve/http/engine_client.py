@@ -85,6 +85,7 @@ class Update:
     logprobs: list[float] | None = None
     top_ids: list[np.ndarray] | None = None  # per token: (N,) ids
     top_logprobs: list[np.ndarray] | None = None
+    drafted: list[bool] | None = None  # per token: an accepted draft token (None: none of them was)
     started: Started | None = None
     finished: Finished | None = None
     failed: RequestFailed | None = None
@@ -106,6 +107,10 @@ class RequestStream:
         u = self._pending
         u.token_ids.append(int(out.token_ids[i]))
         u.times.append(out.time)
+        if out.drafted is not None and u.drafted is None:
+            u.drafted = [False] * (len(u.token_ids) - 1)
+        if u.drafted is not None:
+            u.drafted.append(out.drafted is not None and bool(out.drafted[i]))
         if out.logprobs is not None and not np.isnan(out.logprobs[i]):  # NaN: a row that did not ask
             if u.logprobs is None:
                 u.logprobs = []

@@ -90,6 +90,11 @@ class _Generation(StructuredFields):
                                   "vocabulary size.")
     ignore_eos: StrictBool | None = Field(default=None, description="vLLM extension: keep generating after "
                                                                     "end-of-text (benchmarks).")
+    speculative: StrictBool | None = Field(
+        default=None, description="nextoken extension: false keeps this request out of the server's speculative "
+                                  "decoding (--speculative): it never drafts. The output is the same either way "
+                                  "(greedy and seeded: token for token; sampled: in distribution); only its speed "
+                                  "differs. Default true.")
     stream: StrictBool | None = Field(default=None, description="Answer with server-sent events, one chunk per "
                                                                 "step and choice, then `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream: true.")
@@ -191,7 +196,7 @@ class _Generation(StructuredFields):
             stop_token_ids=list(self.stop_token_ids or []), seed=seed, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
-            ignore_eos=bool(self.ignore_eos), structured=self.structured)
+            ignore_eos=bool(self.ignore_eos), structured=self.structured, speculative=self.speculative is not False)
 
 
 class CompletionRequest(_Generation, VllmCompletionRefused):

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from nextoken.serve.http.fields import _Closed
 
+ACCEPTED_DRAFT = ("nextoken extension, with --speculative: for each token in token_ids, whether it was a draft token "
+                  "the model accepted; present once the choice has had one.")
+
 
 class ErrorBody(_Closed):
     message: str
@@ -60,6 +63,7 @@ class CompletionChoice(_Closed):
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
     token_ids: list[int] = Field(description="The generated tokens (vLLM extension).")
+    accepted_draft: list[bool] | None = Field(default=None, description=ACCEPTED_DRAFT)
     prompt_token_ids: list[int] | None = Field(default=None, description="With echo: the prompt's tokens.")
 
 
@@ -100,6 +104,7 @@ class ChatChoice(_Closed):
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason
     token_ids: list[int]
+    accepted_draft: list[bool] | None = Field(default=None, description=ACCEPTED_DRAFT)
 
 
 class ChatCompletionResponse(_Closed):
@@ -123,6 +128,7 @@ class ChatChunkChoice(_Closed):
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
     token_ids: list[int]
+    accepted_draft: list[bool] | None = Field(default=None, description=ACCEPTED_DRAFT)
 
 
 class ChatCompletionChunk(_Closed):

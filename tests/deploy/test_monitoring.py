@@ -104,6 +104,8 @@ def test_dashboard_references_only_real_metrics(server_metric_names: set[str]) -
         "Prefill and decode time per request": "nextoken_request_decode_time_seconds_bucket",
         "Engine step time by phase": "nextoken_engine_step_phase_seconds_bucket",
         "Queue depth per replica": "nextoken_requests_waiting",
+        "Speculative decoding: acceptance": "nextoken_spec_decode_num_accepted_tokens_total",
+        "Speculative decoding: acceptance by draft position": "nextoken_spec_decode_num_accepted_tokens_per_pos_total",
     }
     for title, metric in wanted.items():
         assert metric in by_title[title], title

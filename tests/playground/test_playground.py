@@ -274,3 +274,25 @@ def test_a_refused_request_names_its_field(pg_server, open_page) -> None:
     status = page.inner_text("#gen-status")
     assert status.startswith("error 400: temperature") and "got 3" in status, status
     assert page.get_attribute("#temperature", "aria-invalid") is not None
+
+
+def test_accepted_draft_tokens_are_marked_in_the_chips(pg_artifact, open_page) -> None:
+    """On a server with --speculative ngram, a repetitive greedy prompt: the chips the page underlines as
+    accepted draft tokens are exactly those the API's accepted_draft marks for the same request, and
+    there are some (the model's greedy continuation repeats itself, which the lookup guesses)."""
+    from tests.conftest import ServerProcess
+
+    server = ServerProcess(pg_artifact, "--speculative", "ngram", "--prompt-lookup-min", "1", "--max-batch-size", "2")
+    try:
+        page, _ = open_page(server.url + "/")
+        page.fill("#prompt", "hello hello hello hello")
+        ui.set_controls(page, temperature=0, top_k=0, top_p=1, max_tokens=40, logprobs=1)
+        page.click("#generate")
+        ui.finish(page)
+        marked = page.locator("#output .chip").evaluate_all("els => els.map(e => e.classList.contains('drafted'))")
+        choice = _api_twin(server.url, page)
+        assert marked == choice["accepted_draft"] and sum(marked) > 0
+        assert "accepted draft token" in page.get_attribute(f'#output .chip[data-i="{marked.index(True)}"]',
+                                                            "aria-label")
+    finally:
+        server.stop()

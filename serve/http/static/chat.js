@@ -75,7 +75,8 @@ export async function sendChat() {
     onChoice: (choice) => {
       reply += choice.delta?.content ?? "";
       const entries = choice.logprobs?.content || [];
-      entries.forEach((e, k) => addChip(chips, "chat", chatToken(e, choice.token_ids?.[k], start)));
+      entries.forEach((e, k) => addChip(chips, "chat", { ...chatToken(e, choice.token_ids?.[k], start),
+                                                          drafted: choice.accepted_draft?.[k] }));
       keepInView(log);
     },
     onEnd: () => {

@@ -33,11 +33,12 @@ export function addChip(container, kind, tok) {
   lists[kind].tokens.push(tok);
   const p = Math.exp(tok.logprob);
   const chip = el("span", {
-    class: `chip${tok.text === EOT ? " eot" : ""}${p > 0.55 ? " strong" : ""}`,
+    class: `chip${tok.text === EOT ? " eot" : ""}${p > 0.55 ? " strong" : ""}${tok.drafted ? " drafted" : ""}`,
     role: "button",
     tabindex: i === 0 ? "0" : "-1",
     dataset: { i: String(i), p: String(p), token: tok.text },
-    "aria-label": `token ${i - (tok.start ?? 0) + 1}: ${quotedToken(tok.text)}, probability ${fmt(p, 3)}`,
+    "aria-label": `token ${i - (tok.start ?? 0) + 1}: ${quotedToken(tok.text)}, probability ${fmt(p, 3)}`
+      + (tok.drafted ? ", an accepted draft token (speculative decoding)" : ""),
   }, chipText(tok.text));
   chip.style.setProperty("--p", p.toFixed(4));
   container.append(chip);

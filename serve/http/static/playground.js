@@ -45,7 +45,8 @@ async function generate() {
       const lp = choice.logprobs;
       for (let i = 0; i < (lp?.tokens?.length ?? 0); i++) {
         const top = Object.entries(lp.top_logprobs?.[i] || {}).sort((a, b) => b[1] - a[1]);
-        addChip(out, "gen", { text: lp.tokens[i], logprob: lp.token_logprobs[i], top, id: choice.token_ids?.[i] });
+        addChip(out, "gen", { text: lp.tokens[i], logprob: lp.token_logprobs[i], top, id: choice.token_ids?.[i],
+                              drafted: choice.accepted_draft?.[i] });
       }
     },
   });

@@ -80,6 +80,8 @@ SHARED = {
     "logit_bias": H({"logit_bias": {"3": 5.0}}, "test_logit_bias_forces_and_bans_tokens",
                     {"logit_bias": {"3": 101}}, {"logit_bias": {"x": 1}}, {"logit_bias": {"99999": 1}}),
     "ignore_eos": H({"ignore_eos": True}, "test_ignore_eos_generates_past_end_of_text", {"ignore_eos": "yes"}),
+    "speculative": H({"speculative": False}, "test_speculative_false_keeps_a_request_from_drafting",
+                     {"speculative": "no"}),
     "stream": H({"stream": True}, "test_streamed_choices_carry_their_index_and_usage_sums_them", {"stream": "yes"}),
     "stream_options": H({"stream": True, "stream_options": {"include_usage": True}},
                         "test_streamed_choices_carry_their_index_and_usage_sums_them",

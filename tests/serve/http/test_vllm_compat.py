@@ -228,3 +228,65 @@ def test_cached_tokens_in_usage_agree_with_the_prefix_cache_metrics(server: Serv
     assert hits1 - hits0 == sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages) \
         + resp["input_tokens_details"]["cached_tokens"]
     assert queries1 - queries0 == sum(u["prompt_tokens"] for u in usages) + resp["input_tokens"]
+
+
+# --- speculative decoding ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spec_server(serve_artifact: Path) -> Iterator[ServerProcess]:
+    s = ServerProcess(serve_artifact, "--speculative", "ngram", "--prompt-lookup-min", "1", "--max-batch-size", "4",
+                      "--max-queue", "4")
+    yield s
+    s.stop()
+
+
+def test_speculative_false_keeps_a_request_from_drafting(server: ServerProcess, spec_server: ServerProcess,
+                                                         serve_artifact: Path) -> None:
+    """On a server with --speculative ngram, a repetitive greedy request gives the text the server without it
+    gives, and drafts: the nextoken_spec_decode_* counters grow by exactly what an engine core with the
+    server's options counts for that request in-process (acceptance by position summing to the accepted
+    tokens), and its accepted_draft marks that many tokens. With speculative: false the same request gives
+    the same text, no accepted_draft and no counter moves."""
+    from nextoken.export.artifact import load_artifact
+    from nextoken.serve.config import ServeConfig
+    from nextoken.serve.engine.core import EngineCore
+    from nextoken.serve.engine.loop import engine_options
+    from nextoken.serve.wire import AddRequest, SamplingParams
+
+    mid = model_id(spec_server)
+    names = ("drafts", "draft_tokens", "accepted_tokens")
+
+    def counts() -> list[float]:
+        per_pos = [metric(spec_server.url, "nextoken_spec_decode_num_accepted_tokens_per_pos_total", model=mid,
+                          position=str(p)) for p in range(4)]
+        return [metric(spec_server.url, f"nextoken_spec_decode_num_{n}_total", model=mid) for n in names] + per_pos
+
+    body = {"prompt": "hello hello hello hello", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    plain = post(server, body)["choices"][0]
+    before = counts()
+    opted_out = post(spec_server, {**body, "speculative": False})["choices"][0]
+    assert opted_out["text"] == plain["text"] and "accepted_draft" not in opted_out and "accepted_draft" not in plain
+    assert counts() == before
+    drafted = post(spec_server, body)["choices"][0]
+    assert drafted["text"] == plain["text"]
+    grown = [b - a for a, b in zip(before, counts(), strict=True)]
+    # accepted_draft marks each accepted draft token of the answer (the first token never is one)
+    assert len(drafted["accepted_draft"]) == len(drafted["token_ids"]) and not drafted["accepted_draft"][0]
+    assert sum(drafted["accepted_draft"]) == grown[2]
+    config = ServeConfig(artifact_dir=str(serve_artifact), speculative="ngram", prompt_lookup_min=1, max_batch_size=4)
+    core = EngineCore(load_artifact(serve_artifact), engine_options(config.validate()))
+    ids = tokenize(spec_server, body["prompt"])
+    core.add(AddRequest("r", ids, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), 0.0, core.model_id))
+    while core.has_work():
+        core.step()
+    t = core.spec.totals
+    assert grown == [t.drafts, t.draft_tokens, t.accepted, *t.per_pos] and t.accepted > 0
+    assert sum(grown[3:]) == grown[2]
+    # a stop string, logprobs and a stream: the same answer from both servers, drafts accepted meanwhile
+    body = {"prompt": "hello hello hello hello", "max_tokens": 60, "temperature": 0, "logprobs": 2, "stop": ["t t t t"]}
+    a, b = post(server, body)["choices"][0], post(spec_server, body)["choices"][0]
+    assert (a["text"], a["finish_reason"], a["logprobs"]["tokens"]) == (b["text"], b["finish_reason"],
+                                                                      b["logprobs"]["tokens"])
+    assert b["finish_reason"] == "stop" and counts()[2] > before[2] + grown[2]
+    assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=2e-5)
+    text = "".join(c["choices"][0]["text"] for c in stream(spec_server, body) if c.get("choices"))
+    assert text == a["text"]
