@@ -72,7 +72,7 @@ class ServeConfig:
                                          "model's tokenizer (`nextoken train --tokenizer-from ARTIFACT_DIR` makes one)",
                                    metavar="ARTIFACT")
     speculative_disable_by_batch_size: int = _opt(
-        1, "no request drafts while more than this many run (vLLM's disable_by_batch_size). ONNX Runtime verifies "
+        1, "no request drafts while more than this many run or wait (vLLM's disable_by_batch_size). ONNX Runtime verifies "
            "each drafting row in a call of its own (its attention batches multi-token rows only without a past), "
            "so at several streams n verification calls replace one batched decode call: raise it for a model "
            "whose calls cost little beside their tokens")
