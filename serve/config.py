@@ -73,10 +73,10 @@ class ServeConfig:
                                          "model's tokenizer (`nextoken train --tokenizer-from ARTIFACT_DIR` makes one)",
                                    metavar="ARTIFACT")
     speculative_disable_by_batch_size: int = _opt(
-        1, "no request drafts while more than this many run (vLLM's disable_by_batch_size). ONNX Runtime verifies "
-           "each drafting row in a call of its own (its attention batches multi-token rows only without a past), "
-           "so at several streams n verification calls replace one batched decode call: raise it for a model "
-           "whose calls cost little beside their tokens")
+        1, "no request drafts while more than this many run or wait (vLLM's disable_by_batch_size). ONNX Runtime "
+           "verifies each drafting row in a call of its own (its attention batches multi-token rows only without "
+           "a past), so at several streams n verification calls replace one batched decode call: raise it for a "
+           "model whose calls cost little beside their tokens")
     # lifecycle
     drain_timeout: float = _opt(30.0, "seconds in-flight requests may take to finish after SIGTERM/SIGINT")
     reload_poll_s: float = _opt(1.0, "how often the engine looks for a new model version")

@@ -194,8 +194,8 @@ class Speculator:
     def propose(self, core: Any, decoding: list[Any]) -> dict[int, np.ndarray]:
         """Drafts for this step's decoding rows: slot -> (m,) token ids, for the rows that have one."""
         o = self.o
-        if len(core.scheduler.running) > o.disable_by_batch_size:
-            return {}
+        if len(core.scheduler.running) + len(core.scheduler.waiting) > o.disable_by_batch_size:
+            return {}  # a batch (or a queue) keeps the machine busy without drafts
         out: dict[int, np.ndarray] = {}
         rows: dict[int, tuple[np.ndarray, int]] = {}  # for a draft model: slot -> (its tokens, draft length)
         for seq in decoding:
