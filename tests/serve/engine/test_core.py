@@ -50,18 +50,6 @@ def drain(core: EngineCore, limit: int = 10_000, each_step=None) -> dict[str, di
     return out
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_artifact: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
-
-
-@pytest.fixture(scope="module")
-def model(tiny_run: Path):
-    from nextoken.train.run import load_run
-
-    return load_run(tiny_run).model
-
-
 def prompt(tok: Tokenizer, text: str) -> list[int]:
     return [tok.token_to_id("<|endoftext|>")] + tok.encode(text, add_special_tokens=False).ids
 

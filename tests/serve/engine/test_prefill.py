@@ -8,24 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
 
 from nextoken.export.artifact import load_artifact
 from nextoken.export.runtime import Runner, default_threads, physical_cores
 from nextoken.serve.engine.prefill import MIN_CHUNK, Budget, Costs, plan_calls
 from tests.serve.engine.test_core import add, drain, greedy_ref, make_core, prompt
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_artifact: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
-
-
-@pytest.fixture(scope="module")
-def model(tiny_run: Path):
-    from nextoken.train.run import load_run
-
-    return load_run(tiny_run).model
 
 
 def test_one_call_for_many_first_chunks_equals_one_call_each(tiny_artifact: Path) -> None:
