@@ -27,6 +27,7 @@ from nextoken.serve.config import ServeConfig
 from nextoken.serve.engine.core import EngineCore, EngineOptions, RequestRejected, StepStats
 from nextoken.serve.engine.spec import SpecOptions
 from nextoken.serve.engine.versions import ModelSet, VersionChange
+from nextoken.serve.memory import freeze_startup_heap
 from nextoken.serve.wire import (
     AddRequest,
     CancelRequest,
@@ -141,6 +142,7 @@ class EngineLoop:
             self.metrics = None  # in-process use without a metrics directory
         self.models = ModelSet(self.config.artifact_dir, self._make_core, self._on_change)
         self.models.load_initial(self.verified)
+        freeze_startup_heap()
 
     def _make_core(self, artifact: Artifact) -> EngineCore:
         model_id = artifact.model_id

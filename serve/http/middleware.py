@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nextoken.serve.http.errors import error_body
 from nextoken.serve.http.request_log import install_request_log
+from nextoken.serve.memory import freeze_startup_heap
 
 if TYPE_CHECKING:
     from nextoken.serve.http.frontend import Frontend
@@ -115,6 +116,7 @@ class StartEngineClient:
         if scope["type"] == "lifespan" and mp.parent_process() is not None:
             self.frontend.client.start(asyncio.get_running_loop())
             install_request_log(self.frontend.config.log_level)
+            freeze_startup_heap()
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return

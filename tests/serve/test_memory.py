@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,30 @@ def test_start_up_lines_show_memory_threads_and_budget(serve_artifact: Path) -> 
     assert "KV cache 1.0 MiB (4 slots x " in out and "prefix cache 64.0 MiB" in out and "(fp32 weights)" in out
     assert "1 ONNX Runtime threads (--threads)" in out
     assert "prompt tokens per step: 2 x decoding rows + " in out and "measured at load" in out
+
+
+def test_freezing_the_startup_heap_spares_it_from_collections_but_still_collects_later_garbage() -> None:
+    # In a child process: freezing is for the rest of a process's life.
+    code = textwrap.dedent("""
+        import gc, weakref
+        from nextoken.serve.memory import freeze_startup_heap
+
+        startup = [[i] for i in range(20_000)]  # what start-up builds and keeps
+        frozen = freeze_startup_heap()
+        assert frozen >= 20_000, frozen
+        assert not any(o is startup for o in gc.get_objects()), "frozen objects are out of the collector's walk"
+
+        class Node:
+            pass
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle made after start-up: only the collector frees it
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None, "garbage made after the freeze is still collected"
+        print("ok", frozen)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok ")
