@@ -66,10 +66,10 @@ def main() -> int:
             for t in (threads if r % 2 == 0 else threads[::-1]):
                 server = NextokenServer(art, "--max-batch-size", str(max(32, *streams)), "--threads", str(t))
                 try:
-                    asyncio.run(run_level(server.url, body, 4, 1))  # warm-up
+                    asyncio.run(run_level(server.url, lambda: body, 4, 1))  # warm-up
                     for c in streams:
                         before = cpu_seconds(server.proc.pid) if c == max(streams) else None
-                        lv = asyncio.run(run_level(server.url, body, c, args.requests))
+                        lv = asyncio.run(run_level(server.url, lambda: body, c, args.requests))
                         if before is not None:
                             after = cpu_seconds(server.proc.pid)
                             wall = sum(rec.tokens for rec in lv.records if rec.error is None) / max(lv.tok_s, 1e-9)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,11 +251,12 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Record:
     return Record(times[0] if times else 0.0, times, tokens)
 
 
-async def run_level(url: str, body: dict, streams: int, requests_per_stream: int) -> Level:
+async def run_level(url: str, body: Callable[[], dict], streams: int, requests_per_stream: int) -> Level:
+    """``streams`` concurrent streams of ``requests_per_stream`` requests each, every one ``body()``."""
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
         async def worker() -> list[Record]:
-            return [await stream_one(client, url, body) for _ in range(requests_per_stream)]
+            return [await stream_one(client, url, body()) for _ in range(requests_per_stream)]
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*[worker() for _ in range(streams)])
@@ -340,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-threads", type=int, default=2)
     ap.add_argument("--nextoken-flags", default="", help="extra `nextoken serve` flags, space-separated")
     ap.add_argument("--check-only", action="store_true", help="greedy parity only, no throughput runs")
+    ap.add_argument("--prompts", choices=("distinct", "shared"), default="distinct",
+                    help="distinct: every request's prompt starts with its own number, so neither server reuses a "
+                         "cached prompt and TTFT includes the prefill; shared: one prompt for all (llama-server "
+                         "reuses its slot's cached prompt, nextoken's prefix cache needs a whole 16-token block)")
     args = ap.parse_args(argv)
     try:
         binary = find_binary(args.llama_server)
@@ -385,8 +392,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_only:
             return 0 if same or args.quant != "none" else 1
         common = {"max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-        bodies = {"nextoken": {**common, "prompt": PROMPT, "stream_options": {"include_usage": True}},
-                  "llama": {**common, "prompt": prompt_ids, "stream_options": {"include_usage": True}}}
+        numbers = itertools.count()
+
+        def text(n: int | None) -> str:  # "distinct": a request number first, so no prompt is a cached prefix
+            return PROMPT if n is None else f"{n}: {PROMPT}"
+
+        def body_for(server: str) -> Callable[[], dict]:
+            def body() -> dict:
+                n = next(numbers) if args.prompts == "distinct" else None
+                prompt = text(n) if server == "nextoken" else [*([prefix] if prefix is not None else []),
+                                                                 *tok.encode(text(n)).ids]
+                return {**common, "prompt": prompt, "stream_options": {"include_usage": True}}
+            return body
+
+        bodies = {"nextoken": body_for("nextoken"), "llama": body_for("llama")}
         urls = {"nextoken": nt.url, "llama": peer.url}
         for name in urls:  # warm-up: first requests pay for allocation and caches
             asyncio.run(run_level(urls[name], bodies[name], min(4, max_streams), 1))
@@ -403,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                           + (f"  failed {lv.failed}" if lv.failed else ""), file=sys.stderr)
         up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         kind = QUANT_PAIRS[args.quant]
-        intro = (f"{args.new_tokens} tokens per request, ignore_eos, temperature 0, {args.requests} request(s) per "
+        intro = (f"{args.new_tokens} tokens per request, ignore_eos, temperature 0, {args.prompts} prompts, "
+                 f"{args.requests} request(s) per "
                  f"stream, {args.runs} interleaved run(s); median (range). nextoken --quantize {args.quant} against "
                  f"llama-server {kind} ({' '.join(peer.cmd[3:])}); greedy parity over HTTP: "
                  f"{'identical' if same else 'different (reported; quantised pairs round differently)'}.")
