@@ -173,6 +173,9 @@ class Runner:
         # one of the persistent arrays above, so a step only writes inputs and runs (binding through
         # ORT's Python API cost ~0.1 ms a call at 17 tensors).
         self._decode_bindings: dict[int, ort.IOBinding] = {}
+        # One-slot prefill bindings (a later prompt chunk, a verification row, a draft model's call), one per
+        # slot with its cache bound once: a call rebinds only its five small arrays (~0.1 ms less a call).
+        self._slot_bindings: dict[int, ort.IOBinding] = {}
 
     # --- binding -------------------------------------------------------------------------------
     def _bind_cache(self, binding: ort.IOBinding, lo: int, hi: int) -> None:
@@ -185,14 +188,16 @@ class Runner:
             binding.bind_output(present, where, 0, self.kv_dtype, shape, base + offset)
 
     def _binding(self, lo: int, hi: int, ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray, total: np.ndarray,
-                 logits_out: np.ndarray) -> ort.IOBinding:
-        """Bind every input and output by pointer: the binding reads whatever those arrays hold at run time."""
-        binding = self.session.io_binding()
+                 logits_out: np.ndarray, binding: ort.IOBinding | None = None) -> ort.IOBinding:
+        """Bind every input and output by pointer: the binding reads whatever those arrays hold at run time.
+        Given ``binding`` (its cache rows [lo, hi) already bound), only the inputs and the logits are rebound."""
+        if binding is None:
+            binding = self.session.io_binding()
+            self._bind_cache(binding, lo, hi)
         for name, arr in (("input_ids", ids), ("position_ids", pos), ("seqlens_k", seqlens),
                           ("total_sequence_length", total)):
             assert arr.flags.c_contiguous, name
             binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        self._bind_cache(binding, lo, hi)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits_out.shape), logits_out.ctypes.data)
         return binding
 
@@ -210,7 +215,11 @@ class Runner:
         seqlens = np.array([start + T - 1], dtype=np.int32)  # (1,)
         total = np.array(start + T, dtype=np.int32)  # ()
         logits = np.empty((1, T, self.vocab_size), dtype=np.float32)  # (1, T, V)
-        self.session.run_with_iobinding(self._binding(slot, slot + 1, ids, pos, seqlens, total, logits))
+        held = self._slot_bindings.get(slot)
+        binding = self._binding(slot, slot + 1, ids, pos, seqlens, total, logits, held)
+        if held is None:
+            self._slot_bindings[slot] = binding
+        self.session.run_with_iobinding(binding)
         return logits[0]  # (T, V)
 
     def prefill_first(self, slots: list[int], chunks: list[list[int]], lengths: np.ndarray) -> np.ndarray:
