@@ -30,12 +30,14 @@ Numbers: ONNX Runtime's multi-token row and its one-token decode differ by float
 the logits on the test models), so logprobs agree to that and a greedy argmax could differ only on a
 tie that close.
 
-When it pays: a request stops drafting for ``REPROBE_TOKENS`` tokens once its accepted tokens fall
-below the break-even of the calls timed at start-up (``break_even``: what m more tokens in the
-target's row, and m draft-model calls, cost against a decode step) plus the verification's own
-Python work (timed as it runs), and no row drafts while more
-than ``disable_by_batch_size`` requests run (each drafting row is a runner call of its own; ONNX
-Runtime's attention batches multi-token rows only without a past).
+When it pays: a draft model's draft length follows each request's acceptance (from half of
+``num_speculative_tokens``, +2 after a draft accepted whole, -1 otherwise, down to 1), so a draft that
+disagrees costs one draft call a step while it is judged. A request stops drafting for
+``REPROBE_TOKENS`` tokens once its accepted tokens fall below the break-even of the calls timed at
+start-up (``break_even``: what m more tokens in the target's row, and m draft-model calls, cost
+against a decode step) plus the verification's own Python work (timed as it runs), and no row drafts
+while more than ``disable_by_batch_size`` requests run (each drafting row is a runner call of its
+own; ONNX Runtime's attention batches multi-token rows only without a past).
 
 This module knows nothing about HTTP, text or tokenizers.
 """
@@ -163,6 +165,9 @@ class Speculator:
         self.drafts = np.zeros(S, dtype=np.int64)  # since it was last judged: drafts, accepted tokens,
         self.accepted = np.zeros(S, dtype=np.int64)
         self.owed = np.zeros(S)  # and the accepted tokens those drafts had to yield to pay
+        # a draft model's draft length per slot: each of its tokens is a draft-model call, so it follows
+        # acceptance (+2 after a draft accepted whole, -1 otherwise: transformers' assisted generation's heuristic)
+        self.length = np.zeros(S, dtype=np.int64)
         # accepted tokens a draft token must yield to pay for the calls, and a decode step's seconds
         self.break_even, self.step_s = break_even(core.runner, options.num_speculative_tokens,
                                                   self.draft.runner if self.draft is not None else None)
@@ -178,6 +183,7 @@ class Speculator:
         self.wanted[slot] = wanted
         self.resume_at[slot] = self.drafts[slot] = self.accepted[slot] = 0
         self.owed[slot] = 0.0
+        self.length[slot] = max(1, self.o.num_speculative_tokens // 2)
         if self.draft is not None:
             self.draft.bind(slot)
 
@@ -207,7 +213,7 @@ class Speculator:
                        int(core.max_tokens[s] - core.generated[s]) - 1)
             tokens = self.tokens[s, :self.count[s]]
             if self.draft is not None:
-                room = min(room, self.draft.room(tokens.size))
+                room = min(room, self.draft.room(tokens.size), int(self.length[s]))
                 if room >= 1:
                     rows[s] = (tokens, room)
             elif room >= 1:
@@ -247,6 +253,8 @@ class Speculator:
                 self._judge(core, s, d.size, accepted[s])
                 if self.draft is not None:
                     self.draft.keep(s, accepted[s])
+                    k = self.o.num_speculative_tokens
+                    self.length[s] = min(k, self.length[s] + 2) if accepted[s] == d.size else max(1, self.length[s] - 1)
         self._step.add(c)
         self.totals.add(c)
         spent = (time.perf_counter() - t0 - run_s) / len(drafts)
