@@ -241,13 +241,19 @@ class Frontend:
 
     async def _handle(self, request: Request, endpoint: str) -> Response:
         arrival = time.time()
-        admitted = 0
         try:
             raw = await read_body(request, self.config.max_body_bytes)
             if self.state.draining.is_set() or self.state.engine_failed.is_set():
                 raise admission.unavailable()
-            if self.state.inflight.value >= self.state.max_inflight:
+            if not self.state.try_admit(1):
                 raise self._overloaded()  # full: refused before the body is parsed or the prompt tokenized
+        except RequestError as e:
+            return self.error(e, endpoint)
+        admitted = 1  # places held: one from here, then one per choice the engine runs
+        try:
+            # A place is taken before parsing, then the event loop is let go once: the refusals of a burst that
+            # arrived with this request are answered (AdmissionMiddleware) before its parsing and tokenizing.
+            await asyncio.sleep(0)
             req, make_builder = parse_request(endpoint, parse_json(raw))
             model = self.model()
             check_model(req.model, model)
@@ -256,11 +262,18 @@ class Frontend:
             if len(choices) > self.state.max_inflight:  # could never be admitted: a 400, not a 429 to retry forever
                 raise RequestError(f"this request asks for {len(choices)} choices (prompts x n); this server runs or "
                                    f"queues at most {self.state.max_inflight} requests at once", param="n")
-            if running and not self.state.try_admit(len(running)):
+            more = len(running) - admitted
+            if more > 0 and not self.state.try_admit(more):
                 raise self._overloaded()
+            if more < 0:
+                self.state.release(-more)
             admitted = len(running)
         except RequestError as e:
+            self.state.release(admitted)
             return self.error(e, endpoint)
+        except BaseException:
+            self.state.release(admitted)
+            raise
 
         builder = make_builder(model)
         self.client.start()

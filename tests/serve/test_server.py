@@ -306,6 +306,19 @@ def test_overload_gets_429_with_retry_after_at_once(narrow: ServerProcess) -> No
     assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded" for r in answers)
 
 
+def test_requests_refused_or_answered_without_the_engine_give_their_place_back(narrow: ServerProcess) -> None:
+    """A place is taken as soon as a body is read (before parsing, so the refusals of a burst go first); every
+    request that ends before the engine gives it back. With one place in all, a leak would make the last 429."""
+    bodies: list[dict | bytes] = [{"prompt": "x", "temperature": -1}, {"prompt": "x", "n": 2}, {"prompt": 5.5},
+                                  {"prompt": "x", "max_tokens": 0, "echo": True}, b"{not json"]
+    for body in bodies * 3:
+        r = (httpx.post(narrow.url + "/v1/completions", content=body, timeout=60,
+                        headers={"content-type": "application/json"}) if isinstance(body, bytes)
+             else post(narrow.url, body))
+        assert r.status_code in (200, 400), r.text
+    assert post(narrow.url, {"prompt": "the", "max_tokens": 3}).status_code == 200
+
+
 def test_admission_counts_every_choice_as_one_engine_request(serve_artifact) -> None:
     """Capacity 2 (one running, one queued): with one stream held, n = 1 is admitted beside it and n = 2 is
     refused at once (429, Retry-After); once the stream is done, n = 2 is served.
