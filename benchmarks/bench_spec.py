@@ -204,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         held_out = corpus[int(len(corpus) * 0.9):]
         starts = [i + 1 for i, ch in enumerate(held_out[:-400]) if ch == "\n" and held_out[i - 1] == "\n"]
         picks = starts[::max(1, len(starts) // args.prompts)][:args.prompts]
-        every["text"] = ([{"prompt": held_out[i:i + 200], "max_tokens": args.tokens, "temperature": 0,
-                           "ignore_eos": True} for i in picks], 1)
+        prompts = [held_out[i:i + 200] for i in picks]
+        for j, text in enumerate(prompts):
+            while len(tokenize(text)) > ctx - args.tokens - 8:  # drop from the start: the context must hold it all
+                text = text[10:]
+            prompts[j] = text
+        every["text"] = ([{"prompt": text, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": True}
+                          for text in prompts], 1)
     cases = {c: every[c] for c in args.cases.split(",")}
     servers = servers_for(args, art)
     names = list(servers)
