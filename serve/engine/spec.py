@@ -33,11 +33,14 @@ tie that close.
 When it pays: a draft model's draft length follows each request's acceptance (from half of
 ``num_speculative_tokens``, +2 after a draft accepted whole, -1 otherwise, down to 1), so a draft that
 disagrees costs one draft call a step while it is judged. A request stops drafting for
-``REPROBE_TOKENS`` tokens once its accepted tokens fall below the break-even of the calls timed at
-start-up (``break_even``: what m more tokens in the target's row, and m draft-model calls, cost
-against a decode step) plus the verification's own Python work (timed as it runs), and no row drafts
-while more than ``disable_by_batch_size`` requests run (each drafting row is a runner call of its
-own; ONNX Runtime's attention batches multi-token rows only without a past).
+``REPROBE_TOKENS`` tokens once its accepted tokens fall below what its drafts cost, in decode steps:
+the m more tokens of the target's row (``break_even``, timed at start-up), the verification's own
+Python work and, with a draft model, its whole proposal (both timed as they run: the draft's Python
+costs more than its calls on small models). A draft model's worth belongs to the pair more than to
+the request, so its failed judgement also pauses it for every request, for 64 tokens generated and
+twice as long after each failure in a row (up to 8192). No row drafts while more than ``disable_by_batch_size``
+requests run (each drafting row is a runner call of its own; ONNX Runtime's attention batches
+multi-token rows only without a past).
 
 This module knows nothing about HTTP, text or tokenizers.
 """
@@ -54,6 +57,7 @@ from nextoken.serve.engine.prefill import STEP_OVERHEAD_S
 
 JUDGE_AFTER = 8  # drafts a request makes before its acceptance is judged
 REPROBE_TOKENS = 64  # tokens a request generates without drafting once judged not worth it, then tries again
+MAX_BACKOFF_TOKENS = 8192  # a draft model judged not worth it again and again waits at most this long
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,11 @@ def _fastest(call: Any, repeats: int = 3) -> float:
     return min(times)
 
 
-def break_even(runner: Any, k: int, draft: Any = None) -> tuple[float, float]:
+def break_even(runner: Any, k: int, draft: Any = None) -> tuple[float, float, float]:
     """Accepted tokens per draft token a draft must yield to pay for its calls, and a decode step's seconds,
     from calls timed in slot 0 (free at start-up) past a short history: what a (k + 1)-token row costs over
-    a one-token decode call, plus a draft model's own decode call per draft token (``draft``: its Runner),
-    over a decode step."""
+    a one-token decode call, and a draft model's own decode call per draft token (``draft``: its Runner),
+    each over a decode step. Returns (the row's share, the draft call's share, the step's seconds)."""
     k = max(1, min(k, (runner.spec.max_len - 2) // 2))
     lengths = np.zeros(runner.spec.max_slots, dtype=np.int64)
     runner.prefill(0, [0] * (k + 1), 0)
@@ -135,10 +139,11 @@ def break_even(runner: Any, k: int, draft: Any = None) -> tuple[float, float]:
     one = _fastest(lambda: runner.decode(zero, zero, lengths[:1].copy(), lengths))
     row = _fastest(lambda: runner.prefill(0, [0] * (k + 1), k + 1))
     per_token = max(row - one, 0.0) / k
+    drafting = 0.0
     if draft is not None:
-        per_token += _fastest(lambda: draft.decode(zero, zero, zero + 1, np.zeros(draft.spec.max_slots, np.int64)))
+        drafting = _fastest(lambda: draft.decode(zero, zero, zero + 1, np.zeros(draft.spec.max_slots, np.int64)))
     step = one + STEP_OVERHEAD_S
-    return per_token / step, step
+    return per_token / step, drafting / step, step
 
 
 class Speculator:
@@ -169,9 +174,17 @@ class Speculator:
         # acceptance (+2 after a draft accepted whole, -1 otherwise: transformers' assisted generation's heuristic)
         self.length = np.zeros(S, dtype=np.int64)
         # accepted tokens a draft token must yield to pay for the calls, and a decode step's seconds
-        self.break_even, self.step_s = break_even(core.runner, options.num_speculative_tokens,
-                                                  self.draft.runner if self.draft is not None else None)
+        self.row_share, draft_share, self.step_s = break_even(
+            core.runner, options.num_speculative_tokens, self.draft.runner if self.draft is not None else None)
+        self.break_even = self.row_share + draft_share  # shown at start-up; judged with the draft's measured time
         self.python_s = 0.0  # verification's own work per draft beside the runner (a running mean)
+        self.drafting_s = 0.0  # a draft model's whole proposal per row: its calls and its Python (a running mean)
+        self._proposed = 0  # proposals timed
+        # A draft model's worth is mostly the pair's (draft and target), not the request's: each failed judgement
+        # also stops it for every request for ``backoff`` tokens generated, doubling while it keeps failing.
+        self.emitted = 0  # tokens emitted since start-up, every request
+        self.draft_resume_at = 0  # no draft-model proposal before ``emitted`` reaches this
+        self.backoff = REPROBE_TOKENS
         self.totals = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since start-up
         self._step = SpecCounts(per_pos=[0] * options.num_speculative_tokens)  # since take_counts()
 
@@ -191,6 +204,7 @@ class Speculator:
         """Tokens the rows of ``slots`` just emitted (each row one)."""
         self.tokens[slots, self.count[slots]] = tokens
         self.count[slots] += 1
+        self.emitted += slots.size
 
     def take_counts(self) -> SpecCounts:
         c, self._step = self._step, SpecCounts(per_pos=[0] * self.o.num_speculative_tokens)
@@ -202,6 +216,8 @@ class Speculator:
         o = self.o
         if len(core.scheduler.running) + len(core.scheduler.waiting) > o.disable_by_batch_size:
             return {}  # a batch (or a queue) keeps the machine busy without drafts
+        if self.draft is not None and self.emitted < self.draft_resume_at:
+            return {}  # the draft model did not pay lately, for any request
         out: dict[int, np.ndarray] = {}
         rows: dict[int, tuple[np.ndarray, int]] = {}  # for a draft model: slot -> (its tokens, draft length)
         for seq in decoding:
@@ -220,7 +236,14 @@ class Speculator:
                 d = ngram_draft(tokens, o.prompt_lookup_max, o.prompt_lookup_min, room)
                 if d.size:
                     out[s] = d.copy()
-        return self.draft.propose(rows) if rows else out
+        if not rows:
+            return out
+        t0 = time.perf_counter()
+        out = self.draft.propose(rows)
+        spent = (time.perf_counter() - t0) / len(rows)
+        self.drafting_s += 0.1 * (spent - self.drafting_s) if self._proposed else spent
+        self._proposed += 1
+        return out
 
     def verify(self, core: Any, drafts: dict[int, np.ndarray], out: Any) -> float:
         """Score every draft in one runner call each, emit what the target accepts; returns the runner's seconds."""
@@ -264,9 +287,17 @@ class Speculator:
     def _judge(self, core: Any, slot: int, m: int, accepted: int) -> None:
         self.drafts[slot] += 1
         self.accepted[slot] += accepted
-        self.owed[slot] += m * self.break_even + self.python_s / self.step_s
+        if self.draft is None:
+            self.owed[slot] += m * self.break_even + self.python_s / self.step_s
+        else:  # the draft model's time as measured, not its call timed at start-up (its Python is most of it)
+            self.owed[slot] += m * self.row_share + (self.python_s + self.drafting_s) / self.step_s
         if self.drafts[slot] >= JUDGE_AFTER:
             if self.accepted[slot] < self.owed[slot]:
                 self.resume_at[slot] = core.generated[slot] + REPROBE_TOKENS
+                if self.draft is not None:
+                    self.draft_resume_at = self.emitted + self.backoff
+                    self.backoff = min(2 * self.backoff, MAX_BACKOFF_TOKENS)
+            elif self.draft is not None:
+                self.backoff = REPROBE_TOKENS
             self.drafts[slot] = self.accepted[slot] = 0
             self.owed[slot] = 0.0

@@ -284,6 +284,30 @@ def test_a_draft_model_gives_the_same_tokens(serve_artifact: Path, tiny_artifact
     assert core.spec.totals.accepted >= 0.95 * core.spec.totals.draft_tokens > 0
 
 
+def test_a_draft_model_that_does_not_pay_pauses_for_every_request_and_longer_each_time(
+        serve_artifact: Path, tok: Tokenizer) -> None:
+    """With a break-even no draft can reach (the target as its own draft, each of its tokens owing more than
+    one), each failed judgement pauses the draft model for every request, REPROBE_TOKENS tokens generated
+    the first time and twice as long each time after; no step drafts while it is paused."""
+    from nextoken.serve.engine.spec import REPROBE_TOKENS
+
+    core = make_core(serve_artifact, max_slots=1, spec=draft_options(serve_artifact))
+    sp = core.spec
+    sp.row_share = 1.5  # each draft token must be accepted one and a half times: never
+    pauses = []  # (paused from, until) per failed judgement
+    for rid, n in (("a", 60), ("b", 400)):  # a is judged once; b starts paused, then is judged again and again
+        add(core, prompt(tok, "the cat sat on the mat"), rid, temperature=0, max_tokens=n, ignore_eos=True)
+        while core.has_work():
+            emitted, paused_until, drafts = sp.emitted, sp.draft_resume_at, sp.totals.drafts
+            core.step()
+            if emitted < paused_until:
+                assert sp.totals.drafts == drafts, "a step drafted while the draft model was paused"
+            if sp.draft_resume_at != paused_until:
+                pauses.append((sp.emitted, sp.draft_resume_at))
+    assert sp.totals.drafts >= 3 * JUDGE_AFTER and len(pauses) >= 3
+    assert [until - at for at, until in pauses[:3]] == [REPROBE_TOKENS, 2 * REPROBE_TOKENS, 4 * REPROBE_TOKENS]
+
+
 def test_a_draft_with_another_tokenizer_is_refused_naming_the_flag(serve_artifact: Path,
                                                                   tiny_bpe_artifact: Path) -> None:
     """In the engine (a hot-reloaded target) and at start-up (`nextoken serve` exits naming --draft-model)."""
