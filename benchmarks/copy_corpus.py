@@ -3,12 +3,15 @@
 Every function and method of the standard library's source, at most ``--max-chars`` long, becomes one
 JSON-lines document: the function, a blank line, and the function again. A model trained on it learns
 to go on with a passage it has seen earlier in its context (the shape of ``bench_spec.py``'s extractive
-prompts) in minutes on a CPU, where induction from plain source takes far more tokens than a laptop trains
-in that time. The modules ``bench_spec.py`` quotes (textwrap, shutil, json, argparse) are left out, so
+prompts) in minutes on a CPU. The modules ``bench_spec.py`` quotes (textwrap, shutil, json, argparse) are left out, so
 the benchmark's passages are copied from the prompt, not recalled from training.
 
     python benchmarks/copy_corpus.py OUT.jsonl [--max-chars 900]
-    nextoken train --data OUT.jsonl --preset quickstart --block-size 512 --max-time 900 --out-dir runs/copy
+    nextoken train --data OUT.jsonl --preset quickstart --arch llama --mlp-act swiglu --no-qk-norm \
+        --logit-softcap 0 --block-size 512 --max-corpus-chars 0 --max-time 1500 --out-dir runs/copy
+
+(the llama family, so that ``--format gguf`` gives llama-server the same weights; 25 minutes on 2 cores gave
+a model that reproduces 30% of a quoted function exactly and whose n-gram drafts are accepted 91% of the time).
 """
 
 from __future__ import annotations
