@@ -8,6 +8,8 @@ are greedy (the draft's argmax), so each is a point mass and spec.py's acceptanc
 any sampling settings. The draft's own writes past the true tokens are kept where the target accepted
 them (``keep``) and overwritten otherwise.
 
+The draft's ONNX Runtime session runs on one thread (spec.py says why).
+
 A draft must tokenize exactly as the target does: ``check_draft`` compares the tokenizers' vocabularies,
 added (special) tokens, end-of-text ids and the models' vocabulary sizes, and refuses naming
 ``--draft-model``.
