@@ -54,7 +54,8 @@ def describe_budget(core: EngineCore) -> str:
         o = core.spec.o
         text += (f"; speculative decoding: {o.method}, up to {o.num_speculative_tokens} draft tokens while at most "
                  f"{o.disable_by_batch_size} request(s) run, a draft pays from "
-                 f"{core.spec.break_even:.3f} accepted tokens per draft token (measured at load)")
+                 f"{core.spec.break_even:.3f} accepted tokens per draft token (measured at load)"
+                 + (", plus the draft model's own time (measured as it runs)" if o.method == "draft" else ""))
     return text
 
 

@@ -126,11 +126,10 @@ def _fastest(call: Any, repeats: int = 3) -> float:
     return min(times)
 
 
-def break_even(runner: Any, k: int, draft: Any = None) -> tuple[float, float, float]:
-    """Accepted tokens per draft token a draft must yield to pay for its calls, and a decode step's seconds,
-    from calls timed in slot 0 (free at start-up) past a short history: what a (k + 1)-token row costs over
-    a one-token decode call, and a draft model's own decode call per draft token (``draft``: its Runner),
-    each over a decode step. Returns (the row's share, the draft call's share, the step's seconds)."""
+def break_even(runner: Any, k: int) -> tuple[float, float]:
+    """Accepted tokens per draft token a draft must yield to pay for the target's longer row, and a decode
+    step's seconds, from calls timed in slot 0 (free at start-up) past a short history: what a (k + 1)-token
+    row costs over a one-token decode call, per draft token, over a decode step."""
     k = max(1, min(k, (runner.spec.max_len - 2) // 2))
     lengths = np.zeros(runner.spec.max_slots, dtype=np.int64)
     runner.prefill(0, [0] * (k + 1), 0)
@@ -139,11 +138,12 @@ def break_even(runner: Any, k: int, draft: Any = None) -> tuple[float, float, fl
     one = _fastest(lambda: runner.decode(zero, zero, lengths[:1].copy(), lengths))
     row = _fastest(lambda: runner.prefill(0, [0] * (k + 1), k + 1))
     per_token = max(row - one, 0.0) / k
-    drafting = 0.0
-    if draft is not None:
-        drafting = _fastest(lambda: draft.decode(zero, zero, zero + 1, np.zeros(draft.spec.max_slots, np.int64)))
     step = one + STEP_OVERHEAD_S
-    return per_token / step, drafting / step, step
+    return per_token / step, step
+
+
+def _running_mean(mean: float, x: float, first: bool) -> float:
+    return x if first else mean + 0.1 * (x - mean)
 
 
 class Speculator:
@@ -175,13 +175,11 @@ class Speculator:
         # a draft model's draft length per slot: each of its tokens is a draft-model call, so it follows
         # acceptance (+2 after a draft accepted whole, -1 otherwise: transformers' assisted generation's heuristic)
         self.length = np.zeros(S, dtype=np.int64)
-        # accepted tokens a draft token must yield to pay for the calls, and a decode step's seconds
-        self.row_share, draft_share, self.step_s = break_even(
-            core.runner, options.num_speculative_tokens, self.draft.runner if self.draft is not None else None)
-        self.break_even = self.row_share + draft_share  # shown at start-up; judged with the draft's measured time
+        # accepted tokens a draft token must yield to pay for the target's longer row, and a decode step's seconds
+        self.break_even, self.step_s = break_even(core.runner, options.num_speculative_tokens)
         self.python_s = 0.0  # verification's own work per draft beside the runner (a running mean)
         self.drafting_s = 0.0  # a draft model's whole proposal per row: its calls and its Python (a running mean)
-        self._proposed = 0  # proposals timed
+        self._proposed = False  # a proposal was timed
         # A draft model's worth is mostly the pair's (draft and target), not the request's: each failed judgement
         # also stops it for every request for ``backoff`` tokens generated, doubling while it keeps failing.
         self.emitted = 0  # tokens emitted since start-up, every request
@@ -243,8 +241,8 @@ class Speculator:
         t0 = time.perf_counter()
         out = self.draft.propose(rows)
         spent = (time.perf_counter() - t0) / len(rows)
-        self.drafting_s += 0.1 * (spent - self.drafting_s) if self._proposed else spent
-        self._proposed += 1
+        self.drafting_s = _running_mean(self.drafting_s, spent, first=not self._proposed)
+        self._proposed = True
         return out
 
     def verify(self, core: Any, drafts: dict[int, np.ndarray], out: Any) -> float:
@@ -283,16 +281,14 @@ class Speculator:
         self._step.add(c)
         self.totals.add(c)
         spent = (time.perf_counter() - t0 - run_s) / len(drafts)
-        self.python_s += 0.1 * (spent - self.python_s) if self.totals.drafts > len(drafts) else spent
+        self.python_s = _running_mean(self.python_s, spent, first=self.totals.drafts == len(drafts))
         return run_s
 
     def _judge(self, core: Any, slot: int, m: int, accepted: int) -> None:
         self.drafts[slot] += 1
         self.accepted[slot] += accepted
-        if self.draft is None:
-            self.owed[slot] += m * self.break_even + self.python_s / self.step_s
-        else:  # the draft model's time as measured, not its call timed at start-up (its Python is most of it)
-            self.owed[slot] += m * self.row_share + (self.python_s + self.drafting_s) / self.step_s
+        # a draft model's time as measured (0 for n-grams): its Python costs more than its calls on small models
+        self.owed[slot] += m * self.break_even + (self.python_s + self.drafting_s) / self.step_s
         if self.drafts[slot] >= JUDGE_AFTER:
             if self.accepted[slot] < self.owed[slot]:
                 self.resume_at[slot] = core.generated[slot] + REPROBE_TOKENS

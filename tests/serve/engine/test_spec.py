@@ -293,7 +293,7 @@ def test_a_draft_model_that_does_not_pay_pauses_for_every_request_and_longer_eac
 
     core = make_core(serve_artifact, max_slots=1, spec=draft_options(serve_artifact))
     sp = core.spec
-    sp.row_share = 1.5  # each draft token must be accepted one and a half times: never
+    sp.break_even = 1.5  # each draft token must be accepted one and a half times: never
     pauses = []  # (paused from, until) per failed judgement
     for rid, n in (("a", 60), ("b", 400)):  # a is judged once; b starts paused, then is judged again and again
         add(core, prompt(tok, "the cat sat on the mat"), rid, temperature=0, max_tokens=n, ignore_eos=True)
