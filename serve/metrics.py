@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,18 @@ def remove_multiproc_dir(path: Path) -> None:
 def _check_compat(compat: str | None) -> None:
     if compat is not None and compat not in COMPAT_CHOICES:
         raise ValueError(f"metrics compat must be one of {', '.join(COMPAT_CHOICES)} or None, got {compat!r}")
+
+
+@dataclass(frozen=True)
+class _StepSeries:
+    """One model's series that every engine step writes (labelled children of ServerMetrics' metrics)."""
+
+    step: Any
+    prefill: Any
+    decode: Any
+    batch: Any
+    prefix_queries: Any
+    prefix_hits: Any
 
 
 class ServerMetrics:
@@ -203,6 +216,7 @@ class ServerMetrics:
         # model -> (running, waiting, kv usage) of each version this process holds, for the sums above
         self._live: dict[str, tuple[int, int, float]] = {}
         # model -> its build_info label values, so freeing it can zero that exact series
+        self._bound: dict[str, _StepSeries] = {}  # model -> its per-step series, looked up once
         self._info: dict[str, tuple[str, str, str, str, str]] = {}
 
     # --- model versions ----------------------------------------------------------------------
@@ -255,6 +269,7 @@ class ServerMetrics:
             self.build_info.labels(*self._info.pop(model)).set(0)
         self._set_engine_gauges(model, 0, 0, 0.0)
         self._live.pop(model, None)
+        self._bound.pop(model, None)
         self._update_compat()
 
     def reloaded(self, model: str) -> None:
@@ -279,22 +294,32 @@ class ServerMetrics:
         over the tokens it can hold, in [0, 1]. ``prefix_queried`` / ``prefix_hits``: prompt tokens
         looked up in the prefix cache this step, and of those, served from it.
         """
+        b = self._step_series(model)
         if prefix_queried:
-            self.prefix_queries.labels(model).inc(prefix_queried)
+            b.prefix_queries.inc(prefix_queried)
         if prefix_hits:
-            self.prefix_hits.labels(model).inc(prefix_hits)
+            b.prefix_hits.inc(prefix_hits)
         if not 0.0 <= kv_cache_usage <= 1.0:
             raise ValueError(f"kv_cache_usage must be in [0, 1], got {kv_cache_usage}")
-        phases = {"prefill": prefill_s, "decode": decode_s}
-        for phase, seconds in phases.items():
-            if seconds is not None:
-                self.phase_time.labels(model, phase).observe(seconds)
-        ran = [s for s in phases.values() if s is not None]
-        if ran:
-            self.step_time.labels(model).observe(sum(ran))
+        if prefill_s is not None:
+            b.prefill.observe(prefill_s)
+        if decode_s is not None:
+            b.decode.observe(decode_s)
+        if prefill_s is not None or decode_s is not None:
+            b.step.observe((prefill_s or 0.0) + (decode_s or 0.0))
         if batch_size:
-            self.batch_size.labels(model).observe(batch_size)
+            b.batch.observe(batch_size)
         self._set_engine_gauges(model, running, waiting, float(kv_cache_usage))
+
+    def _step_series(self, model: str) -> _StepSeries:
+        # The engine reports every step (thousands a second on small models): its series are looked up once.
+        b = self._bound.get(model)
+        if b is None:
+            b = self._bound[model] = _StepSeries(
+                self.step_time.labels(model), self.phase_time.labels(model, "prefill"),
+                self.phase_time.labels(model, "decode"), self.batch_size.labels(model),
+                self.prefix_queries.labels(model), self.prefix_hits.labels(model))
+        return b
 
     def observe_spec(self, model: str, *, drafts: int, draft_tokens: int, accepted: int,
                      accepted_per_pos: list[int]) -> None:
@@ -307,9 +332,15 @@ class ServerMetrics:
                 self.spec_accepted_per_pos.labels(model, str(pos)).inc(n)
 
     def _set_engine_gauges(self, model: str, running: int, waiting: int, kv_usage: float) -> None:
-        self.running.labels(model).set(running)
-        self.waiting.labels(model).set(waiting)
-        self.kv_usage.labels(model).set(kv_usage)
+        old = self._live.get(model)
+        if old == (running, waiting, kv_usage):
+            return  # a gauge holds its last value: rewriting it every step only costs the engine time
+        if old is None or old[0] != running:
+            self.running.labels(model).set(running)
+        if old is None or old[1] != waiting:
+            self.waiting.labels(model).set(waiting)
+        if old is None or old[2] != kv_usage:
+            self.kv_usage.labels(model).set(kv_usage)
         self._live[model] = (running, waiting, kv_usage)
         self._update_compat()
 
