@@ -20,6 +20,7 @@ This module knows nothing about requests, sampling or HTTP: slots, token ids and
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ class DraftModel:
         self.max_len = self.runner.spec.max_len
         self.lengths = np.zeros(max_slots, dtype=np.int64)  # slot -> tokens of its request in the draft's cache
         self._written = np.zeros(max_slots, dtype=np.int64)  # slot -> draft tokens written past them (last propose)
+        self.prompt_s = 0.0  # seconds the last propose spent reading new requests' prompts (once per request)
 
     def bind(self, slot: int) -> None:
         self.lengths[slot] = self._written[slot] = 0
@@ -70,9 +72,13 @@ class DraftModel:
     def propose(self, rows: dict[int, tuple[np.ndarray, int]]) -> dict[int, np.ndarray]:
         """slot -> (the request's tokens (N,), draft length m): slot -> the draft's m greedy tokens."""
         guess: dict[int, list[int]] = {}
+        self.prompt_s = 0.0
         for s, (tokens, _m) in rows.items():
             start = int(self.lengths[s])
+            t0 = time.perf_counter()
             logits = self.runner.prefill(s, tokens[start:], start)  # (N - start, V): catch up
+            if not start:  # the request's first proposal: its whole prompt, once per request
+                self.prompt_s += time.perf_counter() - t0
             self.lengths[s] = tokens.size
             guess[s] = [int(logits[-1].argmax())]
         idle = self.lengths.copy()  # rows not in a decode call write a padding column here: past their drafts

@@ -308,6 +308,32 @@ def test_a_draft_model_that_does_not_pay_pauses_for_every_request_and_longer_eac
     assert [until - at for at, until in pauses[:3]] == [REPROBE_TOKENS, 2 * REPROBE_TOKENS, 4 * REPROBE_TOKENS]
 
 
+def test_a_new_requests_prompt_is_not_charged_to_its_drafts(serve_artifact: Path, tok: Tokenizer) -> None:
+    """The draft reads each request's prompt once, on its first proposal. That read is a prefill, not the cost
+    of a draft: a slow one (0.3 s injected) must not enter the per-draft time the judge charges, nor pause the
+    draft model."""
+    import time
+
+    core = make_core(serve_artifact, max_slots=1, spec=draft_options(serve_artifact))
+    sp = core.spec
+    runner = sp.draft.runner
+    real = runner.prefill
+    prompts_read = []
+
+    def prefill(slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+        if start == 0:
+            prompts_read.append(len(ids))
+            time.sleep(0.3)
+        return real(slot, ids, start)
+
+    runner.prefill = prefill
+    add(core, prompt(tok, "the cat sat on the mat"), "a", temperature=0, max_tokens=60, ignore_eos=True)
+    drain(core)
+    assert len(prompts_read) == 1 and sp.totals.drafts >= JUDGE_AFTER
+    assert sp.drafting_s < 0.1, f"the prompt's read was charged to the drafts ({sp.drafting_s:.3f} s per draft)"
+    assert sp.draft_resume_at == 0
+
+
 def test_a_draft_with_another_tokenizer_is_refused_naming_the_flag(serve_artifact: Path,
                                                                   tiny_bpe_artifact: Path) -> None:
     """In the engine (a hot-reloaded target) and at start-up (`nextoken serve` exits naming --draft-model)."""
