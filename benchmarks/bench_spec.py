@@ -50,7 +50,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_vs_llama import NextokenServer, write_results  # noqa: E402
+from harness import NextokenServer, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ("drafts", "draft_tokens", "accepted_tokens")

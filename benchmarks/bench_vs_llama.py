@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +52,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_peer import LlamaServer, find_binary, free_port  # noqa: E402
+from harness import NextokenServer, write_results  # noqa: E402
+from llama_peer import LlamaServer, find_binary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -118,45 +117,6 @@ def build(work: Path, max_iters: int, shape: str = "toy", quant: str = "none",
                                     "llama-quantize of the llama-server build; looked for it beside llama-server)")
         subprocess.run([str(llama_quantize), str(gguf), str(quantized), kind], check=True, capture_output=True)
     return artifact, quantized
-
-
-class NextokenServer:
-    """``nextoken serve`` on loopback and a free port, stopped by its process group."""
-
-    def __init__(self, artifact: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(work_log(f"nextoken-serve-{self.port}.log"), "w+")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen([sys.executable, "-m", "nextoken", "serve", str(artifact), "--port",
-                                      str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"nextoken serve exited with {self.proc.returncode}:\n{self.log.read()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("nextoken serve did not become healthy in 120 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-
-
-def work_log(name: str) -> Path:
-    return Path(os.environ.get("TMPDIR", "/tmp")) / name
 
 
 # --- parity -----------------------------------------------------------------------------------
@@ -301,21 +261,6 @@ def table(results: dict[str, dict[int, list[Level]]], streams: list[int]) -> lis
             f"{ms([y.itl_p50 for y in b]):.2f} / {ms([y.itl_p99 for y in b]):.2f} |"
             + (f" FAILED {failed}" if failed else ""))
     return rows
-
-
-def write_results(path: Path, heading: str, body: list[str]) -> None:
-    """Put ``heading`` + ``body`` into RESULTS.md: replace a section with the same heading, else add it after the
-    file's introduction (before the first section), newest first."""
-    text = path.read_text(encoding="utf-8")
-    section = f"{heading}\n\n" + "\n".join(body) + "\n\n"
-    start = text.find(heading + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        first = text.find("\n## ")
-        text = text[:first + 1] + section + text[first + 1:] if first >= 0 else text + "\n" + section
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
