@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_vs_llama import PROMPT, NextokenServer, run_level  # noqa: E402
+from bench_vs_llama import PROMPT, run_level  # noqa: E402
+from harness import NextokenServer  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
