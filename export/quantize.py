@@ -81,6 +81,23 @@ def _quiet_root() -> tuple[logging.Logger, int]:
     return root, level
 
 
+def _nbits_quantizer() -> Any:
+    """ONNX Runtime's MatMulNBitsQuantizer class, imported without its side effect: the module calls
+    ``logging.basicConfig(level=INFO)`` on import, which would print a line per node (~400 at 91M parameters)
+    and every later INFO record of the process. A handler on the root logger makes that call a no-op."""
+    root = logging.getLogger()
+    placeholder = None if root.handlers else logging.NullHandler()
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
 def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
 
@@ -183,8 +200,7 @@ def quantize_file(src: str | Path, dst: str | Path, spec: QuantSpec) -> dict[str
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
                              weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=external)
         elif spec.nbits:
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+            MatMulNBitsQuantizer = _nbits_quantizer()  # noqa: N806 (a class)
             model = onnx.load(str(src))
             gemm_to_matmul(model.graph)
             head = head_node(model.graph)

@@ -102,6 +102,30 @@ def test_gemm_to_matmul_computes_the_same(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_int4_quantisation_prints_nothing_and_leaves_logging_as_it_was(tmp_path: Path) -> None:
+    """ONNX Runtime's MatMulNBits quantiser calls logging.basicConfig(level=INFO) when first imported, which
+    printed a line per node of every export (~400 at 91M parameters). In a fresh interpreter (the import
+    happens once per process) quantising prints nothing and adds no handler to the root logger."""
+    import subprocess
+    import sys
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f.onnx"))
+    code = ("import logging\nfrom nextoken.export.quantize import QuantSpec, quantize_file\n"
+            f"r = quantize_file({str(tmp_path / 'f.onnx')!r}, {str(tmp_path / 'q.onnx')!r}, QuantSpec('int4'))\n"
+            "assert r['weight_ops'] == {'MatMulNBits': 1}, r\nassert not logging.getLogger().handlers\n"
+            "logging.getLogger('x').info('an INFO record after quantising')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == "", done.stderr[:2000]
+
+
 def test_large_weights_are_written_as_external_data_and_quantise_from_there(qrun: Path, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """From onnx.EXTERNAL_DATA_BYTES of weights the graphs keep them in ``.data`` files (written tensor by tensor:
