@@ -13,7 +13,10 @@ At batch 1 a decode step reads every weight once, so a token cannot come faster 
 
 The ratio (bytes per token x tok/s) / copy bandwidth is the share of the bound reached.
 
-    python benchmarks/bench_bandwidth.py --artifact ART [--artifact ART2 ...] [--tokens 128] [--repeats 3]
+``--batch B`` adds the milliseconds of one decode step over B rows (every slot past a short prompt, best of
+``--repeats``): where the kernels, not the bytes, decide (4-bit blocks against 8-bit at 32 streams).
+
+    python benchmarks/bench_bandwidth.py --artifact ART [--artifact ART2 ...] [--tokens 128] [--repeats 3] [--batch 32]
 """
 
 from __future__ import annotations
@@ -88,25 +91,56 @@ def decode_rate(artifact: Path, tokens: int, threads: int, repeats: int) -> floa
     return best
 
 
+def batch_step_ms(artifact: Path, batch: int, steps: int, threads: int, repeats: int) -> float:
+    """Milliseconds of one decode step over ``batch`` rows in the engine's runner (best of ``repeats``)."""
+    from nextoken.export.artifact import load_artifact
+    from nextoken.export.runtime import Runner
+
+    art = load_artifact(artifact, verify=False)
+    runner = Runner(art, max_slots=batch, max_len=min(int(art.config["n_positions"]), steps + 16), threads=threads)
+    slots = np.arange(batch, dtype=np.int64)
+    best = float("inf")
+    for r in range(repeats + 1):  # the first pass warms up
+        for s in range(batch):
+            runner.prefill(s, [1, 2, 3, 4], 0)
+        lengths = np.full(batch, 4, dtype=np.int64)
+        tok = np.full(batch, 5, dtype=np.int64)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.decode(slots, tok, lengths.copy(), lengths)
+            lengths += 1
+        if r:
+            best = min(best, (time.perf_counter() - t0) / steps)
+    return best * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", action="append", required=True, type=Path)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=0, help="also time a decode step over this many rows (0: no)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: the server's default rule)")
     args = ap.parse_args(argv)
     from nextoken.export.runtime import default_threads
 
+    if args.batch < 0:
+        ap.error(f"--batch must be >= 0, got {args.batch}")
     threads = args.threads or default_threads()
+    extra = f" step ms at batch {args.batch} |" if args.batch else ""
     print("| artifact | quantize | weight MB read / token | tok/s (1 stream) | GB/s achieved | copy GB/s | share of "
-          "bound |\n|---|---|--:|--:|--:|--:|--:|")
+          f"bound |{extra}\n|---|---|--:|--:|--:|--:|--:|" + ("--:|" if args.batch else ""))
     for art in args.artifact:
         bw = copy_bandwidth(threads, repeats=args.repeats)  # measured beside each artifact: interleaved
         rate = decode_rate(art, args.tokens, threads, args.repeats)
         wb = weight_bytes(art / "serving.onnx")
-        quant = json.loads((art / "manifest.json").read_text()).get("export", {}).get("quantize", "none")
+        export = json.loads((art / "manifest.json").read_text()).get("export", {})
+        quant = export.get("quantize", "none")
+        if "block_size" in export.get("quantization", {}):  # MatMulNBits: its block size decides its kernels
+            quant += f" (block {export['quantization']['block_size']})"
+        step = f" {batch_step_ms(art, args.batch, 32, threads, args.repeats):.2f} |" if args.batch else ""
         print(f"| {art.name} | {quant} | {wb / 1e6:,.1f} | {rate:,.1f} | {wb * rate / 1e9:.2f} | {bw / 1e9:.2f} | "
-              f"**{wb * rate / bw:.0%}** |")
+              f"**{wb * rate / bw:.0%}** |{step}")
     print(f"\n{threads} ONNX Runtime thread(s); uptime: "
           f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     return 0
