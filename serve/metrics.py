@@ -33,7 +33,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,18 +87,6 @@ def remove_multiproc_dir(path: Path) -> None:
 def _check_compat(compat: str | None) -> None:
     if compat is not None and compat not in COMPAT_CHOICES:
         raise ValueError(f"metrics compat must be one of {', '.join(COMPAT_CHOICES)} or None, got {compat!r}")
-
-
-@dataclass(frozen=True)
-class _StepSeries:
-    """One model's series that every engine step writes (labelled children of ServerMetrics' metrics)."""
-
-    step: Any
-    prefill: Any
-    decode: Any
-    batch: Any
-    prefix_queries: Any
-    prefix_hits: Any
 
 
 class ServerMetrics:
@@ -216,7 +203,7 @@ class ServerMetrics:
         # model -> (running, waiting, kv usage) of each version this process holds, for the sums above
         self._live: dict[str, tuple[int, int, float]] = {}
         # model -> its build_info label values, so freeing it can zero that exact series
-        self._bound: dict[str, _StepSeries] = {}  # model -> its per-step series, looked up once
+        self._bound: dict[str, tuple[Any, ...]] = {}  # model -> its per-step series (_step_series)
         self._info: dict[str, tuple[str, str, str, str, str]] = {}
 
     # --- model versions ----------------------------------------------------------------------
@@ -294,28 +281,29 @@ class ServerMetrics:
         over the tokens it can hold, in [0, 1]. ``prefix_queried`` / ``prefix_hits``: prompt tokens
         looked up in the prefix cache this step, and of those, served from it.
         """
-        b = self._step_series(model)
+        step, prefill, decode, batch, queries, hits = self._step_series(model)
         if prefix_queried:
-            b.prefix_queries.inc(prefix_queried)
+            queries.inc(prefix_queried)
         if prefix_hits:
-            b.prefix_hits.inc(prefix_hits)
+            hits.inc(prefix_hits)
         if not 0.0 <= kv_cache_usage <= 1.0:
             raise ValueError(f"kv_cache_usage must be in [0, 1], got {kv_cache_usage}")
         if prefill_s is not None:
-            b.prefill.observe(prefill_s)
+            prefill.observe(prefill_s)
         if decode_s is not None:
-            b.decode.observe(decode_s)
+            decode.observe(decode_s)
         if prefill_s is not None or decode_s is not None:
-            b.step.observe((prefill_s or 0.0) + (decode_s or 0.0))
+            step.observe((prefill_s or 0.0) + (decode_s or 0.0))
         if batch_size:
-            b.batch.observe(batch_size)
+            batch.observe(batch_size)
         self._set_engine_gauges(model, running, waiting, float(kv_cache_usage))
 
-    def _step_series(self, model: str) -> _StepSeries:
-        # The engine reports every step (thousands a second on small models): its series are looked up once.
+    def _step_series(self, model: str) -> tuple[Any, ...]:
+        """The series every engine step writes (thousands a second on small models), looked up once per model:
+        step time, prefill and decode phase times, batch size, prefix-cache queries and hits."""
         b = self._bound.get(model)
         if b is None:
-            b = self._bound[model] = _StepSeries(
+            b = self._bound[model] = (
                 self.step_time.labels(model), self.phase_time.labels(model, "prefill"),
                 self.phase_time.labels(model, "decode"), self.batch_size.labels(model),
                 self.prefix_queries.labels(model), self.prefix_hits.labels(model))
