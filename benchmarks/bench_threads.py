@@ -26,19 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_vs_llama import PROMPT, run_level  # noqa: E402
-from harness import NextokenServer  # noqa: E402
+from harness import NextokenServer, cpu_seconds  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of the server's processes by role: engine (spawned), http (forked uvicorn), main."""
-    import psutil
-
-    main = psutil.Process(pid)
-    out = {"main": sum(main.cpu_times()[:2])}
-    for child in main.children():
-        role = "engine" if "spawn_main" in " ".join(child.cmdline()) else "http"
-        out[role] = out.get(role, 0.0) + sum(child.cpu_times()[:2])
-    return out
+def role_seconds(server: NextokenServer) -> dict[str, float]:
+    """CPU seconds of the server's processes by role: engine, http (launcher, HTTP process, manager)."""
+    return {role: cpu_seconds(pids) for role, pids in server.processes().items()}
 
 
 def label(art: Path) -> str:
@@ -69,10 +62,10 @@ def main() -> int:
                 try:
                     asyncio.run(run_level(server.url, lambda: body, 4, 1))  # warm-up
                     for c in streams:
-                        before = cpu_seconds(server.proc.pid) if c == max(streams) else None
+                        before = role_seconds(server) if c == max(streams) else None
                         lv = asyncio.run(run_level(server.url, lambda: body, c, args.requests))
                         if before is not None:
-                            after = cpu_seconds(server.proc.pid)
+                            after = role_seconds(server)
                             wall = sum(rec.tokens for rec in lv.records if rec.error is None) / max(lv.tok_s, 1e-9)
                             shares.setdefault((label(art), t), []).append(
                                 {k: (after[k] - before.get(k, 0.0)) / max(wall, 1e-9) for k in after})
