@@ -40,6 +40,13 @@ SERVING_FILE = "serving.onnx"  # export/serving.py writes it; the Optimum-style 
 # core pays only from 5 cores on, where one core is a fifth of the compute or less. Hyperthread siblings
 # share one core's arithmetic units: they are counted once.
 RESERVE_FROM_CORES = 5  # from this many physical cores on, one is left to the HTTP process
+# A server's small model gets one thread on up to 2 physical cores. Measured on 2 cores (bench_threads.py, 4
+# interleaved runs, benchmarks/RESULTS.md): with 1 thread instead of 2, a 5.5 MB model served 1.18x / 1.36x
+# faster at 1 / 32 streams and a 14 MB one 1.12x / 1.21x, while a 43 MB one was 1.18x faster at 1 stream but
+# 0.86x at 32, and the 91M-parameter model (120-368 MB) 0.55-0.57x at 32. A second thread's share of so small
+# a step is less than what it costs: the HTTP process, the client and the engine's own Python take a core from
+# it in turn, and the call waits at each barrier (the call ran 2x slower in the server than in-process).
+SMALL_MODEL_BYTES = 32 << 20  # serving-graph weights below this are "small"
 
 
 def physical_cores() -> int:
@@ -68,10 +75,13 @@ def physical_cores() -> int:
     return n
 
 
-def default_threads(cores: int | None = None) -> int:
-    """ONNX Runtime intra-op threads when none are asked for: every physical core up to 4, one fewer from 5
-    (see the note above)."""
+def default_threads(cores: int | None = None, *, weights_bytes: int | None = None) -> int:
+    """ONNX Runtime intra-op threads when none are asked for: every physical core up to 4, one fewer from 5;
+    for a server's model of under ``SMALL_MODEL_BYTES`` of weights (``weights_bytes``), one on up to 2 cores
+    (see the notes above)."""
     n = physical_cores() if cores is None else cores
+    if weights_bytes is not None and weights_bytes < SMALL_MODEL_BYTES and n <= 2:
+        return 1
     return n - 1 if n >= RESERVE_FROM_CORES else n
 
 

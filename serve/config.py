@@ -57,9 +57,9 @@ class ServeConfig:
                                           "sampling fields a request omits (vLLM's default); vllm: ignore it",
                                   choices=("auto", "vllm"))
     device: str = _opt("cpu", "where ONNX Runtime runs the model", choices=("cpu", "cuda"))
-    threads: int = _opt(0, "ONNX Runtime intra-op threads (0 = every physical core up to 4, one fewer from 5; "
-                           "hyperthreads count once, a container's CPU quota caps it). On a machine other jobs "
-                           "share, --threads 1 is steadier")
+    threads: int = _opt(0, "ONNX Runtime intra-op threads (0 = every physical core up to 4, one fewer from 5, "
+                           "one for a model under 32 MiB on up to 2 cores; hyperthreads count once, a container's "
+                           "CPU quota caps it). On a machine other jobs share, --threads 1 is steadier")
     # speculative decoding (serve/engine/spec.py)
     speculative: str = _opt("none", "speculative decoding: guess a request's next tokens and let the model check them "
                                     "all in one call; ngram guesses from the request's own prompt and output (prompt "

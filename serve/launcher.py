@@ -56,15 +56,19 @@ def weights_label(artifact: Any) -> str:
 
 def startup_line(config: ServeConfig, artifact: Any, plan: memory.MemoryPlan) -> str:
     """What the server holds and how it computes, before anything is loaded (the engine adds its budget)."""
+    threads = resolved_threads(config, plan.weights_bytes)
     rule = "--threads" if config.threads else f"{physical_cores()} physical cores"
+    if not config.threads and threads < default_threads():
+        rule += f", a model of {plan.weights_bytes / memory.MIB:,.1f} MiB"
     return (f"nextoken {__version__} serving {artifact.model_id} on http://{config.host}:{config.port}\n"
             f"  memory: {plan.describe()} ({weights_label(artifact)} weights)\n"
-            f"  compute: {config.device}, {resolved_threads(config)} ONNX Runtime threads ({rule}); max batch "
+            f"  compute: {config.device}, {threads} ONNX Runtime threads ({rule}); max batch "
             f"{config.max_batch_size}, queue {config.max_queue}")
 
 
-def resolved_threads(config: ServeConfig) -> int:
-    return config.threads or default_threads()
+def resolved_threads(config: ServeConfig, weights_bytes: int) -> int:
+    """``--threads``, else the default rule for this machine and a model of ``weights_bytes``."""
+    return config.threads or default_threads(weights_bytes=weights_bytes)
 
 
 def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
@@ -111,7 +115,7 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     config = memory.apply(config, plan)
     line = startup_line(config, artifact, plan)
     if config.device == "cpu":  # the engine runs with the count the line shows
-        config = dataclasses.replace(config, threads=resolved_threads(config))
+        config = dataclasses.replace(config, threads=resolved_threads(config, plan.weights_bytes))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the HTTP process is forked
     metrics_dir = prepare_multiproc_dir(compat=config.metrics_compat)
     pipes = Pipes(num_frontends=1)

@@ -76,3 +76,28 @@ def test_a_burst_takes_one_call_and_every_request_gets_what_it_gets_alone(tiny_a
 def test_default_threads_count_physical_cores() -> None:
     assert [default_threads(n) for n in (1, 2, 4, 5, 8, 16)] == [1, 2, 4, 4, 7, 15]
     assert 1 <= physical_cores() <= (len(__import__("os").sched_getaffinity(0)))
+
+
+def test_a_servers_small_model_gets_one_thread_on_two_cores(serve_artifact, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under SMALL_MODEL_BYTES of weights, one thread on up to 2 physical cores (export/runtime.py says what
+    was measured); larger models and larger machines keep the core rule, and the start-up line says why."""
+    from nextoken.export.artifact import load_artifact
+    from nextoken.export.runtime import SMALL_MODEL_BYTES
+    from nextoken.serve import launcher, memory
+    from nextoken.serve.config import ServeConfig
+
+    small, large = SMALL_MODEL_BYTES - 1, SMALL_MODEL_BYTES
+    assert [default_threads(n, weights_bytes=small) for n in (1, 2, 4, 8)] == [1, 1, 4, 7]
+    assert [default_threads(n, weights_bytes=large) for n in (1, 2, 4, 8)] == [1, 2, 4, 7]
+    art = load_artifact(serve_artifact)
+    weights = memory.weights_bytes(serve_artifact)
+    assert 0 < weights < SMALL_MODEL_BYTES  # the test model is small
+    plan = memory.plan(ServeConfig(), art.config, weights)
+    monkeypatch.setattr("nextoken.export.runtime.physical_cores", lambda: 2)
+    monkeypatch.setattr(launcher, "physical_cores", lambda: 2)
+    assert launcher.resolved_threads(ServeConfig(), weights) == 1
+    assert launcher.resolved_threads(ServeConfig(threads=2), weights) == 2  # --threads decides when given
+    assert launcher.resolved_threads(ServeConfig(), SMALL_MODEL_BYTES) == 2
+    line = launcher.startup_line(ServeConfig(), art, plan)
+    assert f"1 ONNX Runtime threads (2 physical cores, a model of {weights / memory.MIB:,.1f} MiB)" in line
+    assert "2 ONNX Runtime threads (--threads)" in launcher.startup_line(ServeConfig(threads=2), art, plan)
