@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, src in sources.items():
             servers[name] = NextokenServer(args.artifact, *flags, source=src)
+            compute = [line.strip() for line in servers[name].startup().splitlines() if "compute:" in line]
+            print(f"{name}: {compute[0] if compute else '(no start-up line)'}", flush=True)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))

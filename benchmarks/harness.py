@@ -8,6 +8,7 @@ can put a base commit and this tree side by side in the same interleaved run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ def source_path(source: Path) -> Path:
     source = source.resolve()
     if not (source / "nextoken" / "__init__.py").is_file():
         raise FileNotFoundError(f"{source} is not a nextoken checkout (no nextoken/__init__.py)")
-    shim = work_log(f"nextoken-src-{abs(hash(str(source))):x}")
+    shim = work_log(f"nextoken-src-{hashlib.sha256(str(source).encode()).hexdigest()[:12]}")
     pkg = shim / "nextoken"
     pkg.mkdir(parents=True, exist_ok=True)
     for entry in [*(source / "nextoken").iterdir(), *(source / name for name in SUBPACKAGES)]:
@@ -53,12 +54,15 @@ class NextokenServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(work_log(f"nextoken-serve-{self.port}.log"), "w+")  # noqa: SIM115 (closed in stop())
-        env = dict(os.environ)
-        if source is not None:  # ahead of the installed (editable) package on the import path
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_path(source)), env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "nextoken", "serve", str(artifact), "--port",
-                                      str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env)
+        env, cwd = dict(os.environ), None
+        if source is not None:
+            # ahead of the installed (editable) package on the import path, and run from there: `python -m` puts
+            # the working directory first, and this repository's own nextoken/ would win from its root
+            cwd = source_path(source)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "nextoken", "serve", str(Path(artifact).resolve()), "--port", str(self.port)]
+        self.proc = subprocess.Popen([*cmd, *flags], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env, cwd=cwd)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -70,6 +74,11 @@ class NextokenServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("nextoken serve did not become healthy in 120 s")
+
+    def startup(self) -> str:
+        """What the server printed at start-up (its memory, threads and budget lines)."""
+        self.log.flush()
+        return Path(self.log.name).read_text(encoding="utf-8", errors="replace")
 
     def processes(self) -> dict[str, list[int]]:
         """The server's processes by role: ``engine`` (the spawned engine process) and ``http`` (the launcher,
