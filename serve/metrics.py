@@ -202,8 +202,8 @@ class ServerMetrics:
 
         # model -> (running, waiting, kv usage) of each version this process holds, for the sums above
         self._live: dict[str, tuple[int, int, float]] = {}
-        # model -> its build_info label values, so freeing it can zero that exact series
         self._bound: dict[str, tuple[Any, ...]] = {}  # model -> its per-step series (_step_series)
+        # model -> its build_info label values, so freeing it can zero that exact series
         self._info: dict[str, tuple[str, str, str, str, str]] = {}
 
     # --- model versions ----------------------------------------------------------------------
