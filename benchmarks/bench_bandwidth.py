@@ -68,31 +68,9 @@ def weight_bytes(serving_onnx: Path) -> int:
     return total
 
 
-def decode_rate(artifact: Path, tokens: int, threads: int, repeats: int) -> float:
-    """Tokens per second of batch-1 decode in the engine's runner (best of ``repeats``)."""
-    from nextoken.export.artifact import load_artifact
-    from nextoken.export.runtime import Runner
-
-    art = load_artifact(artifact, verify=False)
-    runner = Runner(art, max_slots=1, max_len=min(int(art.config["n_positions"]), tokens + 16), threads=threads)
-    slots = np.zeros(1, dtype=np.int64)
-    best = 0.0
-    for r in range(repeats + 1):  # the first pass warms up
-        runner.prefill(0, [1, 2, 3, 4], 0)
-        lengths = np.array([4], dtype=np.int64)
-        tok = np.array([5], dtype=np.int64)
-        t0 = time.perf_counter()
-        for _ in range(tokens):
-            logits = runner.decode(slots, tok, lengths.copy(), lengths)
-            lengths += 1
-            tok = np.array([int(logits[0].argmax())], dtype=np.int64)
-        if r:
-            best = max(best, tokens / (time.perf_counter() - t0))
-    return best
-
-
-def batch_step_ms(artifact: Path, batch: int, steps: int, threads: int, repeats: int) -> float:
-    """Milliseconds of one decode step over ``batch`` rows in the engine's runner (best of ``repeats``)."""
+def decode_step_s(artifact: Path, batch: int, steps: int, threads: int, repeats: int) -> float:
+    """Seconds of one decode step over ``batch`` rows in the engine's runner, each row fed its own argmax, as
+    greedy decoding does (best of ``repeats``)."""
     from nextoken.export.artifact import load_artifact
     from nextoken.export.runtime import Runner
 
@@ -107,11 +85,12 @@ def batch_step_ms(artifact: Path, batch: int, steps: int, threads: int, repeats:
         tok = np.full(batch, 5, dtype=np.int64)
         t0 = time.perf_counter()
         for _ in range(steps):
-            runner.decode(slots, tok, lengths.copy(), lengths)
+            logits = runner.decode(slots, tok, lengths.copy(), lengths)  # (batch, V)
             lengths += 1
+            tok = logits.argmax(axis=1)
         if r:
             best = min(best, (time.perf_counter() - t0) / steps)
-    return best * 1e3
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
           f"bound |{extra}\n|---|---|--:|--:|--:|--:|--:|" + ("--:|" if args.batch else ""))
     for art in args.artifact:
         bw = copy_bandwidth(threads, repeats=args.repeats)  # measured beside each artifact: interleaved
-        rate = decode_rate(art, args.tokens, threads, args.repeats)
+        rate = 1.0 / decode_step_s(art, 1, args.tokens, threads, args.repeats)  # tok/s at 1 stream
         wb = weight_bytes(art / "serving.onnx")
         export = json.loads((art / "manifest.json").read_text()).get("export", {})
         quant = export.get("quantize", "none")
         if "block_size" in export.get("quantization", {}):  # MatMulNBits: its block size decides its kernels
             quant += f" (block {export['quantization']['block_size']})"
-        step = f" {batch_step_ms(art, args.batch, 32, threads, args.repeats):.2f} |" if args.batch else ""
+        step = f" {decode_step_s(art, args.batch, 32, threads, args.repeats) * 1e3:.2f} |" if args.batch else ""
         print(f"| {art.name} | {quant} | {wb / 1e6:,.1f} | {rate:,.1f} | {wb * rate / 1e9:.2f} | {bw / 1e9:.2f} | "
               f"**{wb * rate / bw:.0%}** |{step}")
     print(f"\n{threads} ONNX Runtime thread(s); uptime: "

@@ -26,7 +26,6 @@ gguf --dtype f32``) adds llama.cpp's server in the same modes: ``--spec-type ngr
 ``--llama-ngram`` tokens, draft ``--k``) and ``draft-simple`` (``--spec-draft-n-max`` = ``--k``), in the same
 interleaved rounds, and a side-by-side table.
 
-
 A random-weight model never accepts a draft: measure on a trained model that copies (``copy_corpus.py``
 and the command in its docstring), and look at the reproduced share and the ``extract`` acceptance before
 reading the speed-up.
