@@ -111,8 +111,9 @@ class EngineCore:
         self.artifact = artifact
         self.model_id = artifact.model_id
         self.options = o
+        # the server's engine: the HTTP process and clients share the cores (export/runtime.py session_options)
         self.runner = Runner(artifact, max_slots=o.max_slots, max_len=o.max_model_len or None, device=o.device,
-                             threads=o.threads)
+                             threads=o.threads, spin_between_calls=False)
         self.max_len = self.runner.spec.max_len
         self.vocab_size = self.runner.vocab_size
         self.eos_ids = tuple(artifact.eos_ids)  # every end-of-text token (Llama-3 instruct: three); [0] the model's

@@ -56,7 +56,7 @@ class DraftModel:
                  threads: int = 0) -> None:
         context = int(artifact.config["n_positions"])
         self.runner = Runner(artifact, max_slots=max_slots, max_len=min(max_len, context), device=device,
-                             threads=threads)
+                             threads=threads, spin_between_calls=False)
         self.max_len = self.runner.spec.max_len
         self.lengths = np.zeros(max_slots, dtype=np.int64)  # slot -> tokens of its request in the draft's cache
         self._written = np.zeros(max_slots, dtype=np.int64)  # slot -> draft tokens written past them (last propose)

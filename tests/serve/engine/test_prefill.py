@@ -101,3 +101,20 @@ def test_a_servers_small_model_gets_one_thread_on_two_cores(serve_artifact, monk
     line = launcher.startup_line(ServeConfig(), art, plan)
     assert f"1 ONNX Runtime threads (2 physical cores, a model of {weights / memory.MIB:,.1f} MiB)" in line
     assert "2 ONNX Runtime threads (--threads)" in launcher.startup_line(ServeConfig(threads=2), art, plan)
+
+
+def test_a_servers_engine_lets_onnx_runtimes_threads_rest_between_steps(tiny_artifact: Path, tok, model) -> None:
+    """The engine's runner stops its pool threads spinning when a call returns (the HTTP process and the clients
+    need those cores between steps: export/runtime.py session_options); in-process runners keep spinning."""
+    def entry(runner: Runner) -> str | None:
+        try:
+            return runner.session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+        except RuntimeError:  # never set
+            return None
+
+    core = make_core(tiny_artifact, threads=2)
+    assert entry(core.runner) == "1"
+    assert entry(Runner(load_artifact(tiny_artifact), max_slots=2, threads=2)) is None
+    ids = prompt(tok, "the cat sat")
+    rid = add(core, ids, max_tokens=6, temperature=0)
+    assert drain(core)[rid]["ids"] == greedy_ref(model, ids, 6)  # two threads that rest still give the same tokens
