@@ -18,6 +18,10 @@ front of them.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import pickle
+import select
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Union
@@ -304,4 +308,60 @@ class Pipes:
     def __init__(self, num_frontends: int = 1) -> None:
         ctx = mp.get_context("spawn")  # a fork-context lock may not be shared with a spawned process
         self.requests = ctx.SimpleQueue()
-        self.responses = [ctx.SimpleQueue() for _ in range(num_frontends)]
+        self.responses = [ResponsePipe(ctx) for _ in range(num_frontends)]
+
+
+class ResponsePipe:
+    """The engine's messages to one HTTP process, framed (an 8-byte length, then the pickle).
+
+    One writer, the engine's sender thread, which may block on a full pipe. One reader, that process's
+    event loop: it watches ``fileno()`` and takes whatever bytes are there (``read_ready``), so a batch
+    still being written never blocks it, and no reader thread wakes and hands over once per step.
+    """
+
+    HEADER = struct.Struct("<Q")
+
+    def __init__(self, ctx: mp.context.BaseContext) -> None:
+        self._reader, self._writer = ctx.Pipe(duplex=False)  # Connections: they travel to a spawned process
+        self._buf = bytearray()  # bytes read that do not make a whole batch yet
+        self._pending: list[list[FromEngine]] = []  # whole batches read but not yet taken by get()
+
+    def put(self, batch: list[FromEngine]) -> None:
+        data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(self.HEADER.pack(len(data)) + data)
+        fd = self._writer.fileno()
+        while view:
+            view = view[os.write(fd, view):]
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def read_ready(self) -> list[list[FromEngine]]:
+        """Every whole batch the bytes there now complete (maybe none); EOFError once the writer is gone."""
+        try:
+            chunk = os.read(self.fileno(), 1 << 20)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            raise EOFError("the engine closed its end of the pipe")
+        self._buf += chunk
+        out, at, n = [], 0, len(self._buf)
+        while n - at >= self.HEADER.size:
+            size = self.HEADER.unpack_from(self._buf, at)[0]
+            if n - at - self.HEADER.size < size:
+                break
+            at += self.HEADER.size
+            out.append(pickle.loads(self._buf[at:at + size]))
+            at += size
+        del self._buf[:at]
+        return out
+
+    def get(self, timeout: float | None = None) -> list[FromEngine]:
+        """The next batch, waiting up to ``timeout`` seconds (None: for ever): for a reader off the loop."""
+        pending = self._pending
+        while not pending:
+            if not select.select([self.fileno()], [], [], timeout)[0]:
+                raise TimeoutError("no batch from the engine")
+            pending = self.read_ready()
+        self._pending = pending[1:]
+        return pending[0]

@@ -1,8 +1,8 @@
 """The HTTP side's handle on the engine process: submit, cancel, per-request streams, a dead engine noticed.
 
 One ``EngineClient`` per HTTP process. ``submit`` puts an ``AddRequest`` on the request pipe and
-returns a ``RequestStream``; a reader thread takes the engine's messages off the response pipe and
-hands each request its rows on the event loop (``StepOutput`` carries every row of a step; a
+returns a ``RequestStream``; the event loop, watching the response pipe, takes the engine's messages
+off it and hands each request its rows (``StepOutput`` carries every row of a step; a
 request's stream keeps only its own). A stream's ``next()`` returns everything that arrived for it
 since the last call in one ``Update``, so a handler that falls behind catches up in one go instead
 of once per token. One task looks at ``SharedState.engine_failed`` (set by the launcher when the engine
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -172,7 +173,9 @@ class EngineClient:
         self._started = True
         self._loop = loop or asyncio.get_running_loop()
         threading.Thread(target=self._write, daemon=True, name="engine-writer").start()
-        threading.Thread(target=self._read, daemon=True, name="engine-reader").start()
+        pipe = self.pipes.responses[self.frontend]
+        os.set_blocking(pipe.fileno(), False)
+        self._loop.add_reader(pipe.fileno(), self._read)
         self._loop.create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -210,13 +213,16 @@ class EngineClient:
                 return
 
     def _read(self) -> None:
+        # On the event loop, whenever the pipe is readable (a thread blocked on it cost a wake-up and a
+        # hand-over to the loop per engine step).
         pipe = self.pipes.responses[self.frontend]
-        while True:
-            try:
-                batch = pipe.get()
-            except (EOFError, OSError):  # the engine side closed: the server is stopping
-                return
-            self._loop.call_soon_threadsafe(self._dispatch, batch)
+        try:
+            batches = pipe.read_ready()
+        except (EOFError, OSError):  # the engine side closed: the server is stopping
+            self._loop.remove_reader(pipe.fileno())
+            return
+        for batch in batches:
+            self._dispatch(batch)
 
     def _dispatch(self, batch: list[Any]) -> None:
         streams = self.streams
