@@ -224,7 +224,7 @@ def test_request_parse_and_validate(benchmark: Any) -> None:
 
     def parse() -> SamplingParams:
         req = validate(CompletionRequest, parse_json(REQUEST_BODY))
-        return req.to_sampling_params(max_tokens=req.output_tokens, logprobs=req.logprobs_count, seed=req.seed)
+        return req.to_sampling_params(max_tokens=req.output_tokens(), logprobs=req.logprobs_count, seed=req.seed)
 
     assert benchmark(parse).max_tokens == 64
 
