@@ -189,13 +189,15 @@ class ServerProcess:
     def wait_until_full(self, timeout: float = 30, headers: dict[str, str] | None = None) -> None:
         """Until admission refuses a request (429): every place of batch + queue is taken.
 
-        The probe is invalid, so it is never admitted: a full server refuses it before reading the
-        body (429), any other answers 400 (and counts one validation error).
+        The probe never takes a place: a full server refuses it before reading the body (429), any other
+        refuses its content type (415) before admitting it. (A JSON body, even an invalid one, holds a
+        place while it is parsed, and a request arriving then would be refused in its stead.)
         """
         deadline = time.monotonic() + timeout
-        while (code := httpx.post(self.url + "/v1/completions", json={"max_tokens": -1}, headers=headers,
+        probe = {"content-type": "text/plain", **(headers or {})}
+        while (code := httpx.post(self.url + "/v1/completions", content=b"{}", headers=probe,
                                   timeout=30).status_code) != 429:
-            assert code == 400, code
+            assert code == 415, code
             assert time.monotonic() < deadline, "the server never filled up"
             time.sleep(0.01)
 
