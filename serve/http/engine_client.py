@@ -167,7 +167,7 @@ class EngineClient:
         raise TypeError("EngineClient lives in one HTTP process; it is not sent to others")
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Start the pipe threads (once, in the HTTP process, from its event loop)."""
+        """Start the writer thread and watch the response pipe (once, in the HTTP process, from its event loop)."""
         if self._started:
             return
         self._started = True
@@ -201,7 +201,7 @@ class EngineClient:
     def reload(self) -> None:
         self._outq.put(ReloadRequest())
 
-    # --- pipe threads --------------------------------------------------------------------------
+    # --- the pipes: a writer thread, the reader on the event loop ---------------------------------
     def _write(self) -> None:
         # One thread does every put, in order (a request's cancel never overtakes it), and the event
         # loop never blocks on a full pipe.

@@ -5,7 +5,7 @@ LitServe's FastAPI app answers unknown paths, wrong methods and framework-level 
 handlers here re-shape them. The key check is one ASGI middleware in front of every route
 (ours, LitServe's ``/litserve/*`` and the OpenAPI pages alike) except the probes ``/health`` and
 ``/ready``, which Kubernetes and load balancers call without credentials. ``StartEngineClient``
-starts the forked HTTP process's pipe threads and counts the POSTs a drain waits for. This module
+starts the forked HTTP process's engine client (its pipes) and counts the POSTs a drain waits for. This module
 knows nothing about models or generation.
 """
 
@@ -101,10 +101,10 @@ def install_openai_errors(app: FastAPI) -> None:
 
 
 class StartEngineClient:
-    """Starts the engine client's pipe threads in the HTTP process, when uvicorn's lifespan starts.
+    """Starts the engine client (its writer thread, its pipe reader) in the HTTP process, at uvicorn's lifespan.
 
     The Frontend is built in the main process and forked into the HTTP process; threads do not
-    survive a fork, so they start here, on the event loop that will serve requests. It also counts
+    survive a fork, so the client starts here, on the event loop that will serve requests. It also counts
     the POST requests still being answered, which a drain waits for.
     """
 
