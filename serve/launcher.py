@@ -19,11 +19,11 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nextoken import __version__
@@ -83,7 +83,7 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
     from nextoken.serve.http.chat import ChatTemplateError
     from nextoken.serve.http.engine_client import SharedState
     from nextoken.serve.http.frontend import Frontend
-    from nextoken.serve.metrics import prepare_multiproc_dir, remove_multiproc_dir
+    from nextoken.serve.metrics import prepare_multiproc_dir
     from nextoken.serve.wire import Pipes
 
     try:
@@ -186,5 +186,5 @@ def serve(config: ServeConfig, mounts: Sequence[Mount] = ()) -> int:
         litserve_adapter.run(server, host=config.host, port=config.port, log_level=config.log_level)
     finally:
         server_done.set()
-        remove_multiproc_dir(Path(metrics_dir))
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if state.engine_failed.is_set() else 0

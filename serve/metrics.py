@@ -16,15 +16,11 @@ served it). ``precreate`` writes every documented label value at 0 when a versio
 a tiny CPU model's sub-millisecond steps and a large GPU model's seconds, like vLLM's (its
 time-to-first-token buckets run from 1 ms to 2560 s).
 
-With ``compat="vllm"`` the engine's queue depth, running count and KV-cache use are also
-exposed under the names the Kubernetes Gateway API Inference Extension's model-server protocol
-reads by default (``vllm:num_requests_waiting``, ``vllm:num_requests_running``,
-``vllm:kv_cache_usage_perc``; ``vllm:gpu_cache_usage_perc`` for gateways from before vLLM
-renamed it), so an endpoint picker or a KEDA trigger written for vLLM works unchanged. Those
-carry no labels: a picker takes the first series of a family, so there must be exactly one per
-pod, summed over the model versions held (two while one drains after a hot reload).
-
-The module knows nothing about HTTP or the engine: callers hand it numbers.
+With ``compat="vllm"`` queue depth, running count and KV-cache use are also exposed under the
+names the Gateway API Inference Extension's model-server protocol reads (``VLLM_*`` below), so an
+endpoint picker or a KEDA trigger written for vLLM works unchanged. Those carry no labels: a
+picker takes a family's first series, so there is one per pod, summed over the versions held
+(two while one drains after a hot reload). The module knows nothing about HTTP or the engine.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +74,6 @@ def prepare_multiproc_dir(path: str | None = None, *, compat: str | None = None)
     else:
         os.environ.pop(COMPAT_ENV, None)
     return d
-
-
-def remove_multiproc_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_compat(compat: str | None) -> None:
@@ -196,8 +188,6 @@ class ServerMetrics:
                                  "over the versions held).", multiprocess_mode="livemostrecent", registry=reg),
                 "kv": Gauge(VLLM_KV_USAGE, "KV-cache use, 1 = full (nextoken_kv_cache_usage_ratio, mean over the "
                             "versions held).", multiprocess_mode="livemostrecent", registry=reg),
-                "kv_old": Gauge(VLLM_KV_USAGE_OLD, f"The same as {VLLM_KV_USAGE}, under vLLM's older name.",
-                                multiprocess_mode="livemostrecent", registry=reg),
             }
 
         # model -> (running, waiting, kv usage) of each version this process holds, for the sums above
@@ -282,9 +272,8 @@ class ServerMetrics:
         looked up in the prefix cache this step, and of those, served from it.
         """
         step, prefill, decode, batch, queries, hits = self._step_series(model)
-        if prefix_queried:
+        if prefix_queried:  # most steps look nothing up: skip the file writes
             queries.inc(prefix_queried)
-        if prefix_hits:
             hits.inc(prefix_hits)
         if not 0.0 <= kv_cache_usage <= 1.0:
             raise ValueError(f"kv_cache_usage must be in [0, 1], got {kv_cache_usage}")
@@ -341,8 +330,7 @@ class ServerMetrics:
         # Versions held at once share the server's batch size, so their caches are (near) equal in
         # size and the mean of their fractions is the fraction of all slots in use.
         kv = sum(k for _, _, k in live) / len(live) if live else 0.0
-        self.vllm["kv"].set(kv)
-        self.vllm["kv_old"].set(kv)
+        self.vllm["kv"].set(kv)  # render_latest copies it under VLLM_KV_USAGE_OLD
 
     # --- requests --------------------------------------------------------------------------------
     def observe_request(self, model: str, endpoint: str, outcome: str, *, arrival: float, first_token: float | None,
@@ -387,9 +375,23 @@ class ServerMetrics:
 
 def render_latest() -> tuple[bytes, str]:
     """The merged exposition of every process's files, for the ``/metrics`` route."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, multiprocess
 
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(_OldKvName(multiprocess.MultiProcessCollector(None))), CONTENT_TYPE_LATEST
 
+
+class _OldKvName:
+    """Copies KV-cache use under vLLM's older name within the scrape: two gauges written one
+    after the other could be read between the writes, a copy cannot differ from its source."""
+
+    def __init__(self, files: Any) -> None:
+        self.files = files
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.metrics_core import Metric
+        for family in self.files.collect():
+            yield family
+            if family.name == VLLM_KV_USAGE:
+                old = Metric(VLLM_KV_USAGE_OLD, f"The same as {VLLM_KV_USAGE}, under vLLM's older name.", "gauge")
+                old.samples = [s._replace(name=VLLM_KV_USAGE_OLD) for s in family.samples]
+                yield old
