@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_bandwidth import decode_step_s  # noqa: E402
-from harness import REPO, write_results  # noqa: E402
+from harness import REPO, uptime, write_results  # noqa: E402
 
 BURNER = """
 import sys, time
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         step, took = statistics.median(g[0] for g in got), statistics.median(g[1] for g in got)
         rows.append(f"| {share:.2f} | {took:.2f} | {base * 1e3:.2f} | {step * 1e3:.2f} | {step / base - 1:.0%} | "
                     f"**{(step / base - 1) / took:.1f}** |")
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = uptime()
     body = [f"`python benchmarks/bench_contention.py {args.artifact} --batch {args.batch} --shares {args.shares} "
-            f"--runs {args.runs}`; {args.threads} ONNX Runtime threads, medians over the runs; uptime: {uptime}",
+            f"--runs {args.runs}`; {args.threads} ONNX Runtime threads, medians over the runs; uptime: {load}",
             "", *rows]
     print("\n".join(body))
     if args.write_results:

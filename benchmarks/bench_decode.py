@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from harness import uptime
 
 from nextoken.export.onnx import export_onnx
 from nextoken.export.quantize import QuantSpec, quantize_file
@@ -219,7 +219,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         results[B] = {name: B * n / statistics.median(ts) for name, ts in times.items()}
 
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = uptime()
     print(f"\ndecode tokens/s: {CONFIG.num_params() / 1e6:.2f}M params, prompt {P}, {n} new tokens, "
           f"median of {args.repeats}, {args.threads} thread(s), opset {args.opset}; {genai_note}")
     print(f"load: {load}")

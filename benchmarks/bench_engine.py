@@ -25,7 +25,6 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import uptime  # noqa: E402
 
 from nextoken.export.artifact import load_artifact  # noqa: E402
 from nextoken.serve.engine.core import EngineCore, EngineOptions  # noqa: E402
@@ -212,7 +213,7 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=None, help="reuse an exported artifact of the shape above")
     ap.add_argument("--only", default="1,2,3,4", help="which sections to run, e.g. 1,3")
     args = ap.parse_args()
-    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print(uptime())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         artifact = args.artifact or build_artifact(work)
@@ -220,7 +221,7 @@ def main() -> None:
         for key in args.only.split(","):
             fn = sections[key.strip()]
             fn(artifact, args, work) if fn is throughput else fn(artifact, args)
-    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print(uptime())
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from grammar_engines import CANDIDATES, Candidate, Vocab  # noqa: E402
+from harness import uptime  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -230,7 +230,7 @@ def main() -> None:
     print(f"vocabularies: {', '.join(f'{v.name}={v.size}' for v in vocabs)} ({time.perf_counter() - t0:.1f} s)")
     engines = bench_engines(args, vocabs)
     applied = bench_apply(vocabs, args.batches, args.repeats)
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = uptime()
 
     cols = ["setup_ms", "compile_ms"] + [f"{m}_b{b}_us" for b in args.batches for m in MEASURES]
     print(f"\nper-step mask (fill) and accept time, medians; uptime: {load}")

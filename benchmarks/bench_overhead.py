@@ -38,7 +38,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO, NextokenServer, cpu_seconds, write_results  # noqa: E402
+from harness import REPO, NextokenServer, cpu_seconds, uptime, write_results  # noqa: E402
 
 FIELDS = ("wall", "runner", "outside", "engine CPU", "HTTP CPU", "client CPU", "tok/s")
 
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = uptime()
     lines = [f"`python benchmarks/bench_overhead.py {args.artifact} {' '.join(f'--base {b}' for b in args.base)} "
              f"--rounds {args.rounds} --requests {args.requests} --tokens {args.tokens}"
-             + (f" --serve-flags '{args.serve_flags}'" if args.serve_flags else "") + f"`; uptime at the end: {uptime}",
+             + (f" --serve-flags '{args.serve_flags}'" if args.serve_flags else "") + f"`; uptime at the end: {load}",
              "",
              "Milliseconds per generated token, 1 stream, median (range) over the rounds.", "",
              "| source | " + " | ".join(FIELDS) + " |", "|---|" + "--:|" * len(FIELDS)]

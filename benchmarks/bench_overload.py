@@ -32,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import uptime  # noqa: E402
+
 TARGET_P99_MS = 10.0
 
 
@@ -145,11 +147,6 @@ def run(url: str, bursts: int, n: int, max_tokens: int, pause: float) -> list[li
         out.append(burst(host, int(port), n, max_tokens))
         time.sleep(pause)
     return out
-
-
-def uptime() -> str:
-    with open("/proc/loadavg") as f:
-        return "load average: " + ", ".join(f.read().split()[:3])
 
 
 def summarize(results: list[list[Answer]], max_tokens: int) -> dict:

@@ -39,7 +39,6 @@ import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import NextokenServer, write_results  # noqa: E402
+from harness import NextokenServer, uptime, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ("drafts", "draft_tokens", "accepted_tokens")
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = uptime()
     rows = ["| case | streams | server | tok/s off | speculative | tok/s | ratio | acceptance | drafts | same output |",
             "|---|--:|---|--:|---|--:|--:|--:|--:|---|"]
     for case, (_bodies, streams) in cases.items():
@@ -272,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = (f" --draft {args.draft.name}" if args.draft else "") + (" --llama-server ..." if side else "")
     body = [f"`python benchmarks/bench_spec.py {art.name}{extra} --rounds {args.rounds} --tokens {args.tokens} "
             f"--prompts {args.prompts} --k {args.k}` ({cfg['n_layer']} layers, {cfg['n_embd']} wide, context {ctx}, "
-            f"vocab {cfg['vocab_size']}); `uptime` at the end: {uptime}", ""]
+            f"vocab {cfg['vocab_size']}); `uptime` at the end: {load}", ""]
     if copied:
         body += [f"Greedy output without speculation reproduces {statistics.mean(copied):.0%} of the quoted passages "
                  "(characters of each passage's rest matched from the start, mean over the prompts and rounds).", ""]

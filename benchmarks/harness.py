@@ -126,6 +126,11 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def uptime() -> str:
+    """What ``uptime`` prints (the load beside a figure says how quiet the machine was)."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def write_results(path: Path, heading: str, body: list[str]) -> None:
     """Put ``heading`` + ``body`` into RESULTS.md: replace a section with the same heading, else add it after the
     file's introduction (before the first section), newest first."""
