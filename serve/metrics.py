@@ -272,8 +272,9 @@ class ServerMetrics:
         looked up in the prefix cache this step, and of those, served from it.
         """
         step, prefill, decode, batch, queries, hits = self._step_series(model)
-        if prefix_queried:  # most steps look nothing up: skip the file writes
+        if prefix_queried:  # most steps look nothing up, and most lookups find nothing: skip those file writes
             queries.inc(prefix_queried)
+        if prefix_hits:
             hits.inc(prefix_hits)
         if not 0.0 <= kv_cache_usage <= 1.0:
             raise ValueError(f"kv_cache_usage must be in [0, 1], got {kv_cache_usage}")
