@@ -124,6 +124,22 @@ class Abandoned:
     generated_before: float  # nextoken_generation_tokens_total when the abandoned attempt began
 
 
+def stop_process(pid: int, timeout: float = 10) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads is stopped (``T`` in /proc): the signal is
+    delivered asynchronously, and a thread mid-step could still make a token after ``kill`` returns."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t") for state in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: thread states {states}"
+        time.sleep(0.001)
+
+
 class ServerProcess:
     """A real `nextoken serve` on 127.0.0.1 and a free port; ``stop()`` always leaves no process behind."""
 
@@ -179,7 +195,7 @@ class ServerProcess:
         it is; the engine resumes (SIGCONT) on leaving the block, even on a failure.
         """
         pid = self.engine_pid()
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             yield pid
         finally:
@@ -230,7 +246,7 @@ class ServerProcess:
                     chunk = sock.recv(4096)
                     assert chunk, f"the server closed the stream before its first event: {seen!r}"
                     seen += chunk
-                os.kill(pid, signal.SIGSTOP)
+                stop_process(pid)
                 try:
                     running = count("nextoken_requests_running")
                     if running:

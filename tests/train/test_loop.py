@@ -18,7 +18,7 @@ from nextoken.train.checkpoint import find_resume_checkpoint, list_checkpoints, 
 from nextoken.train.config import TrainConfig
 from nextoken.train.schedule import lr_at
 from nextoken.train.validation import overfit_start
-from tests.conftest import train_tiny
+from tests.conftest import stop_process, train_tiny
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -74,7 +74,7 @@ def test_kill_9_leaves_the_last_good_checkpoint(tmp_path, tiny_corpus) -> None:
         while True:
             assert time.time() < deadline and proc.poll() is None, "never caught a checkpoint mid-write"
             if len(list_checkpoints(ckpts)) >= 2 and any(ckpts.glob(".tmp-step-*")):
-                proc.send_signal(signal.SIGSTOP)  # frozen: what we see now is what the kill will leave
+                stop_process(proc.pid)  # frozen: what we see now is what the kill will leave
                 if any(ckpts.glob(".tmp-step-*")):
                     break
                 proc.send_signal(signal.SIGCONT)  # the write finished between the two looks: catch the next
